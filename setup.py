@@ -1,0 +1,55 @@
+"Install the `icrt` package (exported from `nbs/` by nbdev)."
+from configparser import ConfigParser
+from pathlib import Path
+
+import setuptools
+
+cfg = ConfigParser()
+cfg.read(Path(__file__).parent / "settings.ini")
+meta = cfg["DEFAULT"]
+
+requirements = [
+    "torch>=2.4",
+    "torchvision>=0.19",
+    "numpy>=1.24",
+    "scipy>=1.10",
+    "timm>=1.0",
+    "peft>=0.11",
+    "diffusers>=0.27",
+    "safetensors>=0.4",
+    "h5py>=3.8",
+    "tyro>=0.8",
+    "pyyaml>=6",
+    "tqdm>=4.60",
+    "matplotlib>=3.7",
+    "ipywidgets>=8",
+    "tensorboard>=2.12",
+    "pillow>=9",
+    "fastcore>=1.12.3,<2",
+]
+extras = {
+    "dev": ["nbdev==2.4.14", "execnb<0.2", "fastcore>=1.12.3,<2", "pytest>=7", "ipykernel>=6"],
+}
+
+console_scripts = [
+    "icrt_check=icrt.data.format:check_cli",
+    "icrt_convert=icrt.data.format:convert_cli",
+    "icrt_synth=icrt.data.synthetic:synth_cli",
+]
+
+setuptools.setup(
+    name=meta["lib_name"],
+    version=meta["version"],
+    description=meta["description"],
+    long_description=(Path(__file__).parent / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    author=meta["author"],
+    python_requires=">=" + meta["min_python"],
+    packages=setuptools.find_packages(include=["icrt", "icrt.*"]),
+    include_package_data=True,
+    install_requires=requirements,
+    extras_require=extras,
+    entry_points={"console_scripts": console_scripts, "nbdev": ["icrt=icrt._modidx:d"]},
+    zip_safe=False,
+)

@@ -1,0 +1,128 @@
+"The seed's five training commands parse with the meaning they state; -h lists every field; bad values fail."
+import dataclasses
+import shlex
+import subprocess
+import sys
+import typing
+
+import pytest
+
+from icrt.config import ConfigError, ExperimentConfig, load_config, parse_args, save_config
+
+PRETRAIN_1GPU = """--dataset-cfg.dataset-json /path/to/dataset_config.json --logging-cfg.output-dir /path/to/output_dir
+ --logging-cfg.log-name log_name --optimizer-cfg.warmup-epochs 1.25 --trainer-cfg.epochs 125
+ --model-cfg.vision-encoder-cfg.vision-encoder /path/to/vision/encoder.pth
+ --model-cfg.policy-cfg.scratch-llama-config config/model_config/custom_transformer.json
+ --dataset-cfg.non-overlapping 32 --trainer-cfg.accum-iter 32 --shared-cfg.batch-size 2"""
+DDP = PRETRAIN_1GPU.replace("--trainer-cfg.accum-iter 32", "--trainer-cfg.accum-iter 4")
+PRETRAIN_DROID = """--dataset-cfg.dataset-json config/droid_10k_dataset_config.json --logging-cfg.output-dir /path/to/output_dir
+ --logging-cfg.log-name pretrain_droid --optimizer-cfg.warmup-epochs 0.5 --trainer-cfg.epochs 4
+ --model-cfg.vision-encoder-cfg.vision-encoder /path/to/vision/encoder.pth --dataset-cfg.non-overlapping 50
+ --optimizer-cfg.lr 1e-3 --model-cfg.policy-cfg.phase pretrain --shared-cfg.save-every 1
+ --model-cfg.policy-cfg.scratch-llama-config config/model_config/custom_transformer.json"""
+FINETUNE = """--dataset-cfg.dataset-json config/dataset_config.json --logging-cfg.output-dir /path/to/output_dir
+ --logging-cfg.log-name finetune_icrt_mt --optimizer-cfg.warmup-epochs 1.25 --trainer-cfg.epochs 125
+ --model-cfg.vision-encoder-cfg.vision-encoder /path/to/vision/encoder.pth --dataset-cfg.num-repeat-traj 2
+ --model-cfg.policy-cfg.no-prompt-loss --model-cfg.policy-cfg.phase pretrain
+ --model-cfg.policy-cfg.scratch-llama-config config/model_config/custom_transformer.json
+ --dataset-cfg.non-overlapping 32 --shared-cfg.save-every 5 --dataset-cfg.shuffle-repeat-traj
+ --optimizer-cfg.lr 5e-4 --model-cfg.policy-cfg.pretrained-path /path/to/output_dir/pretrain_droid/checkpoint-3.pth"""
+LLAMA = """--dataset-cfg.dataset-json config/dataset_config.json --logging-cfg.output-dir /path/to/output_dir
+ --logging-cfg.log-name finetune_icrt_llama2_7b --optimizer-cfg.warmup-epochs 1.25 --trainer-cfg.epochs 125
+ --model-cfg.vision-encoder-cfg.vision-encoder /path/to/vision/encoder.pth --dataset-cfg.num-repeat-traj 2
+ --model-cfg.policy-cfg.no-prompt-loss --model-cfg.policy-cfg.phase finetune --dataset-cfg.non-overlapping 32
+ --shared-cfg.save-every 5 --dataset-cfg.rebalance-tasks --dataset-cfg.shuffle-repeat-traj --optimizer-cfg.lr 5e-4
+ --model-cfg.policy-cfg.lora-rank 32 --model-cfg.policy-cfg.llama-ckpt-dir /path/to/llama-2/llama-2-7b"""
+
+
+def parse(s): return parse_args(shlex.split(s))
+
+
+@pytest.mark.parametrize("flags", [PRETRAIN_1GPU, DDP])
+def test_example_commands(flags):
+    c = parse(flags)
+    assert c.dataset_cfg.non_overlapping == 32 and type(c.dataset_cfg.non_overlapping) is int
+    assert c.optimizer_cfg.warmup_epochs == 1.25 and c.trainer_cfg.epochs == 125
+    assert c.shared_cfg.batch_size == 2
+    assert c.trainer_cfg.accum_iter == (32 if flags is PRETRAIN_1GPU else 4)
+    assert c.model_cfg.vision_encoder_cfg.vision_encoder == "/path/to/vision/encoder.pth"
+    assert c.model_cfg.policy_cfg.scratch_llama_config == "config/model_config/custom_transformer.json"
+    assert str(c.run_dir) == "/path/to/output_dir/log_name"
+
+
+def test_pretrain_droid():
+    c = parse(PRETRAIN_DROID)
+    assert c.dataset_cfg.non_overlapping == 50 and c.optimizer_cfg.lr == 1e-3 and c.optimizer_cfg.warmup_epochs == 0.5
+    assert c.trainer_cfg.epochs == 4 and c.shared_cfg.save_every == 1 and c.model_cfg.policy_cfg.phase == "pretrain"
+    # what the command leaves out keeps the seed's defaults
+    assert c.trainer_cfg.accum_iter == 8 and c.shared_cfg.batch_size == 1 and c.shared_cfg.seq_length == 512
+
+
+def test_finetune():
+    c = parse(FINETUNE)
+    p = c.model_cfg.policy_cfg
+    assert p.no_prompt_loss is True and p.phase == "pretrain"
+    assert p.pretrained_path == "/path/to/output_dir/pretrain_droid/checkpoint-3.pth"
+    assert c.dataset_cfg.num_repeat_traj == 2 and c.dataset_cfg.shuffle_repeat_traj is True
+    assert c.optimizer_cfg.lr == 5e-4 and c.shared_cfg.save_every == 5
+
+
+def test_llama_finetune():
+    c = parse(LLAMA)
+    p = c.model_cfg.policy_cfg
+    assert p.phase == "finetune" and p.lora_rank == 32 and p.llama_ckpt_dir == "/path/to/llama-2/llama-2-7b"
+    assert p.scratch_llama_config is None and c.dataset_cfg.rebalance_tasks is True
+
+
+def test_boolean_negation_and_union():
+    c = parse_args(["--dataset-cfg.dataset-json", "d.json", "--dataset-cfg.no-vision-aug", "--dataset-cfg.non-overlapping",
+                    "True", "--no-train"])
+    assert c.dataset_cfg.vision_aug is False and c.dataset_cfg.non_overlapping is True and c.train is False
+
+
+def _flags(cls, prefix=""):
+    for f in dataclasses.fields(cls):
+        t = typing.get_type_hints(cls)[f.name]
+        name = prefix + f.name.replace("_", "-")
+        if dataclasses.is_dataclass(t): yield from _flags(t, name + ".")
+        else: yield "--" + name
+
+
+def test_help_lists_every_field():
+    out = subprocess.run([sys.executable, "-c", "from icrt.config import parse_args; parse_args()", "-h"],
+                         capture_output=True, text=True, env={"COLUMNS": "200", "PATH": ""})
+    assert out.returncode == 0
+    missing = [f for f in _flags(ExperimentConfig) if f not in out.stdout]
+    assert not missing, missing
+
+
+@pytest.mark.parametrize("flag,value,msg", [
+    ("--trainer-cfg.epochs", "0", "--trainer-cfg.epochs"),
+    ("--shared-cfg.batch-size", "-1", "--shared-cfg.batch-size"),
+    ("--shared-cfg.num-pred-steps", "0", "--shared-cfg.num-pred-steps"),
+    ("--optimizer-cfg.lr", "0", "--optimizer-cfg.lr"),
+    ("--dataset-cfg.non-overlapping", "-3", "--dataset-cfg.non-overlapping"),
+])
+def test_impossible_values(flag, value, msg):
+    with pytest.raises(ConfigError, match=msg): parse_args(["--dataset-cfg.dataset-json", "d.json", flag, value])
+
+
+@pytest.mark.parametrize("flag,value", [("--model-cfg.policy-cfg.decoder-pred-head", "transformer"),
+                                        ("--model-cfg.policy-cfg.phase", "warmup")])
+def test_unknown_choice_rejected(flag, value):
+    with pytest.raises(SystemExit): parse_args(["--dataset-cfg.dataset-json", "d.json", flag, value])
+
+
+def test_yaml_round_trip_and_load_config(tmp_path):
+    c = parse(LLAMA)
+    p = save_config(c, tmp_path / "run.yaml")
+    assert load_config(p) == c
+    c2 = parse_args(["--load-config", str(p), "--model-cfg.policy-cfg.lora-rank", "8"])
+    assert c2.model_cfg.policy_cfg.lora_rank == 8 and c2.model_cfg.policy_cfg.llama_ckpt_dir == c.model_cfg.policy_cfg.llama_ckpt_dir
+
+
+def test_yaml_never_runs_code(tmp_path):
+    marker = tmp_path / "pwned"
+    (tmp_path / "run.yaml").write_text(f"!!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError): load_config(tmp_path / "run.yaml")
+    assert not marker.exists()
