@@ -28,7 +28,7 @@ requirements = [
     "fastcore>=1.12.3,<2",
 ]
 extras = {
-    "dev": ["nbdev==2.4.14", "execnb<0.2", "fastcore>=1.12.3,<2", "pytest>=7", "ipykernel>=6"],
+    "dev": ["nbdev==2.4.14", "execnb<0.2", "fastcore>=1.12.3,<2", "pytest>=7", "ipykernel>=6", "transformers>=4.40"],
 }
 
 console_scripts = [
