@@ -28,6 +28,7 @@ requirements = [
     "fastcore>=1.12.3,<2",
 ]
 extras = {
+    "sim": ["metaworld>=3.1,<3.2", "mujoco>=3.3", "pillow>=9"],
     "dev": ["nbdev==2.4.14", "execnb<0.2", "fastcore>=1.12.3,<2", "pytest>=7", "ipykernel>=6", "transformers>=4.40"],
 }
 
@@ -35,6 +36,7 @@ console_scripts = [
     "icrt_check=icrt.data.format:check_cli",
     "icrt_convert=icrt.data.format:convert_cli",
     "icrt_synth=icrt.data.synthetic:synth_cli",
+    "icrt_metaworld_gen=icrt.sim.metaworld:gen_cli",
 ]
 
 setuptools.setup(
