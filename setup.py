@@ -37,6 +37,11 @@ console_scripts = [
     "icrt_convert=icrt.data.format:convert_cli",
     "icrt_synth=icrt.data.synthetic:synth_cli",
     "icrt_metaworld_gen=icrt.sim.metaworld:gen_cli",
+    "icrt_train=icrt.train:main",
+    "icrt_eval=icrt.eval:eval_cli",
+    "icrt_bench_loader=icrt.data.bench:bench_loader_cli",
+    "icrt_bench_inference=icrt.bench.inference:bench_inference_cli",
+    "icrt_demo=icrt.demo:demo_cli",
 ]
 
 setuptools.setup(

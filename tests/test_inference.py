@@ -1,0 +1,178 @@
+"ICRTPolicy: a run folder rebuilt into a policy that feeds the model exactly what the training loader fed it."
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from icrt.config import parse_args
+from icrt.data.dataset import SequenceDataset, load_episode, window_pieces
+from icrt.data.format import load_dataset_config, read_frames, read_lowdim
+from icrt.geometry import euler_to_matrix, matrix_to_quat
+from icrt.inference import ICRTPolicy, InferenceError
+from icrt.tiny import make_tiny_assets, recipe_flags, scale_down
+from icrt.train import load_checkpoint, train
+
+FAST = ["--trainer-cfg.epochs", "1", "--shared-cfg.seq-length", "16", "--dataset-cfg.non-overlapping", "48"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads(); torch.set_num_threads(1); yield; torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_tiny_assets(tmp_path_factory.mktemp("assets"), num_tasks=2, episodes_per_task=5)
+
+
+@pytest.fixture(scope="module")
+def run_dir(assets, tmp_path_factory):
+    return train(parse_args(scale_down(recipe_flags("train"), assets, tmp_path_factory.mktemp("runs"), FAST)))
+
+
+@pytest.fixture(scope="module")
+def policy(run_dir):
+    return ICRTPolicy.from_run(run_dir)
+
+
+def raw_episode(spec, ep, quat=False):
+    "An episode as a robot logger would write it: arrays under the dataset's keys (poses optionally as quaternions)."
+    with h5py.File(spec.dataset_path[spec.episode_file[ep]]) as f:
+        g = f[ep]; T = g[spec.action_keys[0]].shape[0]
+        d = {k: read_frames(g, k, 0, T) for k in spec.image_keys}
+        d.update({k: read_lowdim(g, k, 0, T) for k in spec.proprio_keys + spec.action_keys})
+    if quat:
+        for k in (spec.proprio_keys[0], spec.action_keys[0]):
+            p = d[k].astype(np.float64)
+            d[k] = np.concatenate([p[:, :3], matrix_to_quat(euler_to_matrix(p[:, 3:]), order="wxyz")], -1)
+    return d
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_policy_inputs_equal_loader_inputs(policy, run_dir, assets, split):
+    "Every window of the loader (augmentation and noise off) equals the policy's conversion of the same episode steps."
+    cfg, spec = policy.cfg, load_dataset_config(assets.dataset_json)
+    ds = SequenceDataset(replace(cfg.dataset_cfg, vision_aug=False, proprio_noise=0.0), cfg.shared_cfg, split=split,
+                         split_file=run_dir / f"{split}_split.json", data_config=policy.data_config)
+    cache, checked = {}, 0
+    for i in range(min(len(ds), 6)):
+        sample, pos = ds[i], 0
+        for si, a, b in window_pieces(ds.plan, int(ds.plan.starts[i]), ds.T):
+            ep = ds.episodes[int(ds.plan.seg_episode[si])]
+            if ep not in cache: cache[ep] = policy.inputs(load_episode(spec, ep))
+            x, n = cache[ep], b - a
+            torch.testing.assert_close(x["observation"][a:b], sample["observation"][pos:pos + n], atol=1e-5, rtol=0)
+            torch.testing.assert_close(x["proprio"][a:b], sample["proprio"][pos:pos + n, 0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(x["action"][a:b], sample["action"][pos:pos + n, 0, :10], atol=1e-5, rtol=0)
+            pos += n; checked += n
+    assert checked >= ds.T
+
+
+def test_raw_and_quaternion_episodes_give_the_same_inputs(policy, assets):
+    spec = load_dataset_config(assets.dataset_json)
+    ep = sorted(spec.epi_len)[0]
+    ref = policy.inputs(load_episode(spec, ep))
+    for quat in (False, True):
+        x = policy.inputs(raw_episode(spec, ep, quat))
+        for k in ("observation", "proprio", "action", "abs_action"):
+            torch.testing.assert_close(x[k], ref[k], atol=1e-5, rtol=0)
+
+
+def test_act_matches_step_on_loader_inputs_and_returns_finite_actions(policy, assets):
+    "act on raw observations (PIL images for one camera) and step on the converted episode give the same actions."
+    from PIL import Image
+    spec = load_dataset_config(assets.dataset_json)
+    eps = spec.verb_to_episode[sorted(spec.verb_to_episode)[0]]
+    demo, ep = load_episode(spec, eps[0]), raw_episode(spec, eps[1])
+    x = policy.inputs(ep)
+    policy.reset(); policy.prompt([demo])
+    ref = [policy.step(x["observation"][t], x["proprio"][t].numpy(), x["abs_action"][t - 1].numpy() if t else None) for t in range(6)]
+    policy.reset(); policy.prompt([demo])
+    acts = []
+    for t in range(6):
+        obs = {k: ep[k][t] for k in spec.image_keys}
+        obs[spec.image_keys[0]] = Image.fromarray(obs[spec.image_keys[0]])
+        obs.update({k: ep[k][t] for k in spec.proprio_keys})
+        prev = np.concatenate([ep[k][t - 1] for k in spec.action_keys]) if t else None
+        acts.append(policy.act(obs, executed_action=prev))
+    acts = np.stack(acts)
+    assert acts.shape == (6, 7) and np.isfinite(acts).all()
+    np.testing.assert_allclose(acts, np.stack(ref), atol=1e-4)
+    assert policy.control_rate > 1.0, policy.control_rate   # steps/s of a tiny model on one CPU thread
+    print(f"tiny policy: {policy.control_rate:.1f} control steps/s on CPU")
+
+
+def test_executed_actions_change_the_context(policy, assets):
+    "Teacher forcing is not a no-op: feeding other executed actions changes later predictions."
+    spec = load_dataset_config(assets.dataset_json)
+    eps = sorted(spec.epi_len)
+    x, demo = policy.inputs(load_episode(spec, eps[1])), load_episode(spec, eps[0])
+    outs = []
+    for shift in (0.0, 0.05):
+        policy.reset(); policy.prompt([demo])
+        for t in range(4):
+            ex = x["abs_action"][t - 1].numpy().copy() if t else None
+            if ex is not None: ex[:3] += shift
+            a = policy.step(x["observation"][t], x["proprio"][t].numpy(), ex)
+        outs.append(a)
+    assert not np.allclose(outs[0], outs[1])
+
+
+def test_nonpretrained_encoder_weights_come_back(assets, tmp_path):
+    "A randomly initialised frozen encoder is rebuilt from the checkpoint, not re-drawn."
+    run = train(parse_args(scale_down(recipe_flags("train"), assets, tmp_path / "runs",
+                                      FAST + ["--model-cfg.vision-encoder-cfg.vision-nonpretrained"])))
+    ck = load_checkpoint(sorted(run.glob("checkpoint-*.pth"))[-1])["model"]
+    torch.manual_seed(123)  # a re-drawn encoder would differ
+    pol = ICRTPolicy.from_run(run)
+    sd = pol.model.state_dict()
+    vis = [k for k in ck if k.startswith("vision.")]
+    assert vis
+    for k in vis: torch.testing.assert_close(sd[k], ck[k])
+
+
+def test_moved_encoder_is_found_beside_the_run(run_dir, tmp_path):
+    "A local encoder file that moved is looked for beside the run; when it is gone the error says where to put it."
+    new = tmp_path / "run"; shutil.copytree(run_dir, new)
+    cfg = yaml.safe_load((new / "run.yaml").read_text())
+    enc = Path(cfg["model_cfg"]["vision_encoder_cfg"]["vision_encoder"])
+    cfg["model_cfg"]["vision_encoder_cfg"]["vision_encoder"] = str(tmp_path / "gone" / enc.name)
+    (new / "run.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    with pytest.raises(InferenceError, match="vision encoder .* is missing"): ICRTPolicy.from_run(new)
+    shutil.copy(enc, new / enc.name)
+    assert np.isfinite(ICRTPolicy.from_run(new).model.action_std.numpy()).all()
+
+
+def test_execution_horizon_and_ensembling_pass_through(policy, assets):
+    spec = load_dataset_config(assets.dataset_json)
+    eps = sorted(spec.epi_len)
+    x, demo = policy.inputs(load_episode(spec, eps[1])), load_episode(spec, eps[0])
+    K = policy.num_pred_steps
+    policy.reset(action_exec_horizon=K); policy.prompt([demo])
+    a = [policy.step(x["observation"][t], x["proprio"][t].numpy()) for t in range(K)]
+    np.testing.assert_allclose(np.stack(a), policy.last_chunk, atol=1e-5)
+    policy.reset(temporal_ensemble=True); policy.prompt([demo])
+    assert np.isfinite(np.stack([policy.step(x["observation"][t], x["proprio"][t].numpy()) for t in range(3)])).all()
+    with pytest.raises(ValueError, match="action_exec_horizon"): policy.reset(action_exec_horizon=K + 1)
+    policy.reset()
+
+
+def test_bad_inputs_fail_clearly(run_dir, assets, tmp_path, policy):
+    with pytest.raises(InferenceError, match="does not exist"): ICRTPolicy.from_run(tmp_path / "nope")
+    with pytest.raises(InferenceError, match="no run.yaml"): ICRTPolicy.from_run(assets.root)
+    empty = tmp_path / "empty"; empty.mkdir(); shutil.copy(run_dir / "run.yaml", empty / "run.yaml")
+    with pytest.raises(InferenceError, match="no checkpoint"): ICRTPolicy.from_run(empty)
+    with pytest.raises(InferenceError, match="no such file"): ICRTPolicy.from_run(run_dir, checkpoint=tmp_path / "x.pth")
+    with pytest.raises(InferenceError, match="lacks key"): policy.act({"observation/cartesian_position": np.zeros(6)})
+    spec = load_dataset_config(assets.dataset_json)
+    obs = {k: np.zeros((48, 64, 3), np.float32) for k in spec.image_keys}
+    obs.update({spec.proprio_keys[0]: np.zeros(6), spec.proprio_keys[1]: np.zeros(1)})
+    with pytest.raises(InferenceError, match="uint8"): policy.act(obs)
+    obs.update({k: np.zeros((48, 64, 3), np.uint8) for k in spec.image_keys}); obs[spec.proprio_keys[0]] = np.zeros(5)
+    with pytest.raises(InferenceError, match="pose must be"): policy.act(obs)
