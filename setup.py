@@ -41,6 +41,7 @@ console_scripts = [
     "icrt_eval=icrt.eval:eval_cli",
     "icrt_bench_loader=icrt.data.bench:bench_loader_cli",
     "icrt_bench_inference=icrt.bench.inference:bench_inference_cli",
+    "icrt_bench_train=icrt.bench.train:bench_train_cli",
     "icrt_demo=icrt.demo:demo_cli",
 ]
 

@@ -11,7 +11,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import nn, Tensor
-from diffusers import DDIMScheduler, DDPMScheduler
 from fastcore.basics import patch
 
 # %% auto #0
@@ -153,6 +152,7 @@ class DiffusionHead(ActionHead):
         super().__init__(in_dim, action_dim, num_pred_steps)
         hidden = hidden or max(in_dim, 128)
         self.num_inference_steps = num_inference_steps
+        from diffusers import DDIMScheduler, DDPMScheduler  # imported here: diffusers takes seconds to import
         self.train_scheduler = DDPMScheduler(num_train_timesteps=num_train_steps, beta_schedule="squaredcos_cap_v2",
                                              clip_sample=False, prediction_type="sample")
         self.sample_scheduler = DDIMScheduler.from_config(self.train_scheduler.config)

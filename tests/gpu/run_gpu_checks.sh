@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The GPU checks of the model and training issues, as one prepared script (never run by CI).
+# Usage on a CUDA machine, from the repo root after `pip install -e ".[dev]"`:  bash tests/gpu/run_gpu_checks.sh [OUT_DIR]
+# Prints and saves: the inference latency table of the default model (ViT-B/16 x 2 cameras + 12x768 transformer, bf16)
+# vs context length, and the training throughput of the default recipe with and without --dataset-cfg.gpu-preprocess.
+set -euo pipefail
+out=${1:-${OUT:-gpu_results}}; mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
+python - <<'PY' | tee "$out/cuda_pytest.txt"
+import subprocess, sys
+sys.exit(subprocess.call([sys.executable, "-m", "pytest", "-q", "tests/test_models_policy.py", "tests/test_dataset.py", "-k", "cuda or cache"]))
+PY
+icrt_bench_inference --config default --device cuda --contexts 50 300 600 1000 2000 --json "$out/inference.json" | tee "$out/inference.txt"
+icrt_bench_train --config default --steps 200 --num-workers 8 --json "$out/train.json" | tee "$out/train.txt"
