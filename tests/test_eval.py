@@ -8,32 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
-from icrt.config import parse_args
 from icrt.data.format import load_dataset_config
-from icrt.eval import EvalError, evaluate_run, heldout_episodes
-from icrt.tiny import make_tiny_assets, recipe_flags, scale_down
-from icrt.train import train
+from icrt.eval import evaluate_run, heldout_episodes
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-FAST = ["--trainer-cfg.epochs", "1", "--shared-cfg.seq-length", "16", "--dataset-cfg.non-overlapping", "48"]
 CLI = [sys.executable, "-c", "import sys; from icrt.eval import eval_cli; eval_cli(sys.argv[1:])"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1); yield; torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_tiny_assets(tmp_path_factory.mktemp("assets"), num_tasks=3, episodes_per_task=5)
-
-
-@pytest.fixture(scope="module")
-def run_dir(assets, tmp_path_factory):
-    return train(parse_args(scale_down(recipe_flags("train"), assets, tmp_path_factory.mktemp("runs"), FAST)))
+def _one_thread(one_thread): pass
 
 
 def icrt_eval(*args):

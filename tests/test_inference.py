@@ -15,25 +15,13 @@ from icrt.data.dataset import SequenceDataset, load_episode, window_pieces
 from icrt.data.format import load_dataset_config, read_frames, read_lowdim
 from icrt.geometry import euler_to_matrix, matrix_to_quat
 from icrt.inference import ICRTPolicy, InferenceError
-from icrt.tiny import make_tiny_assets, recipe_flags, scale_down
+from conftest import FAST
+from icrt.tiny import recipe_flags, scale_down
 from icrt.train import load_checkpoint, train
-
-FAST = ["--trainer-cfg.epochs", "1", "--shared-cfg.seq-length", "16", "--dataset-cfg.non-overlapping", "48"]
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads(); torch.set_num_threads(1); yield; torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_tiny_assets(tmp_path_factory.mktemp("assets"), num_tasks=2, episodes_per_task=5)
-
-
-@pytest.fixture(scope="module")
-def run_dir(assets, tmp_path_factory):
-    return train(parse_args(scale_down(recipe_flags("train"), assets, tmp_path_factory.mktemp("runs"), FAST)))
+def _one_thread(one_thread): pass
 
 
 @pytest.fixture(scope="module")

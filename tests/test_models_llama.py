@@ -2,6 +2,7 @@
 import json
 
 import pytest
+from conftest import one_line_error
 import torch
 
 from icrt.config import ConfigError, PolicyConfig
@@ -12,10 +13,6 @@ GQA = LlamaArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=32)
 MHA = LlamaArgs(dim=48, n_layers=3, n_heads=3, multiple_of=16)
 
 
-def one_line_error(exc_info, *needles):
-    msg = str(exc_info.value)
-    assert "\n" not in msg, msg
-    for n in needles: assert n in msg, msg
 
 
 @pytest.fixture(autouse=True)

@@ -3,6 +3,7 @@ import argparse
 import time
 
 import pytest
+from conftest import one_line_error
 import timm
 import torch
 
@@ -10,10 +11,6 @@ from icrt.config import ConfigError, VisionEncoderConfig
 from icrt.models.vision import build_vision_encoder, infer_vit_kwargs, read_vision_checkpoint, save_vision_encoder
 
 
-def one_line_error(exc_info, *needles):
-    msg = str(exc_info.value)
-    assert "\n" not in msg, msg
-    for n in needles: assert n in msg, msg
 
 
 @pytest.fixture(autouse=True)

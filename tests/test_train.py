@@ -13,14 +13,9 @@ import pytest
 import torch
 
 from icrt.launch import free_port
-from icrt.tiny import make_tiny_assets, recipe_flags, scale_down
+from icrt.tiny import recipe_flags, scale_down
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return make_tiny_assets(tmp_path_factory.mktemp("assets"), num_tasks=3, episodes_per_task=5)
 
 
 def run(flags, nproc=0, check=True, **kw):
