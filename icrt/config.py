@@ -165,6 +165,7 @@ class LoggingConfig:
     output_dir: str = "./output"  # parent folder of runs
     log_dir: Optional[str] = None  # TensorBoard folder (None: the run folder)
     log_name: Optional[str] = None  # run folder name: output_dir/log_name
+    wandb_project: Optional[str] = None  # also log to this Weights & Biases project (needs `pip install wandb`)
 
 # %% ../nbs/00_config.ipynb #c013
 @dataclass

@@ -5,6 +5,7 @@
 # %% ../nbs/11_train.ipynb #c003
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -92,6 +93,8 @@ def preflight(cfg:ExperimentConfig)->ExperimentConfig:
         raise TrainingError(f"--model-cfg.vision-encoder-cfg.vision-encoder: no such checkpoint '{enc}' "
                             "(give a timm model name, or a local .pth/.safetensors file)")
     _check_output(cfg.run_dir, sc.resume)
+    if cfg.logging_cfg.wandb_project is not None and importlib.util.find_spec("wandb") is None:
+        raise TrainingError("--logging-cfg.wandb-project needs Weights & Biases: `pip install wandb`, or drop the flag")
     model_cfg = replace(cfg.model_cfg, policy_cfg=pc)
     return replace(cfg, dataset_cfg=replace(cfg.dataset_cfg, dataset_json=str(dj)), model_cfg=model_cfg, shared_cfg=sc)
 
@@ -365,7 +368,7 @@ def _fit(cfg, d, model, train_ds, val_ds, data_config, run_dir)->Path:
     if cfg.shared_cfg.resume is not None:
         start = restore_checkpoint(load_checkpoint(cfg.shared_cfg.resume, "--shared-cfg.resume"), model, optimizer, scaler, sampler, d)
         log.info(f"resumed from {cfg.shared_cfg.resume}: starting at epoch {start}")
-    tb = _tensorboard(cfg, run_dir) if d.is_main else None
+    loggers = _Loggers(cfg, run_dir) if d.is_main else None
     log.info(f"training {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters for epochs "
              f"{start}..{cfg.trainer_cfg.epochs - 1}, {len(loader)} iterations each, peak lr {peak:.2e}, {d.world_size} process(es) on {d.device}")
     for epoch in range(start, cfg.trainer_cfg.epochs):
@@ -380,25 +383,38 @@ def _fit(cfg, d, model, train_ds, val_ds, data_config, run_dir)->Path:
             sampler.set_epoch(epoch + 1)  # the position to continue from: the start of the next epoch
             ck = make_checkpoint(model, optimizer, scaler, sampler, epoch, cfg, d)
             if d.is_main: atomic_save(ck, run_dir/f"checkpoint-{epoch}.pth")
-        if d.is_main: _log_epoch(stats, run_dir, tb)
-    if tb is not None: tb.close()
+        if d.is_main: _log_epoch(stats, run_dir, loggers)
+    if loggers is not None: loggers.close()
     if d.world_size > 1: dist.barrier()
     return run_dir
 
 # %% ../nbs/11_train.ipynb #c041
-def _tensorboard(cfg:ExperimentConfig, run_dir:Path):
-    "A TensorBoard writer in `log_dir` (default: the run folder), or None when tensorboard is missing."
-    try: from torch.utils.tensorboard import SummaryWriter
-    except ImportError: log.warning("tensorboard is not installed: no TensorBoard scalars"); return None
-    return SummaryWriter(log_dir=str(cfg.logging_cfg.log_dir or run_dir))
+class _Loggers:
+    "TensorBoard scalars in `log_dir` (default: the run folder), and Weights & Biases when a project is named."
+    def __init__(self, cfg:ExperimentConfig, run_dir:Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(log_dir=str(cfg.logging_cfg.log_dir or run_dir))
+        except ImportError: log.warning("tensorboard is not installed: no TensorBoard scalars"); self.tb = None
+        self.wandb = None
+        if cfg.logging_cfg.wandb_project is not None:
+            import wandb
+            self.wandb = wandb.init(project=cfg.logging_cfg.wandb_project, name=run_dir.name, dir=str(run_dir),
+                                    config=config_to_dict(cfg), resume="allow")
+    def log(self, stats:dict):
+        scalars = {k.replace("_", "/", 1): v for k, v in stats.items() if k != "epoch"}
+        if self.tb is not None:
+            for k, v in scalars.items(): self.tb.add_scalar(k, v, stats["epoch"])
+            self.tb.flush()
+        if self.wandb is not None: self.wandb.log(scalars, step=stats["epoch"])
+    def close(self):
+        if self.tb is not None: self.tb.close()
+        if self.wandb is not None: self.wandb.finish()
 
-def _log_epoch(stats:dict, run_dir:Path, tb):
-    "Append one JSON line to log.txt and write the scalars to TensorBoard."
+def _log_epoch(stats:dict, run_dir:Path, loggers:_Loggers):
+    "Append one JSON line to log.txt and send the scalars to TensorBoard (and W&B)."
     with open(run_dir/"log.txt", "a") as f: f.write(json.dumps(stats) + "\n")
-    if tb is not None:
-        for k, v in stats.items():
-            if k != "epoch": tb.add_scalar(k.replace("_", "/", 1), v, stats["epoch"])
-        tb.flush()
+    loggers.log(stats)
     log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
 
 # %% ../nbs/11_train.ipynb #c043

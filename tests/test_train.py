@@ -1,4 +1,5 @@
 "End-to-end training: the guide's five commands scaled down, torchrun DDP parity, exact resume after SIGKILL, bad inputs."
+import importlib.util
 import json
 import os
 import signal
@@ -110,6 +111,8 @@ def test_bad_inputs(assets, tmp_path):
     afile = tmp_path / "a_file"; afile.write_text("keep me")
     _error(run(base("--logging-cfg.output-dir", str(afile)), check=False), "is a file")
     assert afile.read_text() == "keep me"
+    if importlib.util.find_spec("wandb") is None:  # asked-for W&B logging without the package: a clear message
+        _error(run(base("--logging-cfg.wandb-project", "icrt"), check=False), "pip install wandb")
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoints(assets, tmp_path):
