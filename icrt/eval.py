@@ -256,6 +256,8 @@ def evaluate_episode(
         wfirst, _ = teacher_forced(policy, x, [inputs(p) for p in wrong])
         rec["_errors"]["wrong_prompt"] = we = action_errors(wfirst, true10)
         rec["wrong_prompt"] = summarize(we); rec["_arrays"]["wrong_prompt"] = wfirst
+        rec["_errors"]["wrong_prompt_open_loop"] = wol = action_errors(open_loop(policy, x, [inputs(p) for p in wrong]), true10)
+        rec["wrong_prompt_open_loop"] = summarize(wol)
     return rec
 
 # %% ../nbs/15_eval.ipynb #c025
@@ -332,7 +334,8 @@ _DEFS = {
     "open_loop": "execution horizon K (one chunk read every K steps and executed to its end), the policy's own actions as "
                  "action tokens, recorded observations; executed action vs recorded action at every step",
     "in_context_gap": "teacher-forced errors with a prompt from a different task ('wrong') vs from the same task ('same'); "
-                      "ratio = wrong / same (gripper: of the error rates)",
+                      "ratio = wrong / same (gripper: of the error rates); 'open_loop': the same comparison open-loop, where "
+                      "the model cannot lean on the recorded previous actions and must take the task from the prompt",
     "units": "translation: mm (Euclidean, positions in metres x 1000); rotation: degrees (geodesic angle); gripper: "
              "accuracy of open/closed at threshold 0.5",
 }
@@ -376,12 +379,15 @@ def _report(recs, meta, warnings, figs, seconds, K)->dict:
     gap_recs = [r for r in recs if "wrong_prompt" in r["_errors"]]
     same_g = summarize(concat_errors([r["_errors"]["teacher_forced"] for r in gap_recs]))
     wrong_g = summarize(concat_errors([r["_errors"]["wrong_prompt"] for r in gap_recs]))
+    same_ol = summarize(concat_errors([r["_errors"]["open_loop"] for r in gap_recs]))
+    wrong_ol = summarize(concat_errors([r["_errors"]["wrong_prompt_open_loop"] for r in gap_recs]))
     times = [t for r in recs for t in r["_step_times"]]
     rep = {**meta, "num_pred_steps": K, "definitions": _DEFS, "num_episodes": len(recs),
            "teacher_forced": {**summarize(errs("teacher_forced")), "chunk_offset": _offsets(recs, "teacher_forced_chunk")},
            "open_loop": {**summarize(errs("open_loop")), "chunk_offset": _offsets(recs, "open_loop_chunk")},
            "in_context_gap": {"episodes": len(gap_recs), "same": same_g, "wrong": wrong_g,
-                              "ratio": _gap(same_g, wrong_g) if gap_recs else None},
+                              "ratio": _gap(same_g, wrong_g) if gap_recs else None,
+                              "open_loop": {"same": same_ol, "wrong": wrong_ol, "ratio": _gap(same_ol, wrong_ol)} if gap_recs else None},
            "control_rate_hz": _f(len(times) / sum(times)) if times else None, "eval_seconds": round(seconds, 2),
            "figures": figs, "warnings": warnings,
            "episodes": [{k: v for k, v in r.items() if not k.startswith("_")} | {"figure": figs.get(r["episode"])} for r in recs]}
@@ -394,17 +400,22 @@ def _fmt(v, nd=1)->str: return "–" if v is None else (v if isinstance(v, str) 
 def report_markdown(rep:dict)->str:
     "A short markdown summary of an evaluation report."
     tf, ol, g = rep["teacher_forced"], rep["open_loop"], rep["in_context_gap"]
+    HEAD = ["| mode | steps | trans. mean (mm) | trans. median (mm) | rot. mean (deg) | rot. median (deg) | gripper acc. |",
+            "|---|---|---|---|---|---|---|"]
     row = lambda n, s: f"| {n} | {s['steps']} | {_fmt(s['trans_mm'])} | {_fmt(s['trans_mm_median'])} | {_fmt(s['rot_deg'])} | {_fmt(s['rot_deg_median'])} | {_fmt(s['gripper_acc'], 3)} |"
     L = [f"# ICRT offline evaluation", "",
          f"Run `{rep['run_dir']}`, checkpoint `{Path(rep['checkpoint']).name}`, dataset `{rep['dataset_json']}` "
          f"(split {rep['split']}), {rep['num_episodes']} episode(s), {rep['num_prompts']} prompt(s) each, K = {rep['num_pred_steps']}, "
          f"device {rep['device']}: {_fmt(rep['control_rate_hz'])} control steps/s.", "",
-         "| mode | steps | trans. mean (mm) | trans. median (mm) | rot. mean (deg) | rot. median (deg) | gripper acc. |",
-         "|---|---|---|---|---|---|---|", row("teacher-forced", tf), row("open-loop (horizon K)", ol)]
+         *HEAD, row("teacher-forced", tf), row("open-loop (horizon K)", ol)]
     if g["ratio"] is not None:
         L += [row("teacher-forced, same-task prompt", g["same"]), row("teacher-forced, other-task prompt", g["wrong"]), "",
               f"In-context gap (other-task / same-task): translation ×{_fmt(g['ratio']['trans_mm'], 2)}, rotation "
               f"×{_fmt(g['ratio']['rot_deg'], 2)}, gripper error ×{_fmt(g['ratio']['gripper_err'], 2)}."]
+        o = g["open_loop"]
+        L += ["", *HEAD, row("open-loop, same-task prompt", o["same"]), row("open-loop, other-task prompt", o["wrong"]), "",
+              f"Open-loop in-context gap (other-task / same-task): translation ×{_fmt(o['ratio']['trans_mm'], 2)}, rotation "
+              f"×{_fmt(o['ratio']['rot_deg'], 2)}, gripper error ×{_fmt(o['ratio']['gripper_err'], 2)}."]
     L += ["", "Definitions: " + "; ".join(f"**{k}** — {v}" for k, v in rep["definitions"].items()) + ".", "",
           "Figures: " + ", ".join(f"[{k}]({Path(v).relative_to(Path(v).parent.parent)})" for k, v in rep["figures"].items())]
     if rep["warnings"]: L += ["", "Warnings:"] + [f"- {w}" for w in rep["warnings"]]
