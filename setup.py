@@ -37,6 +37,7 @@ console_scripts = [
     "icrt_convert=icrt.data.format:convert_cli",
     "icrt_synth=icrt.data.synthetic:synth_cli",
     "icrt_metaworld_gen=icrt.sim.metaworld:gen_cli",
+    "icrt_bench_metaworld=icrt.sim.bench:bench_metaworld_cli",
     "icrt_train=icrt.train:main",
     "icrt_eval=icrt.eval:eval_cli",
     "icrt_bench_loader=icrt.data.bench:bench_loader_cli",
