@@ -583,7 +583,9 @@ def save_split(self:SequenceDataset, out_dir:Union[str, Path])->tuple:
 
 # %% ../../nbs/04_data.dataset.ipynb #c080
 @patch
-def action_statistics(self:SequenceDataset)->dict:
+def action_statistics(self:SequenceDataset,
+    min_std:float=1e-3,  # floor of the std: a column that barely varies (a fixed orientation) must not blow up when divided by it
+)->dict:
     "Mean, std, min and max of the 10-D action targets over the split's episodes."
     n, s, s2, lo, hi = 0, 0., 0., None, None
     for e in self.episodes:
@@ -594,7 +596,7 @@ def action_statistics(self:SequenceDataset)->dict:
         lo = a.min(0) if lo is None else np.minimum(lo, a.min(0)); hi = a.max(0) if hi is None else np.maximum(hi, a.max(0))
     self.close()
     mean = s / max(n, 1)
-    std = np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0))
+    std = np.maximum(np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0)), min_std)
     return {"mean": mean.tolist(), "std": std.tolist(), "min": lo.tolist(), "max": hi.tolist(), "count": int(n)}
 
 # %% ../../nbs/04_data.dataset.ipynb #c083

@@ -33,9 +33,9 @@ from ..train import USER_ERRORS, train
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PRESETS', 'CONDITIONS', 'resolve_preset', 'bench_config', 'window_length', 'stage_generate',
-           'action_stats_file', 'stage_train', 'SimPolicy', 'stage_evaluate', 'report_table', 'plot_loss',
-           'limits_paragraph', 'machine_info', 'param_counts', 'write_report', 'bench_metaworld', 'bench_metaworld_cli']
+__all__ = ['log', 'PRESETS', 'CONDITIONS', 'resolve_preset', 'bench_config', 'window_length', 'stage_generate', 'stage_train',
+           'SimPolicy', 'stage_evaluate', 'report_table', 'plot_loss', 'limits_paragraph', 'machine_info',
+           'param_counts', 'write_report', 'bench_metaworld', 'bench_metaworld_cli']
 
 # %% ../../nbs/18_sim.bench.ipynb #c006
 PRESETS = {
@@ -96,7 +96,6 @@ def bench_config(
     epochs:int,            # training epochs
     device:str="auto",     # cpu, cuda, auto
     log_name:str="run",    # run folder name under out/train
-    scale_action:Optional[Path]=None,  # action statistics JSON (action_stats_file)
 )->ExperimentConfig:
     "The `ExperimentConfig` the benchmark trains."
     enc, nonpre, tr = _write_model_assets(p, out)
@@ -110,7 +109,7 @@ def bench_config(
         TrainerConfig(epochs=int(epochs), accum_iter=1, num_workers=p["num_workers"]),
         SharedConfig(batch_size=p["batch_size"], seq_length=int(seq_length), num_pred_steps=p["num_pred_steps"],
                      save_every=max(1, int(epochs)),
-                     scale_action=None if scale_action is None else str(scale_action), num_cameras=len(DEFAULT_CAMERAS)),
+                     scale_action="auto", num_cameras=len(DEFAULT_CAMERAS)),
         LoggingConfig(output_dir=str(out / "train"), log_name=log_name), device=device)
     return validate_config(cfg)
 
@@ -147,35 +146,21 @@ def stage_generate(p:dict, out:Path, skip:bool=False)->Path:
                                       image_size=p["image_size"], seed=0, num_procs=min(p["num_procs"], os.cpu_count() or 1),
                                       min_len=p["min_len"])
 
-def action_stats_file(
-    cfg:ExperimentConfig,   # the run's config (its dataset and shared groups)
-    path:Path,              # JSON to write
-    floor:float=1e-3,       # smallest std kept
-)->Path:
-    "Action statistics of the training split with the std floored, as a `--shared-cfg.scale-action` file."
-    from icrt.data.dataset import SequenceDataset
-    st = SequenceDataset(cfg.dataset_cfg, cfg.shared_cfg, split="train").action_statistics()
-    st = {k: [float(x) for x in np.asarray(v).reshape(-1)] for k, v in st.items() if k in ("mean", "std", "min", "max")}
-    st["std"] = [max(x, floor) for x in st["std"]]
-    Path(path).write_text(json.dumps(st, indent=1) + "\n")
-    return Path(path)
-
 def stage_train(p:dict, out:Path, dataset_json:Path, device:str="auto")->tuple:
     "Train through `icrt.train.train`; return (run folder, config, info dict)."
     if (out / "train").exists(): shutil.rmtree(out / "train")
     seq = window_length(Path(dataset_json).parent, p["k_prompt"] + 1)
-    stats = action_stats_file(bench_config(p, dataset_json, out, seq, 1, device), out / "action_statistics.json")
     info = dict(seq_length=seq, budget_s=None, calibration_s=None, epoch_s=None)
     epochs = p["epochs"]
     if p["minutes"] is not None:
         t0 = time.time()
-        calib = train(bench_config(p, dataset_json, out, seq, 2, device, "calibration", stats))
+        calib = train(bench_config(p, dataset_json, out, seq, 2, device, "calibration"))
         info["calibration_s"] = time.time() - t0
         info["epoch_s"] = min(r["time_s"] for r in _read_log(calib))  # the first epoch carries one-off warm-up costs
         left = p["minutes"] * 60 - info["calibration_s"]
         epochs = max(1, int(left // max(info["epoch_s"], 1e-3)))
         info["budget_s"] = p["minutes"] * 60
-    cfg = bench_config(p, dataset_json, out, seq, epochs, device, "run", stats)
+    cfg = bench_config(p, dataset_json, out, seq, epochs, device, "run")
     info["epochs"] = epochs
     run_dir = train(cfg)
     info["epoch_loop_s"] = sum(r["time_s"] for r in _read_log(run_dir))  # compare with budget_s: the machine's load can change
