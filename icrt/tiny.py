@@ -5,7 +5,6 @@
 # %% ../nbs/10_tiny.ipynb #c003
 from __future__ import annotations
 
-import json
 import shlex
 from dataclasses import dataclass
 from pathlib import Path

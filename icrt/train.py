@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import (ConfigError, ExperimentConfig, config_from_dict, config_to_dict, parse_args, resolve_config_path,
+from .config import (ConfigError, ExperimentConfig, config_to_dict, parse_args, resolve_config_path,
                      save_config)
 from .data.dataset import DistributedSubEpochSampler, SequenceDataset, preprocess_batch
 from .data.format import DatasetError, load_dataset_config

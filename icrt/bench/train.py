@@ -11,7 +11,6 @@ import logging
 import tempfile
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
