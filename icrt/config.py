@@ -114,6 +114,7 @@ class PolicyConfig:
     scale_loss: float = 1.0  # multiply the total loss
     load_llama: bool = True  # load the Llama weights from llama_ckpt_dir (False: same shape, random init)
     step_weight: float = 1.0  # weight of the first num_weighted_steps steps after the prompt
+    action_token_noise: float = 0.0  # training only: std of Gaussian noise on the normalised action-token inputs (0: off)
     scratch_llama_config: Optional[str] = None  # transformer params JSON (path or bundled name): train from scratch
     num_train_diffusion_steps: Optional[int] = None  # diffusion head: training noise steps (default 100)
     num_inference_diffusion_steps: Optional[int] = None  # diffusion head: sampling steps at inference (default 10)
@@ -208,7 +209,8 @@ def validate_config(cfg:ExperimentConfig)->ExperimentConfig:
         _positive(cfg, p)
     for p in ["trainer_cfg.num_workers", "shared_cfg.start_epoch", "optimizer_cfg.weight_decay", "optimizer_cfg.min_lr",
               "optimizer_cfg.warmup_epochs", "dataset_cfg.proprio_noise", "dataset_cfg.action_noise",
-              "model_cfg.vision_encoder_cfg.vision_unfreeze_last_n", "model_cfg.policy_cfg.step_weight"]:
+              "model_cfg.vision_encoder_cfg.vision_unfreeze_last_n", "model_cfg.policy_cfg.step_weight",
+              "model_cfg.policy_cfg.action_token_noise"]:
         _positive(cfg, p, allow_zero=True)
     _check_choices(cfg); _check_lr(cfg); _check_misc(cfg)
     return cfg

@@ -221,9 +221,14 @@ def state_tokens(self:ICRT,
     return self.pool_state(self.vision_features(obs), proprio)
 
 @patch
-def action_tokens(self:ICRT, action:Tensor)->Tensor:  # (B, T, 10) model-space executed actions -> (B, T, dim)
+def action_tokens(self:ICRT,
+                  action:Tensor,     # (B, T, 10) model-space executed actions
+                  noise:float=0.0,   # std of Gaussian noise added to the normalised actions (training augmentation)
+                 )->Tensor:          # (B, T, dim)
     "One token per executed action (normalised like the targets)."
-    a = self.action_mlp(self.normalize_action(action))
+    a = self.normalize_action(action)
+    if noise > 0: a = a + noise * torch.randn_like(a)
+    a = self.action_mlp(a)
     return a + self.modality_emb[1] if self.modality_emb is not None else a
 
 # %% ../../nbs/08_models.policy.ipynb #c027
@@ -236,7 +241,8 @@ def encode(self:ICRT, batch:dict)->Tensor:  # (B, T, dim) transformer outputs at
     "Run the tokenisers and the transformer over a batch."
     self._check_batch(batch)
     s = self.state_tokens(batch["observation"], batch["proprio"][:, :, 0])
-    a = self.action_tokens(batch["action"][:, :, 0, :ACTION_DIM])  # the executed action; the end flag is no input
+    noise = self.policy_cfg.action_token_noise if self.training else 0.0
+    a = self.action_tokens(batch["action"][:, :, 0, :ACTION_DIM], noise)  # the executed action; the end flag is no input
     return self.transformer(interleave(s, a))[:, 0::2]
 
 @patch
@@ -285,7 +291,7 @@ def forward(self:ICRT, batch:dict)->tuple:  # (loss, {name: float})
     out["loss"] = total.detach()
     return total, {k: float(v) for k, v in out.items()}
 
-# %% ../../nbs/08_models.policy.ipynb #c039
+# %% ../../nbs/08_models.policy.ipynb #c041
 @patch
 def trainable_state_dict(self:ICRT)->dict:
     "Trainable parameters, buffers of trainable modules and the action statistics."
@@ -331,13 +337,13 @@ def param_groups(self:ICRT, weight_decay:float)->list:  # AdamW parameter groups
         if p.requires_grad: (no_decay if p.ndim <= 1 or n.endswith(".bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-# %% ../../nbs/08_models.policy.ipynb #c047
+# %% ../../nbs/08_models.policy.ipynb #c049
 @patch(cls_method=True)
 def from_config(cls:ICRT, exp_cfg:ExperimentConfig, vision_encoder:Optional[nn.Module]=None)->ICRT:
     "The policy of an `ExperimentConfig`."
     return cls(exp_cfg.model_cfg, exp_cfg.shared_cfg, vision_encoder=vision_encoder)
 
-# %% ../../nbs/08_models.policy.ipynb #c049
+# %% ../../nbs/08_models.policy.ipynb #c051
 @patch
 def reset(self:ICRT,
           action_exec_horizon:Optional[int]=None,  # replan every h steps, executing the chunk in between
@@ -368,7 +374,7 @@ def _feed(self:ICRT, h:Tensor)->Tensor:  # (1, n, dim) new tokens -> (1, n, dim)
     self.pos += h.shape[1]
     return out
 
-# %% ../../nbs/08_models.policy.ipynb #c051
+# %% ../../nbs/08_models.policy.ipynb #c053
 def _as(x, ref:Tensor)->Tensor: return torch.as_tensor(x).to(device=ref.device, dtype=ref.dtype)
 
 @patch
@@ -387,7 +393,7 @@ def prompt(self:ICRT, demos:list, chunk:int=64):
             s = self.state_tokens(obs[None, sl], pro[None, sl, :ACTION_DIM])  # (1, t, dim)
             self._feed(interleave(s, self.action_tokens(act[None, sl, :ACTION_DIM])))
 
-# %% ../../nbs/08_models.policy.ipynb #c053
+# %% ../../nbs/08_models.policy.ipynb #c055
 @patch
 def _to_absolute(self:ICRT, chunk:Tensor, proprio:Tensor)->Tensor:  # (K, 10) model space -> (K, 10) absolute
     "Delta actions to absolute xyz + rot6d + gripper with the current proprio."
@@ -420,7 +426,7 @@ def get_action(self:ICRT,
     self.step += 1
     return to_pose7(act10).cpu()
 
-# %% ../../nbs/08_models.policy.ipynb #c054
+# %% ../../nbs/08_models.policy.ipynb #c056
 @patch
 def _query(self:ICRT, pro:Tensor):
     "Feed queued tokens, read the chunk at the newest state token."
@@ -454,7 +460,7 @@ def _select(self:ICRT, pro:Tensor)->Tensor:  # (10,) or (K, 10) absolute
     self._last_action = first
     return out
 
-# %% ../../nbs/08_models.policy.ipynb #c062
+# %% ../../nbs/08_models.policy.ipynb #c064
 def overfit_policy(model:ICRT, batch:dict, steps:int=200, lr:float=2e-3)->tuple:
     "Train `model` on one batch; return (first loss, mean of the last 10 losses)."
     model.train()
