@@ -4,12 +4,14 @@
 
 # %% auto #0
 __all__ = ['OBJECTS', 'OBJECT_NAMES', 'VERBS', 'TASKS', 'TABLE_X', 'TABLE_Y', 'MAP_X', 'MAP_Y', 'MAP_RES', 'OBJ_X', 'OBJ_Y',
-           'MIN_SEP', 'HOME', 'WORKSPACE', 'FINGER_R', 'VERB_YAW', 'EXT_EYE', 'EXT_TARGET', 'EXT_HFOV', 'WRIST_ABOVE',
-           'WRIST_HFOV', 'WRIST_EE_ROW', 'logger', 'ObjectSpec', 'Task', 'get_task', 'SyntheticScene', 'task_success',
-           'expert_episode', 'task_grouping', 'make_synthetic_dataset', 'synth_cli']
+           'MIN_SEP', 'LAYOUT', 'HOME', 'WORKSPACE', 'FINGER_R', 'VERB_YAW', 'EXT_EYE', 'EXT_TARGET', 'EXT_HFOV',
+           'WRIST_ABOVE', 'WRIST_HFOV', 'WRIST_EE_ROW', 'logger', 'WORLD_FILE', 'ObjectSpec', 'Task', 'get_task',
+           'SyntheticScene', 'task_success', 'expert_episode', 'task_grouping', 'make_synthetic_dataset', 'load_world',
+           'episode_world', 'SyntheticSim', 'synth_cli']
 
 # %% ../../nbs/03_data.synthetic.ipynb #c002
 import argparse, json, logging, math, time
+from typing import Optional, Union
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -71,6 +73,7 @@ def get_task(
 TABLE_X, TABLE_Y = (0.25, 0.85), (-0.45, 0.45)             # table top (m)
 MAP_X, MAP_Y, MAP_RES = (0.05, 1.05), (-0.70, 0.70), 0.0015  # top-down texture map: extent (m) and m/pixel
 OBJ_X, OBJ_Y, MIN_SEP = (0.40, 0.70), (-0.24, 0.14), 0.10  # where object centres are drawn, their min distance
+LAYOUT = np.array([[0.44, -0.20], [0.64, -0.16], [0.50, 0.02], [0.68, 0.10]])  # object homes of a jittered layout
 HOME = np.array([0.50, 0.0, 0.35])                         # the arm starts near here
 WORKSPACE = np.array([[0.15, -0.55, 0.005], [0.95, 0.55, 0.60]])  # the end effector is clipped to this box
 FINGER_R = 0.015                                           # contact radius of the (closed) fingers
@@ -97,16 +100,21 @@ class SyntheticScene:
         seed=0,            # int seed or a `np.random.Generator` (then it is advanced)
         height:int=180,    # image height of `render`
         width:int=320,     # image width of `render`
+        jitter:Optional[float]=None,  # None: objects anywhere in OBJ_X x OBJ_Y; else at their LAYOUT homes +- jitter (m)
     )->'SyntheticScene':
         "Draw a random scene."
         rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
         n = len(OBJECTS)
-        while True:  # rejection sampling of well separated object centres
+        if jitter is not None and not 0 <= jitter <= 0.03:
+            raise ValueError(f"jitter={jitter}: must be in [0, 0.03] m (the layout keeps objects {MIN_SEP} m apart up to that)")
+        while jitter is None:  # rejection sampling of well separated object centres
             xy = rng.uniform([OBJ_X[0], OBJ_Y[0]], [OBJ_X[1], OBJ_Y[1]], size=(n, 2))
             d = np.linalg.norm(xy[:, None] - xy[None], axis=-1) + np.eye(n)
             if d.min() >= MIN_SEP: break
+        if jitter is not None: xy = LAYOUT + rng.uniform(-jitter, jitter, (n, 2))
         angles = np.where([o.shape == "square" for o in OBJECTS], rng.uniform(-0.6, 0.6, n), 0.0)
-        start = np.r_[HOME + rng.uniform([-0.06, -0.12, -0.04], [0.06, 0.12, 0.04]), np.pi, 0.0, rng.uniform(-0.3, 0.3)]
+        spread = np.array([0.06, 0.12, 0.04]) if jitter is None else np.full(3, jitter)
+        start = np.r_[HOME + rng.uniform(-spread, spread), np.pi, 0.0, rng.uniform(-0.3, 0.3)]
         return cls(np.c_[xy, np.zeros(n)], angles, start, rng.uniform(0.85, 1.1, 3), float(rng.uniform(0.8, 1.15)),
                    int(rng.integers(2**31)), int(height), int(width))
 
@@ -536,6 +544,8 @@ def task_grouping(
     return {"ratios": {v: 1.0 for v in groups}, "tasks": groups}
 
 # %% ../../nbs/03_data.synthetic.ipynb #c067
+WORLD_FILE = "synthetic_world.json"  # how to rebuild each episode's world (seed, sizes, task and index)
+
 def make_synthetic_dataset(
     out_dir,                    # folder for synthetic.hdf5, the side JSON files and dataset_config.json
     num_tasks:int=6,            # use the first `num_tasks` entries of `TASKS` (1..12)
@@ -548,6 +558,7 @@ def make_synthetic_dataset(
     max_len:int=150,            # longest episode
     train_split:float=0.95,     # written into the dataset config
     progress:bool=True,         # show a tqdm bar
+    jitter:Optional[float]=None,  # None: objects anywhere; else at fixed homes +- jitter (m), see `SyntheticScene.sample`
 )->Path:                        # the dataset_config.json
     "Write a multi-task synthetic ICRT dataset and return its dataset config."
     if not 1 <= num_tasks <= len(TASKS): raise ValueError(f"num_tasks={num_tasks}: choose 1..{len(TASKS)}")
@@ -556,22 +567,75 @@ def make_synthetic_dataset(
     if not 2 <= min_len <= max_len: raise ValueError(f"need 2 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     h5, tasks = out / "synthetic.hdf5", TASKS[:num_tasks]
-    names, epi_len, verb_to_episode = [], {}, {t.name: [] for t in tasks}
+    names, epi_len, verb_to_episode, world = [], {}, {t.name: [] for t in tasks}, {}
     jobs = [(k, t, i) for k, t in enumerate(tasks) for i in range(episodes_per_task)]
     with EpisodeWriter(h5, image_layout=image_layout) as w:
         for k, t, i in tqdm(jobs, desc="synthetic episodes", disable=not progress, leave=False):
             rng = np.random.default_rng([seed, k, i])
-            scene = SyntheticScene.sample(rng, height, width)
+            scene = SyntheticScene.sample(rng, height, width, jitter)
             ep = expert_episode(t, scene, rng, min_len, max_len)
             name = f"{t.name}_episode_{i}"
+            world[name] = [t.name, k, i]
             data = {**{key: ep[key] for key in DEFAULT_PROPRIO_KEYS + DEFAULT_ACTION_KEYS}, **scene.render(ep)}
             epi_len[name] = w.write(name, data)
             names.append(name); verb_to_episode[t.name].append(name)
     logger.info("wrote %d episodes (%d steps) of %d tasks to %s", len(names), sum(epi_len.values()), num_tasks, h5)
+    (out / WORLD_FILE).write_text(json.dumps(dict(seed=seed, height=height, width=width, min_len=min_len, max_len=max_len,
+                                                  jitter=jitter, episodes=world), indent=1))
     return write_dataset_files(out, [h5], [names], epi_len, verb_to_episode, DEFAULT_IMAGE_KEYS, DEFAULT_PROPRIO_KEYS,
                                DEFAULT_ACTION_KEYS, train_split=train_split, task_grouping=task_grouping(tasks))
 
 # %% ../../nbs/03_data.synthetic.ipynb #c073
+def load_world(
+    dataset:Union[str, Path],  # a synthetic dataset folder or its dataset_config.json
+)->Optional[dict]:             # the world file's content, or None for a dataset that is not synthetic
+    "Read the `synthetic_world.json` beside a synthetic dataset."
+    p = Path(dataset).expanduser(); f = (p.parent if p.suffix == ".json" else p) / WORLD_FILE
+    if not f.is_file(): return None
+    try: w = json.loads(f.read_text())
+    except json.JSONDecodeError as e: raise ValueError(f"{f}: not valid JSON ({e}); regenerate the dataset") from None
+    missing = [k for k in ("seed", "height", "width", "min_len", "max_len", "episodes") if k not in w]
+    if missing: raise ValueError(f"{f}: missing key(s) {missing}; regenerate the dataset")
+    return w
+
+def episode_world(
+    world:dict,   # `load_world` output
+    name:str,     # an episode of that dataset
+)->tuple:         # (Task, SyntheticScene, expert_episode dict)
+    "Rebuild the scene of episode `name` and re-run its expert."
+    if name not in world["episodes"]: raise KeyError(f"episode {name!r} is not in the dataset's {WORLD_FILE}")
+    task, k, i = world["episodes"][name]
+    rng = np.random.default_rng([world["seed"], k, i])
+    scene = SyntheticScene.sample(rng, world["height"], world["width"], world.get("jitter"))
+    return get_task(task), scene, expert_episode(task, scene, rng, world["min_len"], world["max_len"])
+
+class SyntheticSim:
+    "Closed-loop stepping of one synthetic scene: `reset()`/`step(action)` return observations keyed as in the dataset."
+    def __init__(self,
+        scene:SyntheticScene,  # the world
+        task,                  # the task whose success is tracked
+        seed:int=0,            # seed of the tracking noise
+    ): self.scene, self.task, self.seed = scene, get_task(task), seed
+
+    def reset(self)->dict:
+        "Start pose, objects in place; the first observation."
+        self.rng, self.state, self.success, self.t = np.random.default_rng(self.seed), self.scene.reset(), False, 0
+        return self.observe()
+
+    def observe(self)->dict:
+        "Camera frames (H, W, 3) uint8 and the proprio keys of the dataset."
+        obs = self.scene.render(self.state)
+        obs[DEFAULT_PROPRIO_KEYS[0]] = self.state["pose"].astype(np.float32)
+        obs[DEFAULT_PROPRIO_KEYS[1]] = np.array([self.state["gripper"]], np.float32)
+        return obs
+
+    def step(self, action)->dict:
+        "Apply a (7,) command (xyz, Euler XYZ, gripper); `success` records whether the task was ever achieved."
+        self.state = self.scene.step(self.state, np.asarray(action, np.float64), self.rng); self.t += 1
+        self.success = self.success or task_success(self.task, self.scene, self.state)
+        return self.observe()
+
+# %% ../../nbs/03_data.synthetic.ipynb #c077
 def synth_cli(argv:list=None):
     "Console script `icrt_synth`: write a synthetic multi-task dataset."
     p = argparse.ArgumentParser(prog="icrt_synth", description="Write a synthetic multi-task ICRT dataset "
