@@ -21,6 +21,7 @@ from matplotlib.figure import Figure
 from .config import ConfigError
 from .data.dataset import MIN_LEN, MAX_LEN, load_episode, select_episodes
 from .data.format import DatasetError, load_dataset_config
+from .data.synthetic import SyntheticSim, episode_world, load_world
 from .geometry import chunk_actions, euler_to_matrix, pos_rot6d_to_pose, rot6d_to_matrix
 from .inference import (ICRTPolicy, InferenceError, find_checkpoint, load_run_config, pose_vector, run_keys)
 from .train import TrainingError
@@ -29,8 +30,9 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'DIM_NAMES', 'USER_ERRORS', 'EvalError', 'action_errors', 'summarize', 'concat_errors', 'task_episodes',
-           'heldout_episodes', 'choose_prompts', 'teacher_forced', 'open_loop', 'as_pose7', 'trajectory_figure',
-           'chunk_error_figure', 'evaluate_episode', 'evaluate_run', 'report_markdown', 'eval_cli', 'EpisodeBrowser']
+           'heldout_episodes', 'choose_prompts', 'teacher_forced', 'open_loop', 'closed_loop', 'as_pose7',
+           'trajectory_figure', 'chunk_error_figure', 'evaluate_episode', 'evaluate_run', 'report_markdown', 'eval_cli',
+           'EpisodeBrowser']
 
 # %% ../nbs/15_eval.ipynb #c006
 class EvalError(InferenceError):
@@ -156,6 +158,20 @@ def open_loop(
     policy.reset()
     return np.stack(out)
 
+def closed_loop(
+    policy:ICRTPolicy,
+    sim,                   # `icrt.data.synthetic.SyntheticSim` (or any object with reset/step and a `success` flag)
+    prompts:list,          # episode_inputs of the prompts
+    steps:int,             # control steps to run
+)->tuple:                  # ((steps, 7) executed actions, success: bool)
+    "Run the policy in a simulator, its own actions moving the world: nothing recorded is fed back."
+    policy.reset(); policy.prompt(prompts)
+    o, out = sim.reset(), []
+    for _ in range(steps):
+        a = policy.act(o); out.append(a); o = sim.step(a)
+    policy.reset()
+    return np.stack(out), bool(sim.success)
+
 # %% ../nbs/15_eval.ipynb #c019
 DIM_NAMES = ["x (m)", "y (m)", "z (m)", "roll (rad)", "pitch (rad)", "yaw (rad)", "gripper"]
 
@@ -236,8 +252,9 @@ class _Inputs:
 
 def evaluate_episode(
     policy:ICRTPolicy, spec, name:str, rng:np.random.Generator, num_prompts:int=1, inputs=None, pool=None,
+    world:Optional[dict]=None,   # `load_world` of a synthetic dataset: also run closed loop from the episode's start
 )->dict:   # per-episode record: errors, offsets, predictions (arrays under "_arrays")
-    "Teacher-forced, open-loop and wrong-prompt evaluation of one episode."
+    "Teacher-forced, open-loop, closed-loop (synthetic data) and wrong-prompt evaluation of one episode."
     inputs = inputs or _Inputs(policy, spec)
     task, same = choose_prompts(spec, name, num_prompts, rng, True, pool)
     if not same: return {"episode": name, "task": task, "skipped": f"no other episode of task '{task}' to prompt with"}
@@ -258,6 +275,12 @@ def evaluate_episode(
         rec["wrong_prompt"] = summarize(we); rec["_arrays"]["wrong_prompt"] = wfirst
         rec["_errors"]["wrong_prompt_open_loop"] = wol = action_errors(open_loop(policy, x, [inputs(p) for p in wrong]), true10)
         rec["wrong_prompt_open_loop"] = summarize(wol)
+    if world is not None and name in world["episodes"]:
+        task_, scene, _ = episode_world(world, name)
+        for key, ps in [("closed_loop", pr)] + ([("wrong_prompt_closed_loop", [inputs(p) for p in wrong])] if wrong else []):
+            acts, ok = closed_loop(policy, SyntheticSim(scene, task_), ps, len(true10))
+            rec["_errors"][key] = e = action_errors(acts, true10)
+            rec[key] = {**summarize(e), "success": ok}; rec["_arrays"][key] = acts
     return rec
 
 # %% ../nbs/15_eval.ipynb #c025
@@ -305,8 +328,9 @@ def evaluate_run(
     seed:int=0,                                 # prompt draws
     device:str="cpu",
     max_figures:int=6,                          # trajectory figures written (the first episodes)
+    closed_loop:bool=True,                      # synthetic datasets: also run each episode closed loop in its world
 )->dict:                                        # the report (also written as report.json)
-    "Offline evaluation of a run: action errors teacher-forced and open-loop, in-context gap, plots, report files."
+    "Offline evaluation of a run: action errors teacher-forced, open-loop and (synthetic data) closed-loop, in-context gap, plots, report files."
     run_dir = Path(run_dir).expanduser()
     cfg = load_run_config(run_dir); ck = find_checkpoint(run_dir, checkpoint); keys = run_keys(cfg)
     if num_prompts < 1: raise EvalError(f"--num-prompts must be >= 1, got {num_prompts}")
@@ -314,6 +338,8 @@ def evaluate_run(
     if not dj.is_file():
         raise EvalError(f"dataset config '{dj}' does not exist" + ("" if dataset_json else " (the run's; pass --dataset-json)"))
     spec = load_dataset_config(dj); _check_keys(spec, keys, dj)
+    try: world = load_world(dj) if closed_loop else None
+    except ValueError as e: raise EvalError(f"{e} (or pass --no-closed-loop)") from None
     warnings = []
     names = list(episodes) if isinstance(episodes, (list, tuple)) else heldout_episodes(run_dir, spec, split, episodes, warnings)
     unknown = [e for e in names if e not in spec.episode_file]
@@ -323,7 +349,7 @@ def evaluate_run(
     (out/"figures").mkdir(parents=True, exist_ok=True)
     policy = ICRTPolicy.from_run(run_dir, ck, device=device)
     return _evaluate(policy, spec, names, out, dict(run_dir=str(run_dir), checkpoint=str(ck), dataset_json=str(dj), split=split,
-                     num_prompts=num_prompts, seed=seed, device=str(policy.device)), warnings, seed, num_prompts, max_figures)
+                     num_prompts=num_prompts, seed=seed, device=str(policy.device)), warnings, seed, num_prompts, max_figures, world)
 
 # %% ../nbs/15_eval.ipynb #c028
 _DEFS = {
@@ -333,19 +359,23 @@ _DEFS = {
                             "t+k (last step repeated), mean per k",
     "open_loop": "execution horizon K (one chunk read every K steps and executed to its end), the policy's own actions as "
                  "action tokens, recorded observations; executed action vs recorded action at every step",
+    "closed_loop": "synthetic datasets only: the policy acts in the episode's own world from its initial state, its actions "
+                   "moving the arm and objects (nothing recorded is fed back); executed action vs the expert's recorded action "
+                   "at every step, and task success",
     "in_context_gap": "teacher-forced errors with a prompt from a different task ('wrong') vs from the same task ('same'); "
-                      "ratio = wrong / same (gripper: of the error rates); 'open_loop': the same comparison open-loop, where "
-                      "the model cannot lean on the recorded previous actions and must take the task from the prompt",
+                      "ratio = wrong / same (gripper: of the error rates); 'open_loop' and 'closed_loop': the same comparison "
+                      "in those modes; closed loop is the fair test, since teacher-forced and open-loop contexts hold the "
+                      "recorded past, which gives the task away",
     "units": "translation: mm (Euclidean, positions in metres x 1000); rotation: degrees (geodesic angle); gripper: "
              "accuracy of open/closed at threshold 0.5",
 }
 
-def _evaluate(policy, spec, names, out, meta, warnings, seed, num_prompts, max_figures)->dict:
+def _evaluate(policy, spec, names, out, meta, warnings, seed, num_prompts, max_figures, world=None)->dict:
     "Evaluate episodes `names`, write the figures and reports."
     rng, inputs, pool = np.random.default_rng(seed), _Inputs(policy, spec), task_episodes(spec)
     recs, t0 = [], time.time()
     for i, name in enumerate(names):
-        r = evaluate_episode(policy, spec, name, rng, num_prompts, inputs, pool)
+        r = evaluate_episode(policy, spec, name, rng, num_prompts, inputs, pool, world)
         if "skipped" in r:
             msg = f"episode '{name}' skipped: {r['skipped']}"; log.warning(msg); warnings.append(msg); continue
         log.info(f"[{i + 1}/{len(names)}] {name}: teacher-forced {r['teacher_forced']['trans_mm']:.1f} mm, open-loop "
@@ -364,7 +394,7 @@ def _write_figures(recs, out:Path, max_figures:int, K:int)->dict:
     figs = {}
     for r in recs[:max_figures]:
         a = r["_arrays"]
-        preds = {k.replace("_", "-"): a[k] for k in ("teacher_forced", "open_loop", "wrong_prompt") if k in a}
+        preds = {k.replace("_", "-"): a[k] for k in ("teacher_forced", "open_loop", "closed_loop", "wrong_prompt") if k in a}
         p = out/"figures"/f"{r['episode']}.png"
         trajectory_figure(a["true"], preds, f"{r['episode']} ({r['task']}), prompts: {', '.join(r['prompts'])}").savefig(p, dpi=80)
         figs[r["episode"]] = str(p)
@@ -381,13 +411,23 @@ def _report(recs, meta, warnings, figs, seconds, K)->dict:
     wrong_g = summarize(concat_errors([r["_errors"]["wrong_prompt"] for r in gap_recs]))
     same_ol = summarize(concat_errors([r["_errors"]["open_loop"] for r in gap_recs]))
     wrong_ol = summarize(concat_errors([r["_errors"]["wrong_prompt_open_loop"] for r in gap_recs]))
+    cl_recs = [r for r in gap_recs if "wrong_prompt_closed_loop" in r["_errors"]]
+    cl = None
+    if cl_recs:
+        same_cl = summarize(concat_errors([r["_errors"]["closed_loop"] for r in cl_recs]))
+        wrong_cl = summarize(concat_errors([r["_errors"]["wrong_prompt_closed_loop"] for r in cl_recs]))
+        cl = {"episodes": len(cl_recs), "same": same_cl, "wrong": wrong_cl, "ratio": _gap(same_cl, wrong_cl),
+              "success": {"same": _f(np.mean([r["closed_loop"]["success"] for r in cl_recs])),
+                          "wrong": _f(np.mean([r["wrong_prompt_closed_loop"]["success"] for r in cl_recs]))}}
     times = [t for r in recs for t in r["_step_times"]]
     rep = {**meta, "num_pred_steps": K, "definitions": _DEFS, "num_episodes": len(recs),
            "teacher_forced": {**summarize(errs("teacher_forced")), "chunk_offset": _offsets(recs, "teacher_forced_chunk")},
            "open_loop": {**summarize(errs("open_loop")), "chunk_offset": _offsets(recs, "open_loop_chunk")},
+           "closed_loop": summarize(errs("closed_loop")) if any("closed_loop" in r["_errors"] for r in recs) else None,
            "in_context_gap": {"episodes": len(gap_recs), "same": same_g, "wrong": wrong_g,
                               "ratio": _gap(same_g, wrong_g) if gap_recs else None,
-                              "open_loop": {"same": same_ol, "wrong": wrong_ol, "ratio": _gap(same_ol, wrong_ol)} if gap_recs else None},
+                              "open_loop": {"same": same_ol, "wrong": wrong_ol, "ratio": _gap(same_ol, wrong_ol)} if gap_recs else None,
+                              "closed_loop": cl},
            "control_rate_hz": _f(len(times) / sum(times)) if times else None, "eval_seconds": round(seconds, 2),
            "figures": figs, "warnings": warnings,
            "episodes": [{k: v for k, v in r.items() if not k.startswith("_")} | {"figure": figs.get(r["episode"])} for r in recs]}
@@ -416,12 +456,19 @@ def report_markdown(rep:dict)->str:
         L += ["", *HEAD, row("open-loop, same-task prompt", o["same"]), row("open-loop, other-task prompt", o["wrong"]), "",
               f"Open-loop in-context gap (other-task / same-task): translation ×{_fmt(o['ratio']['trans_mm'], 2)}, rotation "
               f"×{_fmt(o['ratio']['rot_deg'], 2)}, gripper error ×{_fmt(o['ratio']['gripper_err'], 2)}."]
+        c = g.get("closed_loop")
+        if c:
+            L += ["", *HEAD, row("closed-loop, same-task prompt", c["same"]), row("closed-loop, other-task prompt", c["wrong"]), "",
+                  f"Closed-loop in-context gap (other-task / same-task): translation ×{_fmt(c['ratio']['trans_mm'], 2)}, rotation "
+                  f"×{_fmt(c['ratio']['rot_deg'], 2)}, gripper error ×{_fmt(c['ratio']['gripper_err'], 2)}. Task success: "
+                  f"{_fmt(100 * c['success']['same'], 0)}% with a same-task prompt, {_fmt(100 * c['success']['wrong'], 0)}% "
+                  f"with an other-task prompt ({c['episodes']} episodes)."]
     L += ["", "Definitions: " + "; ".join(f"**{k}** — {v}" for k, v in rep["definitions"].items()) + ".", "",
           "Figures: " + ", ".join(f"[{k}]({Path(v).relative_to(Path(v).parent.parent)})" for k, v in rep["figures"].items())]
     if rep["warnings"]: L += ["", "Warnings:"] + [f"- {w}" for w in rep["warnings"]]
     return "\n".join(L) + "\n"
 
-# %% ../nbs/15_eval.ipynb #c041
+# %% ../nbs/15_eval.ipynb #c043
 USER_ERRORS = (InferenceError, ConfigError, DatasetError, TrainingError)
 
 def eval_cli(argv:Optional[list]=None):
@@ -437,18 +484,19 @@ def eval_cli(argv:Optional[list]=None):
     ap.add_argument("--seed", type=int, default=0, help="seed of the prompt draws")
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--max-figures", type=int, default=6, help="trajectory figures to write")
+    ap.add_argument("--no-closed-loop", action="store_true", help="skip the closed-loop rollouts (synthetic datasets)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         rep = evaluate_run(a.run_dir, a.dataset_json, a.split, a.episodes, a.out, a.checkpoint, a.num_prompts, a.seed,
-                           a.device, a.max_figures)
+                           a.device, a.max_figures, not a.no_closed_loop)
     except USER_ERRORS as e:
         sys.stderr.write(f"icrt_eval: error: {e}\n"); sys.exit(1)
     sys.stdout.write(report_markdown(rep))
 
 if __name__ == "__main__" and "__file__" in globals(): eval_cli()  # `python -m icrt.eval` (not when this notebook runs)
 
-# %% ../nbs/15_eval.ipynb #c044
+# %% ../nbs/15_eval.ipynb #c046
 class EpisodeBrowser:
     "An ipywidgets viewer of one episode: camera frames, a step slider, actions and predictions with a cursor."
     def __init__(self,

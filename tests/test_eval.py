@@ -47,6 +47,9 @@ def test_cli_writes_json_markdown_and_figures(run_dir, tmp_path):
     gap = rep["in_context_gap"]
     assert gap["episodes"] == 3 and finite(gap["ratio"]["trans_mm"]) and finite(gap["ratio"]["rot_deg"])
     assert np.isclose(gap["ratio"]["trans_mm"], gap["wrong"]["trans_mm"] / gap["same"]["trans_mm"])
+    c = gap["closed_loop"]  # the tiny assets are synthetic: every episode also ran closed loop in its own world
+    assert c["episodes"] == 3 and finite(c["ratio"]["trans_mm"]) and 0 <= c["success"]["same"] <= 1
+    assert rep["closed_loop"]["steps"] == rep["teacher_forced"]["steps"] and "Closed-loop in-context gap" in p.stdout
     assert finite(rep["control_rate_hz"]) and rep["control_rate_hz"] > 0
     assert all(Path(f).is_file() and Path(f).stat().st_size > 1000 for f in rep["figures"].values())
 
@@ -86,6 +89,20 @@ def test_bad_inputs_fail_with_one_line(run_dir, assets, tmp_path):
     cfg["image_keys"] = cfg.get("image_keys", ["observation/exterior_image_1_left", "observation/wrist_image_left"])[:1]
     other = assets.dataset_json.parent / "one_camera.json"; other.write_text(json.dumps(cfg))
     fails(run_dir, "--dataset-json", other, match="image_keys")
+    bad = tmp_path / "bad_world"; bad.mkdir()
+    (bad / "dataset_config.json").write_text(json.dumps(absolute_config(assets)))
+    (bad / "synthetic_world.json").write_text("{not json")
+    fails(run_dir, "--dataset-json", bad / "dataset_config.json", match="synthetic_world.json: not valid JSON")
+    assert icrt_eval(run_dir, "--dataset-json", bad / "dataset_config.json", "--episodes", 1, "--out", tmp_path / "e",
+                     "--no-closed-loop").returncode == 0
+
+
+def absolute_config(assets)->dict:
+    "The assets' dataset config with absolute paths, to be written anywhere."
+    cfg, root = json.loads(assets.dataset_json.read_text()), assets.dataset_json.parent
+    for k in ("dataset_path", "hdf5_keys", "epi_len_mapping_json", "verb_to_episode", "task_grouping"):
+        if k in cfg: v = cfg[k]; cfg[k] = [str(root / x) for x in v] if isinstance(v, list) else str(root / v)
+    return cfg
 
 
 def test_single_task_dataset_has_no_gap_but_still_evaluates(run_dir, assets, tmp_path):
