@@ -36,9 +36,13 @@ def test_quick_demo_writes_run_report_and_figures(quick):
     assert s["wrong_mm"] == pytest.approx(rep["in_context_gap"]["wrong"]["trans_mm"])
     assert s["ratio"] == pytest.approx(s["wrong_mm"] / s["same_mm"])
     assert s["episodes_evaluated"] == 4 and s["epochs"] == 1  # --minutes 0.2
+    c, rc = s["closed_loop"], rep["in_context_gap"]["closed_loop"]  # the demo's data is synthetic: closed loop is run
+    assert c["same_mm"] == pytest.approx(rc["same"]["trans_mm"]) and c["success_same"] == pytest.approx(rc["success"]["same"])
+    assert s["ok"] == (s["ratio"] >= 2 and c["ratio"] >= 2)
     last = p.stdout.strip().splitlines()[-1]
-    assert last.startswith("in-context gap: same-task error ") and "(target >= 2)" in last
+    assert last.startswith("in-context gap: teacher-forced ") and "closed loop" in last and "(target >= 2 in each)" in last
     assert ("TARGET MET" in last) == s["ok"]
+    assert json.loads((out / "data" / "synthetic_world.json").read_text())["jitter"] == 0.02
 
 
 def test_train_command_reproduces_the_run(quick):
@@ -66,8 +70,8 @@ def test_demo_bad_minutes(tmp_path):
 
 @pytest.mark.slow
 def test_full_demo_shows_in_context_learning(tmp_path):
-    "The default demo: with a same-task prompt the held-out action error is at most half the wrong-task one."
+    "The default demo: with a same-task prompt the held-out action error is at most half the wrong-task one (teacher-forced and closed loop)."
     p = demo("--out", tmp_path / "full", timeout=3600)
     assert p.returncode == 0, p.stderr[-3000:]
     s = json.loads((tmp_path / "full" / "demo_summary.json").read_text())
-    assert s["ok"] and s["ratio"] >= 2.0, s["summary"]
+    assert s["ok"] and s["ratio"] >= 2.0 and s["closed_loop"]["ratio"] >= 2.0, s["summary"]
