@@ -269,15 +269,16 @@ def evaluate_episode(
            "open_loop_chunk": _open_loop_offsets(ol, policy.num_pred_steps), "wrong_prompt": None,
            "_errors": {"teacher_forced": tf, "open_loop": ol}, "_arrays": {"true": true10, "teacher_forced": first, "open_loop": ol_pred},
            "_step_times": rate_steps}
+    wp = [inputs(p) for p in wrong]
     if wrong:
-        wfirst, _ = teacher_forced(policy, x, [inputs(p) for p in wrong])
+        wfirst, _ = teacher_forced(policy, x, wp)
         rec["_errors"]["wrong_prompt"] = we = action_errors(wfirst, true10)
         rec["wrong_prompt"] = summarize(we); rec["_arrays"]["wrong_prompt"] = wfirst
-        rec["_errors"]["wrong_prompt_open_loop"] = wol = action_errors(open_loop(policy, x, [inputs(p) for p in wrong]), true10)
+        rec["_errors"]["wrong_prompt_open_loop"] = wol = action_errors(open_loop(policy, x, wp), true10)
         rec["wrong_prompt_open_loop"] = summarize(wol)
     if world is not None and name in world["episodes"]:
         task_, scene, _ = episode_world(world, name)
-        for key, ps in [("closed_loop", pr)] + ([("wrong_prompt_closed_loop", [inputs(p) for p in wrong])] if wrong else []):
+        for key, ps in [("closed_loop", pr)] + ([("wrong_prompt_closed_loop", wp)] if wrong else []):
             acts, ok = closed_loop(policy, SyntheticSim(scene, task_), ps, len(true10))
             rec["_errors"][key] = e = action_errors(acts, true10)
             rec[key] = {**summarize(e), "success": ok}; rec["_arrays"][key] = acts
@@ -403,30 +404,28 @@ def _write_figures(recs, out:Path, max_figures:int, K:int)->dict:
     figs["chunk_errors"] = str(p)
     return figs
 
+def _compare(recs:list, same:str, wrong:str)->dict:
+    "Errors pooled over `recs` with a same-task prompt (`_errors[same]`) and a wrong one (`_errors[wrong]`), and their ratios."
+    s, w = (summarize(concat_errors([r["_errors"][k] for r in recs])) for k in (same, wrong))
+    return {"same": s, "wrong": w, "ratio": _gap(s, w)}
+
 def _report(recs, meta, warnings, figs, seconds, K)->dict:
     "The JSON report: settings, overall and per-episode numbers, figure paths."
     errs = lambda k: concat_errors([r["_errors"][k] for r in recs if k in r["_errors"]])
     gap_recs = [r for r in recs if "wrong_prompt" in r["_errors"]]
-    same_g = summarize(concat_errors([r["_errors"]["teacher_forced"] for r in gap_recs]))
-    wrong_g = summarize(concat_errors([r["_errors"]["wrong_prompt"] for r in gap_recs]))
-    same_ol = summarize(concat_errors([r["_errors"]["open_loop"] for r in gap_recs]))
-    wrong_ol = summarize(concat_errors([r["_errors"]["wrong_prompt_open_loop"] for r in gap_recs]))
+    tf = _compare(gap_recs, "teacher_forced", "wrong_prompt")
     cl_recs = [r for r in gap_recs if "wrong_prompt_closed_loop" in r["_errors"]]
-    cl = None
-    if cl_recs:
-        same_cl = summarize(concat_errors([r["_errors"]["closed_loop"] for r in cl_recs]))
-        wrong_cl = summarize(concat_errors([r["_errors"]["wrong_prompt_closed_loop"] for r in cl_recs]))
-        cl = {"episodes": len(cl_recs), "same": same_cl, "wrong": wrong_cl, "ratio": _gap(same_cl, wrong_cl),
-              "success": {"same": _f(np.mean([r["closed_loop"]["success"] for r in cl_recs])),
-                          "wrong": _f(np.mean([r["wrong_prompt_closed_loop"]["success"] for r in cl_recs]))}}
+    cl = None if not cl_recs else {
+        "episodes": len(cl_recs), **_compare(cl_recs, "closed_loop", "wrong_prompt_closed_loop"),
+        "success": {k: _f(np.mean([r[key]["success"] for r in cl_recs])) for k, key in (("same", "closed_loop"),
+                                                                                          ("wrong", "wrong_prompt_closed_loop"))}}
     times = [t for r in recs for t in r["_step_times"]]
     rep = {**meta, "num_pred_steps": K, "definitions": _DEFS, "num_episodes": len(recs),
            "teacher_forced": {**summarize(errs("teacher_forced")), "chunk_offset": _offsets(recs, "teacher_forced_chunk")},
            "open_loop": {**summarize(errs("open_loop")), "chunk_offset": _offsets(recs, "open_loop_chunk")},
            "closed_loop": summarize(errs("closed_loop")) if any("closed_loop" in r["_errors"] for r in recs) else None,
-           "in_context_gap": {"episodes": len(gap_recs), "same": same_g, "wrong": wrong_g,
-                              "ratio": _gap(same_g, wrong_g) if gap_recs else None,
-                              "open_loop": {"same": same_ol, "wrong": wrong_ol, "ratio": _gap(same_ol, wrong_ol)} if gap_recs else None,
+           "in_context_gap": {"episodes": len(gap_recs), **tf, "ratio": tf["ratio"] if gap_recs else None,
+                              "open_loop": _compare(gap_recs, "open_loop", "wrong_prompt_open_loop") if gap_recs else None,
                               "closed_loop": cl},
            "control_rate_hz": _f(len(times) / sum(times)) if times else None, "eval_seconds": round(seconds, 2),
            "figures": figs, "warnings": warnings,
