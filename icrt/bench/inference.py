@@ -89,7 +89,7 @@ def kv_cache_bytes(model:ICRT, tokens:int)->int:
     a = model.transformer.args
     return 2 * a.n_layers * a.kv_heads * a.head_dim * tokens * model.action_mean.element_size()
 
-def _round_robin(fns:dict, reps:int, device:torch.device)->dict:  # {key: median seconds}
+def _round_robin(fns:dict, reps:int, device:torch.device)->dict:  # {key: [seconds per repetition]}
     "Time every function once per repetition, in turn, after one warm-up each."
     ts = {k: [] for k in fns}
     for f in fns.values(): f()
@@ -97,7 +97,7 @@ def _round_robin(fns:dict, reps:int, device:torch.device)->dict:  # {key: median
     for _ in range(reps):
         for k, f in fns.items():
             t = time.perf_counter(); f(); _sync(device); ts[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in ts.items()}
+    return ts
 
 @torch.no_grad()
 def bench_inference(
@@ -124,7 +124,7 @@ def bench_inference(
     peak_cached = torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None
     rows = []
     for c in contexts:
-        row = {"context": c, "cached_ms": 1e3 * cached[c]}
+        row = {"context": c, "cached_ms": 1e3 * statistics.median(cached[c])}
         if uncached:
             if dev.type == "cuda": torch.cuda.reset_peak_memory_stats(dev)
             row["uncached_ms"] = 1e3 * _timeit(lambda: uncached_step(model, ctx_tokens[:, :c], v, pro, act), uncached_reps, dev)
@@ -134,7 +134,8 @@ def bench_inference(
         log.info("context %d: %s", c, row)
     model.reset()
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10  # KiB -> MiB (Linux)
-    return {"rows": rows, "vision_ms": 1e3 * vision_s, "cached_ratio": rows[-1]["cached_ms"] / rows[0]["cached_ms"],
+    ratio = statistics.median(l / f for l, f in zip(cached[contexts[-1]], cached[contexts[0]]))  # paired, per repetition
+    return {"rows": rows, "vision_ms": 1e3 * vision_s, "cached_ratio": ratio,
             "device": str(dev), "process_peak_rss_mb": maxrss, "cached_peak_mb": peak_cached,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "threads": torch.get_num_threads()}
 
