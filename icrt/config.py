@@ -17,10 +17,10 @@ import tyro
 import yaml
 
 # %% auto #0
-__all__ = ['REPO_CONFIGS', 'ConfigError', 'resolve_config_path', 'bundled_configs', 'DatasetConfig', 'VisionEncoderConfig',
-           'PolicyConfig', 'ModelConfig', 'OptimizerConfig', 'TrainerConfig', 'SharedConfig', 'LoggingConfig',
-           'ExperimentConfig', 'validate_config', 'config_to_dict', 'config_from_dict', 'save_config', 'load_config',
-           'parse_args']
+__all__ = ['REPO_CONFIGS', 'ICRTError', 'ConfigError', 'resolve_config_path', 'bundled_configs', 'DatasetConfig',
+           'VisionEncoderConfig', 'PolicyConfig', 'ModelConfig', 'OptimizerConfig', 'TrainerConfig', 'SharedConfig',
+           'LoggingConfig', 'ExperimentConfig', 'validate_config', 'config_to_dict', 'config_from_dict', 'save_config',
+           'load_config', 'parse_args']
 
 # %% ../nbs/00_config.ipynb #c006
 def _repo_root()->Path:
@@ -29,7 +29,10 @@ def _repo_root()->Path:
 
 REPO_CONFIGS = _repo_root() / "configs"  # the repo's configs/ folder
 
-class ConfigError(ValueError):
+class ICRTError(Exception):
+    "Base of every error a user can cause and fix (a path, a key, a value); its message is one line saying what to do."
+
+class ConfigError(ICRTError, ValueError):
     "A configuration value that cannot work; the message names the flag or file and what to do."
 
 # %% ../nbs/00_config.ipynb #c007

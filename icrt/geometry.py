@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['Array', 'euler_to_matrix', 'matrix_to_euler', 'quat_to_matrix', 'matrix_to_quat', 'matrix_to_rot6d',
-           'rot6d_to_matrix', 'pose_to_pos_rot6d', 'pos_rot6d_to_pose', 'absolute_to_delta', 'delta_to_absolute',
-           'chunk_actions']
+           'rot6d_to_matrix', 'pose_to_pos_rot6d', 'pos_rot6d_to_pose', 'pose_vector', 'to_pose7', 'absolute_to_delta',
+           'delta_to_absolute', 'chunk_actions']
 
 # %% ../nbs/01_geometry.ipynb #c002
 from typing import Union
@@ -156,6 +156,23 @@ def pos_rot6d_to_pose(
     return _xp(p9).concatenate([p9[..., :3], matrix_to_euler(rot6d_to_matrix(p9[..., 3:]))], axis=-1)
 
 # %% ../nbs/01_geometry.ipynb #c033
+def pose_vector(
+    pose:Array,   # (..., 6) xyz + Euler XYZ, or (..., 7) xyz + quaternion wxyz
+    *rest:Array,  # (..., d) more columns, e.g. the gripper (a scalar per step may also come as (...,))
+)->Array:         # (..., 9 + d) xyz + 6-D rotation + the other columns
+    "Raw recorded pose columns to the network's xyz + 6-D rotation (+ gripper) vector."
+    p9 = pose_to_pos_rot6d(pose); lead = p9.shape[:-1]
+    if isinstance(p9, torch.Tensor):
+        return torch.cat([p9] + [torch.as_tensor(r, dtype=p9.dtype, device=p9.device).reshape(*lead, -1) for r in rest], -1)
+    return np.concatenate([p9] + [np.asarray(r, dtype=p9.dtype).reshape(*lead, -1) for r in rest], -1)
+
+def to_pose7(
+    a10:Array,  # (..., 10) xyz, 6-D rotation, gripper
+)->Array:       # (..., 7) xyz, Euler XYZ, gripper
+    "The pose a robot takes: position, extrinsic XYZ Euler angles, gripper."
+    return _xp(a10).concatenate([pos_rot6d_to_pose(a10[..., :9]), a10[..., 9:]], axis=-1)
+
+# %% ../nbs/01_geometry.ipynb #c036
 def absolute_to_delta(
     current:Array,   # (..., 9) current pose, xyz + 6-D
     target:Array,    # (..., 9) target pose, xyz + 6-D (broadcasts against `current`)
@@ -180,7 +197,7 @@ def delta_to_absolute(
     t = current[..., :3] + (Rc @ delta[..., :3, None])[..., 0]            # (..., 3)
     return xp.concatenate([t, matrix_to_rot6d(Rc @ rot6d_to_matrix(delta[..., 3:]))], axis=-1)
 
-# %% ../nbs/01_geometry.ipynb #c039
+# %% ../nbs/01_geometry.ipynb #c042
 def chunk_actions(
     actions:Array,   # (T, D) per-step targets of one episode (or (..., T, D))
     k:int,           # chunk length

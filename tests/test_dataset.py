@@ -341,9 +341,9 @@ def test_task_names_restrict(toy):
 
 
 def test_bench_cli_runs(toy):
-    r = subprocess.run([sys.executable, "-m", "icrt.data.bench", str(toy), "--seq-length", "8", "--num-workers", "0",
+    r = subprocess.run([sys.executable, "-m", "icrt.bench.loader", str(toy), "--seq-length", "8", "--num-workers", "0",
                         "--samples", "2"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "samples/s" in r.stdout and "naive" in r.stdout and "speed-up" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "icrt.data.bench", "/nonexistent.json"], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "icrt.bench.loader", "/nonexistent.json"], capture_output=True, text=True)
     assert r.returncode != 0 and "not found" in r.stderr

@@ -14,7 +14,7 @@ CONDITIONS = ["ICRT, same-task prompt", "ICRT, wrong-task prompt", "scripted exp
 
 def _run(*args, timeout=240):
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "osmesa"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "icrt.sim.bench", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "icrt.bench.metaworld", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
 
 
