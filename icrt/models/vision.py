@@ -23,6 +23,7 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file as load_safetensors, save_file as save_safetensors
 
+from ..checkpoint import load_strict
 from ..config import ConfigError, VisionEncoderConfig
 
 _log = logging.getLogger(__name__)
@@ -30,7 +31,8 @@ _log = logging.getLogger(__name__)
 # %% auto #0
 __all__ = ['CKPT_SUFFIXES', 'DEFAULT_ARCH', 'MAE_DATA_CONFIG', 'read_vision_checkpoint', 'infer_vit_kwargs', 'load_checked',
            'save_vision_encoder', 'resolve_data_config_for', 'cached_pretrained_file', 'create_pretrained',
-           'create_encoder_model', 'VisionEncoder', 'add_vision_lora', 'set_vision_trainable', 'build_vision_encoder']
+           'is_local_checkpoint', 'create_encoder_model', 'VisionEncoder', 'add_vision_lora', 'set_vision_trainable',
+           'build_vision_encoder']
 
 # %% ../../nbs/07_models.vision.ipynb #c006
 CKPT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")  # file endings treated as checkpoints
@@ -101,29 +103,21 @@ def infer_vit_kwargs(
     return kw  # positional table of an unusual shape: the key check reports the mismatch
 
 # %% ../../nbs/07_models.vision.ipynb #c013
-def _short(keys, n=3)->str: return ", ".join(list(keys)[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
 def load_checked(
     model:nn.Module,  # the timm model to fill
     sd:dict,          # its state dict from a checkpoint
     source:str,       # the checkpoint's path, for messages
     arch:str,         # the architecture's description, for messages
-):
+)->nn.Module:
     "Load `sd` into `model` strictly, raising one clear line on missing, unexpected or mis-shaped keys."
     dropped = [k for k in sd if k.split(".")[0].startswith(_PRETRAIN_ONLY)]
-    if dropped: _log.info("%s: ignoring %d pretraining-only keys (%s)", source, len(dropped), _short(dropped))
+    if dropped: _log.info("%s: ignoring %d pretraining-only keys (%s)", source, len(dropped), ", ".join(dropped[:3]))
     sd = {k: v for k, v in sd.items() if k not in set(dropped)} if dropped else sd
-    own = model.state_dict()
-    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        what = "; ".join(s for s in [missing and f"missing {_short(missing)}", unexpected and f"unexpected {_short(unexpected)}",
-                                     shapes and f"shape mismatch {_short(shapes)}"] if s)
-        raise ConfigError(f"vision checkpoint '{source}' does not match architecture {arch}: {what}. Save the encoder with "
-                          f"icrt.models.vision.save_vision_encoder(model, path) so the file records its architecture")
-    model.load_state_dict(sd, strict=True)
+    return load_strict(model, sd, f"vision checkpoint '{source}' does not match architecture {arch}",
+                       "Save the encoder with icrt.models.vision.save_vision_encoder(model, path) so the file records "
+                       "its architecture")
 
-# %% ../../nbs/07_models.vision.ipynb #c014
+# %% ../../nbs/07_models.vision.ipynb #c016
 def _vit_kwargs_from_model(m:nn.Module)->Optional[dict]:
     "The kwargs that rebuild timm ViT `m` exactly (None for other model families)."
     from timm.models.vision_transformer import VisionTransformer
@@ -141,7 +135,7 @@ def _arch_of(m:nn.Module)->str:
     if not name: raise ValueError("cannot tell the timm architecture of this model: pass arch='timm_model_name'")
     return f"{name}.{tag}" if tag else name
 
-# %% ../../nbs/07_models.vision.ipynb #c016
+# %% ../../nbs/07_models.vision.ipynb #c018
 def save_vision_encoder(
     encoder:nn.Module,              # a timm model or a `VisionEncoder`
     path:Union[str, Path],          # .pth (torch) or .safetensors
@@ -166,7 +160,7 @@ def save_vision_encoder(
     tmp.replace(path)
     return path
 
-# %% ../../nbs/07_models.vision.ipynb #c018
+# %% ../../nbs/07_models.vision.ipynb #c020
 def _json_data_config(dc:dict)->dict:
     "A plain, JSON-safe copy of a timm data config (tuples become lists)."
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dc.items()}
@@ -183,7 +177,7 @@ def resolve_data_config_for(model:nn.Module)->dict:
         dc["input_size"] = (dc["input_size"][0], *pe.img_size)
     return _tuple_data_config(dc)
 
-# %% ../../nbs/07_models.vision.ipynb #c021
+# %% ../../nbs/07_models.vision.ipynb #c023
 def _env_true(name:str)->bool: return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 def _hub_cache_dir()->Path:
@@ -220,7 +214,7 @@ def _reachable(host:str, timeout:float=2.0)->bool:
     t = threading.Thread(target=probe, daemon=True); t.start(); t.join(timeout + 0.5)
     return bool(ok)
 
-# %% ../../nbs/07_models.vision.ipynb #c022
+# %% ../../nbs/07_models.vision.ipynb #c024
 def _offline_error(name:str, why:str)->ConfigError:
     return ConfigError(f"pretrained weights of timm model '{name}' are not available ({why}): pass a local checkpoint with "
                        f"--model-cfg.vision-encoder-cfg.vision-encoder /path/to/encoder.pth, or build it randomly initialised "
@@ -241,18 +235,23 @@ def create_pretrained(name:str, **kwargs)->nn.Module:
     try: return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as e: raise _offline_error(name, f"download failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
 
-# %% ../../nbs/07_models.vision.ipynb #c026
-def _looks_like_path(s:str)->bool:
+# %% ../../nbs/07_models.vision.ipynb #c028
+def is_local_checkpoint(
+    s:Union[str, Path],  # the --model-cfg.vision-encoder-cfg.vision-encoder value
+)->bool:                 # True: a local checkpoint file (existing or not); False: a timm model name
+    "Is this vision-encoder argument a local checkpoint file (rather than a timm model name)?"
+    s = str(s)
     p = Path(s).expanduser()
-    return p.is_file() or p.suffix in CKPT_SUFFIXES or os.sep in s
+    return p.suffix in CKPT_SUFFIXES or os.sep in s or "/" in s or p.is_file()
 
+# %% ../../nbs/07_models.vision.ipynb #c030
 def create_encoder_model(
     name_or_path:str,         # timm model name, or local checkpoint path
     pretrained:bool=True,     # load weights (timm: pretrained weights; path: the checkpoint's)
 )->tuple:                     # (timm model, data config or None, description of the architecture)
     "Build the timm model behind `name_or_path`."
     flag = "--model-cfg.vision-encoder-cfg.vision-encoder"
-    if _looks_like_path(name_or_path):
+    if is_local_checkpoint(name_or_path):
         ck = read_vision_checkpoint(name_or_path)
         arch, kw = ck["arch"], ck["arch_kwargs"]
         if arch is None:
@@ -274,7 +273,7 @@ def create_encoder_model(
     model = create_pretrained(name_or_path) if pretrained else timm.create_model(name_or_path, pretrained=False)
     return model, None, name_or_path
 
-# %% ../../nbs/07_models.vision.ipynb #c032
+# %% ../../nbs/07_models.vision.ipynb #c036
 class VisionEncoder(nn.Module):
     "A timm image encoder returning all tokens (..., L, D); frozen unless told otherwise."
     def __init__(self,
@@ -323,7 +322,7 @@ class VisionEncoder(nn.Module):
             f = self._features(images.reshape(-1, *chw))
         return f.reshape(*lead, *f.shape[1:])
 
-# %% ../../nbs/07_models.vision.ipynb #c034
+# %% ../../nbs/07_models.vision.ipynb #c038
 def add_vision_lora(model:nn.Module, rank:int)->nn.Module:
     "Inject peft LoRA adapters of `rank` into the attention qkv/proj layers of every block of timm `model`."
     from peft import LoraConfig, inject_adapter_in_model
@@ -362,7 +361,7 @@ def set_vision_trainable(enc:VisionEncoder, cfg:VisionEncoderConfig)->VisionEnco
     if cfg.vision_unfreeze_all: enc.requires_grad_(True)
     return enc.train(enc.training)
 
-# %% ../../nbs/07_models.vision.ipynb #c036
+# %% ../../nbs/07_models.vision.ipynb #c040
 def build_vision_encoder(cfg:VisionEncoderConfig)->VisionEncoder:
     "The vision encoder of `cfg`: timm name or local checkpoint, frozen or partly trainable."
     model, dc, desc = create_encoder_model(cfg.vision_encoder, pretrained=not cfg.vision_nonpretrained)
