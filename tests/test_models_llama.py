@@ -170,11 +170,12 @@ def test_bad_checkpoint_dirs(tmp_path):
     one_line_error(e, "params.json", "config.json")
     (tmp_path / "meta").mkdir(); (tmp_path / "meta/params.json").write_text(json.dumps(dict(dim=64, n_layers=2, n_heads=4)))
     with pytest.raises(ConfigError) as e: load_llama(tmp_path / "meta")
-    one_line_error(e, "llama_ckpt_dir without weights")
+    one_line_error(e, "no weight files", "--model-cfg.policy-cfg.no-load-llama")
+    assert load_llama(tmp_path / "meta", load_weights=False).args.dim == 64  # --no-load-llama: the config is enough
     (tmp_path / "hf").mkdir(); (tmp_path / "hf/config.json").write_text(json.dumps(dict(
         model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)))
     with pytest.raises(ConfigError) as e: load_llama(tmp_path / "hf")
-    one_line_error(e, "llama_ckpt_dir without weights")
+    one_line_error(e, "no weight files")
     (tmp_path / "p").mkdir(); (tmp_path / "p/params.json").write_text(json.dumps(dict(dim=64, n_heads=4)))
     with pytest.raises(ConfigError) as e: load_llama(tmp_path / "p")
     one_line_error(e, "missing key", "n_layers")

@@ -17,14 +17,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..checkpoint import load_strict
 from ..config import ConfigError, PolicyConfig, resolve_config_path
 
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['LORA_TARGETS', 'LlamaArgs', 'RMSNorm', 'FeedForward', 'rope_angles', 'apply_rope', 'KVCache', 'Attention',
-           'TransformerBlock', 'Transformer', 'load_meta_state_dict', 'save_llama_checkpoint', 'unpermute_hf_rows',
-           'load_hf_state_dict', 'load_llama', 'build_transformer', 'apply_lora', 'set_trainable', 'merge_lora']
+__all__ = ['LLAMA_FLAG', 'LORA_TARGETS', 'LlamaArgs', 'RMSNorm', 'FeedForward', 'rope_angles', 'apply_rope', 'KVCache',
+           'Attention', 'TransformerBlock', 'Transformer', 'load_meta_state_dict', 'save_llama_checkpoint',
+           'unpermute_hf_rows', 'load_hf_state_dict', 'check_llama_dir', 'load_llama', 'build_transformer',
+           'apply_lora', 'set_trainable', 'merge_lora']
 
 # %% ../../nbs/08_models.llama.ipynb #c006
 @dataclass
@@ -257,19 +259,6 @@ def _merge_shards(key:str, parts:list, dtype)->torch.Tensor:
     for p in parts: out.narrow(dim, off, p.shape[dim]).copy_(p); off += p.shape[dim]
     return out
 
-def _assign(model:Transformer, sd:dict, src:str)->Transformer:
-    "Adopt the tensors of `sd` as `model`'s parameters after a strict key and shape check."
-    own = model.state_dict()
-    missing, unexpected = [k for k in own if k not in sd], [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(own[k].shape)}" for k in sd if k in own and sd[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
-        def short(ks): return ", ".join(ks[:3]) + (f" (+{len(ks) - 3} more)" if len(ks) > 3 else "")
-        what = "; ".join(s for s in [missing and f"missing {short(missing)}", unexpected and f"unexpected {short(unexpected)}",
-                                     shapes and f"shape mismatch {short(shapes)}"] if s)
-        raise ConfigError(f"--model-cfg.policy-cfg.llama-ckpt-dir '{src}': weights do not match the transformer its config describes: {what}")
-    model.load_state_dict(sd, strict=True, assign=True)
-    return model
-
 # %% ../../nbs/08_models.llama.ipynb #c034
 def _meta_args(d:Path)->LlamaArgs: return LlamaArgs.from_json(d / "params.json")
 
@@ -374,23 +363,40 @@ def load_hf_state_dict(
     return sd
 
 # %% ../../nbs/08_models.llama.ipynb #c041
+LLAMA_FLAG = "--model-cfg.policy-cfg.llama-ckpt-dir"
+
+def check_llama_dir(
+    d:Union[str, Path],  # a Llama checkpoint folder
+    weights:bool=True,   # also require weight files (False: a config alone is enough, for --no-load-llama)
+)->str:                  # "meta" (params.json + consolidated.*.pth) or "hf" (config.json + *.safetensors)
+    "The format of Llama folder `d`; one clear `ConfigError` line when it cannot be loaded."
+    p = Path(d).expanduser()
+    if not p.is_dir(): raise ConfigError(f"{LLAMA_FLAG}: no such folder '{d}'")
+    if (p/"params.json").is_file(): fmt, found = "meta", sorted(p.glob("consolidated.*.pth"))
+    elif (p/"config.json").is_file(): fmt, found = "hf", sorted(p.glob("*.safetensors"))
+    else: raise ConfigError(f"{LLAMA_FLAG}: '{d}' holds neither params.json (Meta format) nor config.json (Hugging Face format)")
+    if weights and not found:
+        raise ConfigError(f"{LLAMA_FLAG}: '{d}' has a config but no weight files (consolidated.*.pth or *.safetensors); "
+                          "download the weights, or pass --model-cfg.policy-cfg.no-load-llama to train that shape from random init")
+    return fmt
+
+# %% ../../nbs/08_models.llama.ipynb #c044
 def load_llama(
     ckpt_dir:Union[str, Path],  # Meta (params.json + consolidated.*.pth) or HF (config.json + *.safetensors) folder
     load_weights:bool=True,     # False: same shape, random initialisation
     dtype=None,                 # parameter dtype (default: torch's default dtype, float32)
 )->Transformer:
     "A transformer from a Llama checkpoint folder."
-    d, flag = Path(ckpt_dir).expanduser(), "--model-cfg.policy-cfg.llama-ckpt-dir"
+    d = Path(ckpt_dir).expanduser()
     dtype = dtype or torch.get_default_dtype()
-    if not d.is_dir(): raise ConfigError(f"{flag}: no such folder '{d}'")
-    if (d / "params.json").is_file(): args, fmt = _meta_args(d), "meta"
-    elif (d / "config.json").is_file(): args, fmt = _hf_args(d / "config.json"), "hf"
-    else: raise ConfigError(f"{flag} '{d}': neither params.json (Meta format) nor config.json (Hugging Face format) found")
+    fmt = check_llama_dir(ckpt_dir, weights=False)
+    args = _meta_args(d) if fmt == "meta" else _hf_args(d / "config.json")  # a bad config is reported first
     if not load_weights: return Transformer(args).to(dtype)
+    check_llama_dir(ckpt_dir)
     sd = load_meta_state_dict(d, dtype) if fmt == "meta" else load_hf_state_dict(d, args, dtype)
     with torch.device("meta"): model = Transformer(args)
     _log.info("loaded %s Llama checkpoint %s: dim %d, %d layers, %d heads", fmt, d, args.dim, args.n_layers, args.n_heads)
-    return _assign(model, sd, str(d))
+    return load_strict(model, sd, f"{LLAMA_FLAG} '{d}': weights do not match the transformer its config describes", assign=True)
 
 def build_transformer(
     policy_cfg:PolicyConfig,  # scratch_llama_config, llama_ckpt_dir, load_llama are read
@@ -405,7 +411,7 @@ def build_transformer(
     raise ConfigError("no transformer given: pass --model-cfg.policy-cfg.scratch-llama-config (e.g. custom_transformer) "
                       "or --model-cfg.policy-cfg.llama-ckpt-dir /path/to/llama-2-7b")
 
-# %% ../../nbs/08_models.llama.ipynb #c047
+# %% ../../nbs/08_models.llama.ipynb #c050
 LORA_TARGETS = ("wq", "wk", "wv", "wo")  # attention projections that get LoRA adapters
 
 def apply_lora(
