@@ -8,7 +8,8 @@ import torch
 from scipy.spatial.transform import Rotation
 
 from icrt.config import ConfigError, DatasetConfig, SharedConfig
-from icrt.data.dataset import (DistributedSubEpochSampler, SequenceDataset, load_episode, preprocess_batch, stride_of)
+from icrt.data.dataset import DistributedSubEpochSampler, SequenceDataset, load_episode, stride_of
+from icrt.data.image import preprocess_batch
 from icrt.data.format import DatasetError, EpisodeWriter, write_dataset_files
 from icrt.geometry import delta_to_absolute, pose_to_pos_rot6d
 
@@ -259,7 +260,7 @@ def test_gpu_preprocess_matches_cpu_path(toy):
 
 def test_uint8_and_float_resize_routes_agree(toy):
     "The CPU resizes in uint8, the GPU in float32: same numbers up to rounding."
-    from icrt.data.dataset import preprocess_frames, sample_box
+    from icrt.data.image import preprocess_frames, sample_box
     low = torch.rand(6, 3, 12, 20, generator=torch.Generator().manual_seed(0))
     fr = (torch.nn.functional.interpolate(low, size=(90, 160), mode="bilinear") * 255).to(torch.uint8).permute(0, 2, 3, 1)
     box = torch.tensor([sample_box(90, 160, DC, np.random.default_rng(i)) for i in range(6)])

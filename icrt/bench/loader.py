@@ -26,8 +26,8 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader
 
 from ..config import DatasetConfig, SharedConfig
-from ..data.dataset import (AUG_RATIO, AUG_SCALE, DistributedSubEpochSampler, SequenceDataset, _input_hw, is_wrist,
-                               preprocess_batch)
+from ..data.dataset import DistributedSubEpochSampler, SequenceDataset
+from ..data.image import AUG_RATIO, AUG_SCALE, _input_hw, is_wrist, preprocess_batch
 from ..data.format import EpisodeWriter, write_dataset_files
 
 # %% auto #0

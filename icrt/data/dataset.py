@@ -16,27 +16,22 @@ from typing import Optional, Union
 import h5py
 import numpy as np
 import torch
-import torch.nn.functional as F
 from fastcore.basics import patch
 
 from ..config import ConfigError, DatasetConfig, SharedConfig
 from ..geometry import absolute_to_delta, pose_to_pos_rot6d
 from .format import DatasetError, DatasetSpec, load_dataset_config, read_frames, read_lowdim
+from .image import (AUG_RATIO, AUG_SCALE, BRIGHTNESS, CONTRAST, DEFAULT_DATA_CONFIG, _input_hw, is_wrist,
+                             preprocess_batch, preprocess_frames, sample_box)
 
 # %% auto #0
-__all__ = ['MIN_LEN', 'MAX_LEN', 'MIN_DEMOS', 'AUG_SCALE', 'AUG_RATIO', 'CONTRAST', 'BRIGHTNESS', 'DEFAULT_DATA_CONFIG', 'log',
-           'select_episodes', 'split_episodes', 'group_by_task', 'task_ratios', 'rebalance_counts', 'plan_tasks',
-           'EpochPlan', 'stride_of', 'window_starts', 'build_plan', 'window_pieces', 'make_masks', 'is_wrist',
-           'sample_box', 'preprocess_frames', 'preprocess_batch', 'SequenceDataset', 'load_episode',
-           'DistributedSubEpochSampler']
+__all__ = ['MIN_LEN', 'MAX_LEN', 'MIN_DEMOS', 'log', 'select_episodes', 'split_episodes', 'group_by_task', 'task_ratios',
+           'rebalance_counts', 'plan_tasks', 'EpochPlan', 'stride_of', 'window_starts', 'build_plan', 'window_pieces',
+           'make_masks', 'SequenceDataset', 'load_episode', 'DistributedSubEpochSampler']
 
 # %% ../../nbs/06_data.dataset.ipynb #c007
 MIN_LEN, MAX_LEN = 30, 450                      # episode lengths kept (SPEC §3.1)
 MIN_DEMOS = {"train": 4, "val": 1}              # fewer episodes than this: the task is dropped (SPEC §3.4)
-AUG_SCALE, AUG_RATIO = (0.65, 1.0), (1.0, 1.0)  # random resized crop of exterior cameras
-CONTRAST, BRIGHTNESS = (0.8, 1.2), (-0.1, 0.1)  # colour jitter, one draw per trajectory segment and camera
-DEFAULT_DATA_CONFIG = dict(input_size=(3, 224, 224), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                           interpolation="bicubic", crop_pct=0.9)  # ViT-B/16 MAE's timm data config
 
 log = logging.getLogger(__name__)
 
@@ -212,97 +207,7 @@ def make_masks(
         weight[q:q + min(k, n)] = 1
     return prompt, weight
 
-# %% ../../nbs/06_data.dataset.ipynb #c031
-def _input_hw(data_config:dict)->tuple:
-    s = data_config["input_size"]
-    return (int(s[-2]), int(s[-1])) if len(s) >= 2 else (int(s[0]), int(s[0]))
-
-def is_wrist(key:str)->bool:
-    "Wrist/hand cameras are never randomly cropped."
-    k = key.lower(); return "wrist" in k or "hand" in k
-
-def sample_box(
-    H:int, W:int,               # frame size
-    data_config:dict,           # timm data config (input_size, crop_pct)
-    rng:Optional[np.random.Generator]=None,  # None: the deterministic centre box
-)->tuple:                       # (y0, x0, h, w)
-    "A crop box: random resized square (scale 0.65-1) or the eval centre crop."
-    m = min(H, W)
-    if rng is None:
-        S = max(_input_hw(data_config))
-        side = max(1, min(m, int(round(m * S / math.floor(S / data_config.get("crop_pct", 1.0))))))
-        return ((H - side) // 2, (W - side) // 2, side, side)
-    side = max(1, min(m, int(round(m * math.sqrt(rng.uniform(*AUG_SCALE))))))
-    return (int(rng.integers(0, H - side + 1)), int(rng.integers(0, W - side + 1)), side, side)
-
-# %% ../../nbs/06_data.dataset.ipynb #c034
-_MODES = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest", "area": "area"}
-
-def _runs(inv:torch.Tensor, g:int):
-    "(start, stop) when the frames of group `g` are one contiguous range, else their indices."
-    sel = (inv == g).nonzero().squeeze(1)
-    s, e = int(sel[0]), int(sel[-1]) + 1
-    return (s, e) if e - s == len(sel) else sel
-
-def preprocess_frames(
-    frames:torch.Tensor,  # (M, H, W, 3) uint8, any device
-    box:torch.Tensor,     # (M, 4) int (y0, x0, h, w) crop in source pixels
-    color:torch.Tensor,   # (M, 2) float (contrast, brightness)
-    data_config:dict,     # timm data config: input_size, mean, std, interpolation
-    out:Optional[torch.Tensor]=None,  # (M, 3, S, S) float32 destination (may be a strided view)
-    uint8_resize:Optional[bool]=None, # resize in uint8 (default: on the CPU) or in float32 (default: elsewhere)
-)->torch.Tensor:          # (M, 3, S, S) float32, normalised
-    "Crop, resize, jitter and normalise uint8 frames, batched over every frame sharing a crop box."
-    Sh, Sw = _input_hw(data_config); M = frames.shape[0]; dev = frames.device
-    mode = _MODES.get(str(data_config.get("interpolation", "bicubic")), "bicubic")
-    kw = dict(antialias=True, align_corners=False) if mode in ("bicubic", "bilinear") else {}
-    if out is None: out = torch.empty((M, 3, Sh, Sw), dtype=torch.float32, device=dev)
-    mean = torch.tensor(data_config["mean"], dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-    std = torch.tensor(data_config["std"], dtype=torch.float32, device=dev).view(1, 3, 1, 1)
-    c = color.to(dev, torch.float32).view(M, 2, 1, 1)
-    contrast, brightness = c[:, :1] / 255, c[:, 1:]      # (M, 1, 1, 1) each; pixels are 0..255
-    u8 = (dev.type == "cpu" if uint8_resize is None else uint8_resize) and mode in ("bicubic", "bilinear")
-    box = box.to("cpu", torch.int64)
-    uniq, inv = torch.unique(box, dim=0, return_inverse=True)
-    for g, (y0, x0, h, w) in enumerate(uniq.tolist()):
-        r = _runs(inv, g) if len(uniq) > 1 else (0, M)
-        crop = frames[:, y0:y0 + h, x0:x0 + w]                               # (M, h, w, 3) view, no copy
-        crop = crop[r[0]:r[1]] if isinstance(r, tuple) else crop.index_select(0, r.to(dev))
-        x = crop.permute(0, 3, 1, 2)                                         # (m, 3, h, w) uint8
-        if not u8: x = x.to(torch.float32, memory_format=torch.contiguous_format)
-        y = x if (h, w) == (Sh, Sw) else F.interpolate(x, size=(Sh, Sw), mode=mode, **kw)   # (m, 3, S, S)
-        i = slice(*r) if isinstance(r, tuple) else r.to(dev)
-        o = out[i] if isinstance(r, tuple) else torch.empty(y.shape, dtype=torch.float32, device=dev)
-        torch.mul(y, contrast[i], out=o)                                      # (uint8 ->) float, contrast
-        o.add_(brightness[i]).clamp_(0, 1).sub_(mean).div_(std)              # brightness, clamp, normalise
-        if not isinstance(r, tuple): out.index_copy_(0, i, o)
-    return out
-
-# %% ../../nbs/06_data.dataset.ipynb #c037
-def preprocess_batch(
-    batch:dict,                      # a collated batch; "observation" uint8 (B, T, N, H, W, 3) + "aug" when gpu_preprocess
-    data_config:Optional[dict]=None, # timm data config (default ViT-B/16 MAE's)
-    device:Union[str, torch.device]="cpu",
-    non_blocking:bool=True,
-)->dict:                             # same keys on `device`; "observation" (B, T, N, 3, S, S) float32; no "aug"
-    "Move a batch to `device`, turning uint8 frames into normalised float observations there."
-    dc = {**DEFAULT_DATA_CONFIG, **(data_config or {})}
-    out = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items() if k not in ("observation", "aug")}
-    obs = batch["observation"]
-    if obs.dtype != torch.uint8 or "aug" not in batch:
-        out["observation"] = obs.to(device, non_blocking=non_blocking); return out
-    B, T, N, H, W, _ = obs.shape
-    frames = obs.to(device, non_blocking=non_blocking)
-    box, color = batch["aug"]["box"], batch["aug"]["color"]  # (B, T, N, 4), (B, T, N, 2)
-    Sh, Sw = _input_hw(dc)
-    obs_f = torch.empty((B * T, N, 3, Sh, Sw), dtype=torch.float32, device=frames.device)
-    for n in range(N):
-        preprocess_frames(frames[:, :, n].reshape(B * T, H, W, 3), box[:, :, n].reshape(-1, 4),
-                          color[:, :, n].reshape(-1, 2), dc, out=obs_f[:, n])
-    out["observation"] = obs_f.view(B, T, N, 3, Sh, Sw)
-    return out
-
-# %% ../../nbs/06_data.dataset.ipynb #c039
+# %% ../../nbs/06_data.dataset.ipynb #c032
 class SequenceDataset(torch.utils.data.Dataset):
     "Windows of `seq_length` steps over task-grouped episodes (SPEC §3)."
     keep_freed_memory = True  # in DataLoader workers, let glibc reuse freed large buffers (see `_keep_freed_memory`)
@@ -337,7 +242,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         "The task an episode belongs to."
         return self.spec.episode_task[episode]
 
-# %% ../../nbs/06_data.dataset.ipynb #c041
+# %% ../../nbs/06_data.dataset.ipynb #c034
 @patch
 def _select(self:SequenceDataset, split_file):
     "Choose the split's episodes and group them by task."
@@ -372,7 +277,7 @@ def _select(self:SequenceDataset, split_file):
     self.counts = (rebalance_counts(self.groups, spec.task_grouping) if cfg.rebalance_tasks and self.split == "train"
                    and self.groups else None)
 
-# %% ../../nbs/06_data.dataset.ipynb #c043
+# %% ../../nbs/06_data.dataset.ipynb #c036
 @patch
 def _verify(self:SequenceDataset):
     "Check that every episode and key of the split exists in its HDF5 file."
@@ -393,7 +298,7 @@ def _verify(self:SequenceDataset):
                 for k in keys:
                     if k not in g: raise DatasetError(f"{path}: episode '{e}': key '{k}' is missing (run icrt_check)")
 
-# %% ../../nbs/06_data.dataset.ipynb #c045
+# %% ../../nbs/06_data.dataset.ipynb #c038
 @patch
 def shuffle_dataset(self:SequenceDataset, epoch:int=0):
     "Rebuild the epoch's plan (task order, draws, repeats, swaps, window starts) from (seed, epoch)."
@@ -413,7 +318,7 @@ def _check_windows(self:SequenceDataset):
                       f"task this epoch: {longest} steps); lower seq_length, or use --no-dataset-cfg.task-barrier or "
                       "--dataset-cfg.num-repeat-traj > 1")
 
-# %% ../../nbs/06_data.dataset.ipynb #c048
+# %% ../../nbs/06_data.dataset.ipynb #c041
 def _keep_freed_memory():
     "In a DataLoader worker (glibc), keep freed large buffers so each sample's output reuses pages (no-op elsewhere)."
     # every sample allocates ~40 MB; faulting in fresh pages costs about 20 % of a sample's CPU time
@@ -473,7 +378,7 @@ def _lowdim(self:SequenceDataset, episode:str, a:int, b:int, rng)->tuple:
     ci = _chunk_index(b - a, c - a - 1, self.K)                       # (n, K)
     return prop[ci], act[ci], eos[ci]
 
-# %% ../../nbs/06_data.dataset.ipynb #c050
+# %% ../../nbs/06_data.dataset.ipynb #c043
 @patch
 def _actions(self:SequenceDataset, prop:np.ndarray, act:np.ndarray, eos:np.ndarray)->np.ndarray:
     "(n, K, 11) float32 targets: delta (or absolute) pose, the rest absolute, end flag last."
@@ -481,7 +386,7 @@ def _actions(self:SequenceDataset, prop:np.ndarray, act:np.ndarray, eos:np.ndarr
         act = np.concatenate([absolute_to_delta(prop[:, :1, :9], act[..., :9]), act[..., 9:]], -1)
     return np.concatenate([act, eos[..., None]], -1).astype(np.float32)
 
-# %% ../../nbs/06_data.dataset.ipynb #c052
+# %% ../../nbs/06_data.dataset.ipynb #c045
 @patch
 def _frame_params(self:SequenceDataset, key:str, shape:tuple, rng)->tuple:
     "Crop box and colour of one camera for one trajectory segment."
@@ -519,7 +424,7 @@ def _custom_transform(self:SequenceDataset, frames, boxes, colors)->torch.Tensor
         cams.append(torch.cat([tf(x[s:e]) for s, e in zip(cuts[:-1], cuts[1:])]))
     return torch.stack(cams, 1)
 
-# %% ../../nbs/06_data.dataset.ipynb #c054
+# %% ../../nbs/06_data.dataset.ipynb #c047
 @patch
 def __getitem__(self:SequenceDataset, index:int)->dict:
     "The sample dict of window `index` (see SPEC §3.7)."
@@ -547,7 +452,7 @@ def __getitem__(self:SequenceDataset, index:int)->dict:
     return {**obs, "proprio": torch.from_numpy(cat(prop).astype(np.float32)), "action": torch.from_numpy(cat(act)),
             "prompt_mask": torch.from_numpy(pm), "weight_mask": torch.from_numpy(wm)}
 
-# %% ../../nbs/06_data.dataset.ipynb #c056
+# %% ../../nbs/06_data.dataset.ipynb #c049
 @patch
 def _goal_sample(self:SequenceDataset, start:int, rng)->dict:
     "A goal-conditioned window: [final step] + the trajectory's first T-1 steps (padded)."
@@ -570,7 +475,7 @@ def _goal_sample(self:SequenceDataset, start:int, rng)->dict:
     return {**self._observation(frames, boxes, colors), "proprio": torch.from_numpy(p[sel].astype(np.float32)),
             "action": torch.from_numpy(act[sel]), "prompt_mask": torch.from_numpy(pm), "weight_mask": torch.from_numpy(wm)}
 
-# %% ../../nbs/06_data.dataset.ipynb #c077
+# %% ../../nbs/06_data.dataset.ipynb #c070
 @patch
 def save_split(self:SequenceDataset, out_dir:Union[str, Path])->tuple:
     "Write train_split.json and val_split.json (episode name lists) into `out_dir`."
@@ -581,7 +486,7 @@ def save_split(self:SequenceDataset, out_dir:Union[str, Path])->tuple:
         tmp.write_text(json.dumps(self.split_episodes[name], indent=1)); tmp.replace(p); paths.append(p)
     return tuple(paths)
 
-# %% ../../nbs/06_data.dataset.ipynb #c080
+# %% ../../nbs/06_data.dataset.ipynb #c073
 @patch
 def action_statistics(self:SequenceDataset,
     min_std:float=1e-3,  # floor of the std: a column that barely varies (a fixed orientation) must not blow up when divided by it
@@ -599,7 +504,7 @@ def action_statistics(self:SequenceDataset,
     std = np.maximum(np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0)), min_std)
     return {"mean": mean.tolist(), "std": std.tolist(), "min": lo.tolist(), "max": hi.tolist(), "count": int(n)}
 
-# %% ../../nbs/06_data.dataset.ipynb #c083
+# %% ../../nbs/06_data.dataset.ipynb #c076
 def load_episode(
     spec:Union[DatasetSpec, str, Path],  # a DatasetSpec or a dataset config path
     episode:str,                         # episode name
@@ -616,7 +521,7 @@ def load_episode(
         return {"frames": {k: read_frames(g, k, 0, T) for k in spec.image_keys}, "proprio": vec(spec.proprio_keys),
                 "actions": vec(spec.action_keys), "task": spec.episode_task.get(episode), "length": T}
 
-# %% ../../nbs/06_data.dataset.ipynb #c086
+# %% ../../nbs/06_data.dataset.ipynb #c079
 class DistributedSubEpochSampler(torch.utils.data.Sampler):
     "Rank- and sub-epoch-split indices, deterministic in (seed, epoch), resumable mid-epoch."
     def __init__(self,
