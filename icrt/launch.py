@@ -15,7 +15,7 @@ import typing
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-from .config import ExperimentConfig, parse_args
+from .config import ConfigError, ExperimentConfig, ICRTError, parse_args
 
 # %% auto #0
 __all__ = ['config_to_flags', 'free_port', 'torchrun_command', 'LaunchError', 'run_streaming', 'launch']
@@ -62,14 +62,14 @@ def torchrun_command(
     module:str="icrt.train",                     # the module torchrun runs
 )->list:
     "The exact `torchrun` command line that trains `run`."
-    if nproc_per_node < 1: raise ValueError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
+    if nproc_per_node < 1: raise ConfigError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
     flags = config_to_flags(run) if isinstance(run, ExperimentConfig) else [str(a) for a in run]
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",
             f"--master_port={master_port or free_port()}", "-m", module, *flags]
 
 # %% ../nbs/13_launch.ipynb #c013
-class LaunchError(RuntimeError):
-    "A launched run exited with a non-zero status."
+class LaunchError(ICRTError, RuntimeError):
+    "A launched run exited with a non-zero status (its own one-line error is already on screen)."
 
 def run_streaming(cmd:Sequence[str], env:Optional[dict]=None, cwd=None)->int:
     "Run `cmd`, copying its stdout+stderr live to ours; return its exit status."

@@ -24,23 +24,22 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .config import (ConfigError, ExperimentConfig, config_to_dict, parse_args, resolve_config_path,
-                     save_config)
+from .checkpoint import atomic_save, load_checkpoint, remove_stale_temporaries, resolve_device
+from .config import ExperimentConfig, ICRTError, config_to_dict, parse_args, resolve_config_path, save_config
 from .data.dataset import DistributedSubEpochSampler, SequenceDataset, preprocess_batch
 from .data.format import DatasetError, load_dataset_config
-from .models.policy import ICRT
+from .models.policy import ICRT, load_action_stats
 from .models.vision import build_vision_encoder
 
 log = logging.getLogger("icrt.train")
 
 # %% auto #0
-__all__ = ['log', 'USER_ERRORS', 'TrainingError', 'preflight', 'Dist', 'resolve_device', 'setup_distributed', 'base_lr', 'lr_at',
-           'build_optimizer', 'get_rng_state', 'set_rng_state', 'atomic_save', 'load_checkpoint', 'build_datasets',
-           'build_model', 'train_one_epoch', 'evaluate', 'random_frozen_state', 'make_checkpoint', 'restore_checkpoint',
-           'train', 'main']
+__all__ = ['log', 'USER_ERRORS', 'TrainingError', 'preflight', 'Dist', 'setup_distributed', 'base_lr', 'lr_at', 'build_optimizer',
+           'get_rng_state', 'set_rng_state', 'build_datasets', 'build_model', 'train_one_epoch', 'evaluate',
+           'random_frozen_state', 'make_checkpoint', 'restore_checkpoint', 'train', 'main']
 
 # %% ../nbs/12_train.ipynb #c006
-class TrainingError(RuntimeError):
+class TrainingError(ICRTError, RuntimeError):
     "A problem with a run's inputs or state that the user can fix; the message says how."
 
 # %% ../nbs/12_train.ipynb #c008
@@ -109,14 +108,6 @@ class Dist:
     @property
     def is_main(self)->bool: return self.rank == 0
 
-def resolve_device(name:str, local_rank:int=0)->torch.device:
-    "`auto` → this process's GPU when there is one, else the CPU."
-    if name == "auto": name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available(): raise TrainingError(f"--device {name}: no CUDA GPU is visible; use --device cpu")
-        return torch.device("cuda", local_rank) if name == "cuda" else torch.device(name)
-    return torch.device(name)
-
 # %% ../nbs/12_train.ipynb #c013
 def setup_distributed(device:str)->Dist:
     "Join the `torchrun` process group when launched by it; pick this process's device."
@@ -169,33 +160,7 @@ def set_rng_state(st:dict):
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st["cuda"])
 
-# %% ../nbs/12_train.ipynb #c024
-def atomic_save(obj, path:Path):
-    "`torch.save` to `path` through a temporary file and a rename."
-    path = Path(path); tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f); f.flush(); os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists(): tmp.unlink()
-
-def load_checkpoint(path:Path, flag:str="checkpoint")->dict:
-    "Load a checkpoint with `weights_only=True`; a clear error for a file that is not one."
-    try: return torch.load(Path(path).expanduser(), map_location="cpu", weights_only=True)
-    except FileNotFoundError: raise TrainingError(f"{flag}: no such file '{path}'") from None
-    except Exception as e:
-        raise TrainingError(f"{flag}: '{path}' is not a loadable ICRT checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
-
-# %% ../nbs/12_train.ipynb #c027
-def _load_stats(path:str)->dict:
-    "Read an action-statistics JSON (mean/std/min/max of the 10-D action targets)."
-    try: st = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e: raise TrainingError(f"--shared-cfg.scale-action: '{path}' is not valid JSON ({e})") from None
-    missing = [k for k in ("mean", "std") if k not in st]
-    if missing: raise TrainingError(f"--shared-cfg.scale-action: '{path}' lacks key(s) {missing}")
-    return st
-
+# %% ../nbs/12_train.ipynb #c025
 def build_datasets(cfg:ExperimentConfig, data_config:dict, run_dir:Optional[Path]):
     "Training and validation `SequenceDataset`s; the validation set is None when it holds no usable task."
     train = SequenceDataset(cfg.dataset_cfg, cfg.shared_cfg, split="train", data_config=data_config)
@@ -207,7 +172,7 @@ def build_datasets(cfg:ExperimentConfig, data_config:dict, run_dir:Optional[Path
         if val is not None: val.save_split(run_dir)
     return train, val
 
-# %% ../nbs/12_train.ipynb #c028
+# %% ../nbs/12_train.ipynb #c026
 def build_model(cfg:ExperimentConfig, device:torch.device, vision_encoder=None)->ICRT:
     "The policy of `cfg`, with `pretrained_path` weights loaded, on `device`."
     model = ICRT(cfg.model_cfg, cfg.shared_cfg, vision_encoder=vision_encoder)
@@ -220,7 +185,7 @@ def build_model(cfg:ExperimentConfig, device:torch.device, vision_encoder=None)-
         log.info(f"loaded {pp}: {len(sd) - len(unexpected)} tensors ({len(missing)} new, {len(unexpected)} unused)")
     return model.to(device)
 
-# %% ../nbs/12_train.ipynb #c030
+# %% ../nbs/12_train.ipynb #c028
 def _to_device(batch:dict, device:torch.device)->dict:
     "Move a (nested) batch of tensors to `device`."
     return {k: _to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True) for k, v in batch.items()}
@@ -239,7 +204,7 @@ def _reduce_mean(sums:dict, count:int, d:Dist)->dict:
     if d.world_size > 1: dist.all_reduce(t)
     return {k: (t[i] / max(t[-1].item(), 1)).item() for i, k in enumerate(keys)}
 
-# %% ../nbs/12_train.ipynb #c031
+# %% ../nbs/12_train.ipynb #c029
 def train_one_epoch(model, ddp_model, loader, optimizer, epoch:int, peak:float, cfg:ExperimentConfig, d:Dist,
                     data_config:dict)->dict:
     "Train for one epoch; return the epoch's mean losses, last lr and throughput."
@@ -268,7 +233,7 @@ def train_one_epoch(model, ddp_model, loader, optimizer, epoch:int, peak:float, 
     out.update(lr=lr, samples_per_s=count * cfg.shared_cfg.batch_size * d.world_size / (time.time() - t0))
     return out
 
-# %% ../nbs/12_train.ipynb #c032
+# %% ../nbs/12_train.ipynb #c030
 @torch.no_grad()
 def evaluate(model, loader, cfg:ExperimentConfig, d:Dist, data_config:dict)->dict:
     "Mean validation losses."
@@ -280,7 +245,7 @@ def evaluate(model, loader, cfg:ExperimentConfig, d:Dist, data_config:dict)->dic
         _accumulate(sums, loss, ld); count += 1
     return _reduce_mean(sums, count, d)
 
-# %% ../nbs/12_train.ipynb #c034
+# %% ../nbs/12_train.ipynb #c032
 def random_frozen_state(model:ICRT, cfg:ExperimentConfig)->dict:
     "Frozen weights no file can give back: a randomly initialised vision encoder or transformer that is not trained."
     pc, keep = cfg.model_cfg.policy_cfg, set(model.trainable_state_dict())
@@ -290,7 +255,7 @@ def random_frozen_state(model:ICRT, cfg:ExperimentConfig)->dict:
         prefixes.append("transformer.")
     return {k: v.detach() for k, v in model.state_dict().items() if k.startswith(tuple(prefixes)) and k not in keep} if prefixes else {}
 
-# %% ../nbs/12_train.ipynb #c035
+# %% ../nbs/12_train.ipynb #c033
 def make_checkpoint(model, optimizer, scaler, sampler, epoch:int, cfg:ExperimentConfig, d:Dist)->dict:
     "Everything needed to continue a run after `epoch`, as tensors and plain data."
     rng = get_rng_state()
@@ -312,7 +277,7 @@ def restore_checkpoint(ck:dict, model, optimizer, scaler, sampler, d:Dist)->int:
     else: log.warning(f"checkpoint was written by {len(rng)} processes, this run has {d.world_size}: random state not restored")
     return ck["epoch"] + 1
 
-# %% ../nbs/12_train.ipynb #c037
+# %% ../nbs/12_train.ipynb #c035
 def _setup_logging(is_main:bool):
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)
@@ -322,21 +287,22 @@ def _make_loader(ds, sampler, cfg:ExperimentConfig, d:Dist, train:bool)->DataLoa
     return DataLoader(ds, batch_size=cfg.shared_cfg.batch_size, sampler=sampler, num_workers=nw, drop_last=train,
                       pin_memory=cfg.trainer_cfg.pin_memory and d.device.type == "cuda")
 
-# %% ../nbs/12_train.ipynb #c038
-def _set_action_stats(model, train_ds, cfg:ExperimentConfig, run_dir:Path, d:Dist):
-    "Normalise action targets with `scale_action` statistics (a JSON file, or `auto`: from the training split)."
+# %% ../nbs/12_train.ipynb #c036
+def _set_action_stats(model, train_ds, stats:Optional[dict], cfg:ExperimentConfig, run_dir:Path, d:Dist):
+    "Normalise action targets with `stats` (read from the `scale_action` file), or with the training split's (`auto`)."
     sa = cfg.shared_cfg.scale_action
     if sa is None: return
-    st = train_ds.action_statistics() if sa == "auto" else _load_stats(sa)
+    st = train_ds.action_statistics() if sa == "auto" else stats
     st = {k: [float(x) for x in np.asarray(v).reshape(-1)] for k, v in st.items() if k in ("mean", "std", "min", "max")}
     if d.is_main: (run_dir/"action_statistics.json").write_text(json.dumps(st, indent=1))
     model.set_action_stats(st)
 
-# %% ../nbs/12_train.ipynb #c039
+# %% ../nbs/12_train.ipynb #c037
 def train(cfg:ExperimentConfig)->Path:
     "Run the experiment `cfg` (alone or as one `torchrun` process); return its run folder."
     d = setup_distributed(cfg.device); _setup_logging(d.is_main)
-    cfg = preflight(cfg); run_dir = cfg.run_dir
+    cfg = preflight(cfg); run_dir = cfg.run_dir; sa = cfg.shared_cfg.scale_action
+    stats = load_action_stats(sa) if sa not in (None, "auto") else None  # the one read of the statistics file
     torch.manual_seed(cfg.shared_cfg.seed + d.rank); np.random.seed(cfg.shared_cfg.seed + d.rank); random.seed(cfg.shared_cfg.seed + d.rank)
     if d.is_main:
         run_dir.mkdir(parents=True, exist_ok=True); save_config(cfg, run_dir/"run.yaml")
@@ -344,12 +310,12 @@ def train(cfg:ExperimentConfig)->Path:
     train_ds, val_ds = build_datasets(cfg, data_config, run_dir if d.is_main else None)
     torch.manual_seed(cfg.shared_cfg.seed)  # identical initial weights in every process
     model = build_model(cfg, d.device, vision_encoder=enc)
-    _set_action_stats(model, train_ds, cfg, run_dir, d)
+    _set_action_stats(model, train_ds, stats, cfg, run_dir, d)
     if not cfg.train:
         log.info(f"--no-train: built everything ({sum(p.numel() for p in model.parameters()):,} parameters); stopping"); return run_dir
     return _fit(cfg, d, model, train_ds, val_ds, data_config, run_dir)
 
-# %% ../nbs/12_train.ipynb #c040
+# %% ../nbs/12_train.ipynb #c038
 def _fit(cfg, d, model, train_ds, val_ds, data_config, run_dir)->Path:
     "The epoch loop of `train`."
     sampler = DistributedSubEpochSampler(train_ds, d.world_size, d.rank, cfg.shared_cfg.split_epoch, cfg.shared_cfg.seed)
@@ -388,7 +354,7 @@ def _fit(cfg, d, model, train_ds, val_ds, data_config, run_dir)->Path:
     if d.world_size > 1: dist.barrier()
     return run_dir
 
-# %% ../nbs/12_train.ipynb #c041
+# %% ../nbs/12_train.ipynb #c039
 class _Loggers:
     "TensorBoard scalars in `log_dir` (default: the run folder), and Weights & Biases when a project is named."
     def __init__(self, cfg:ExperimentConfig, run_dir:Path):
@@ -417,8 +383,8 @@ def _log_epoch(stats:dict, run_dir:Path, loggers:_Loggers):
     loggers.log(stats)
     log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
 
-# %% ../nbs/12_train.ipynb #c043
-USER_ERRORS = (ConfigError, DatasetError, TrainingError)
+# %% ../nbs/12_train.ipynb #c041
+USER_ERRORS = (ICRTError, DatasetError)  # every error a user can cause (DatasetError too, wherever it is not yet an ICRTError)
 
 def main(argv:Optional[list]=None):
     "Entry point of `python -m icrt.train` and `icrt_train`."

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 import tempfile
 import threading
 import time
@@ -17,12 +18,14 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader
 
-from ..config import (DatasetConfig, ExperimentConfig, ModelConfig, PolicyConfig, SharedConfig, TrainerConfig,
-                         VisionEncoderConfig, validate_config)
+from ..checkpoint import resolve_device
+from ..config import (ConfigError, DatasetConfig, ExperimentConfig, ICRTError, ModelConfig, PolicyConfig, SharedConfig,
+                         TrainerConfig, VisionEncoderConfig, validate_config)
 from ..data.dataset import DistributedSubEpochSampler, SequenceDataset, preprocess_batch
+from ..data.format import DatasetError
 from ..data.synthetic import make_synthetic_dataset
 from ..models.vision import build_vision_encoder
-from ..train import _autocast, _to_device, base_lr, build_model, build_optimizer, resolve_device
+from ..train import _autocast, _to_device, base_lr, build_model, build_optimizer
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +49,7 @@ def bench_config(
     seq_length:Optional[int]=None, batch_size:Optional[int]=None,
 )->ExperimentConfig:
     "The experiment config that `bench_train` runs."
-    if preset not in PRESETS: raise ValueError(f"--config must be one of {', '.join(PRESETS)}, got '{preset}'")
+    if preset not in PRESETS: raise ConfigError(f"--config must be one of {', '.join(PRESETS)}, got '{preset}'")
     p = PRESETS[preset]
     cfg = ExperimentConfig(
         DatasetConfig(dataset_json=str(dataset_json), gpu_preprocess=gpu_preprocess, non_overlapping=32),
@@ -129,7 +132,17 @@ def format_rows(rows:list)->str:
                    f"{f(r['gpu_util_pct'], 0)} | {r['bottleneck']} |")
     return "\n".join(out)
 
-# %% ../../nbs/32_bench.train.ipynb #c015
+# %% ../../nbs/32_bench.train.ipynb #c016
+def _bench_modes(a:argparse.Namespace)->list:
+    "`bench_train` rows of every `--gpu-preprocess` mode asked for by the parsed flags `a`."
+    data = a.data
+    if data is None:
+        data = make_synthetic_dataset(Path(tempfile.mkdtemp(prefix="icrt_bench_")) / "data", num_tasks=6, episodes_per_task=10)
+    modes = {"both": [False, True], "on": [True], "off": [False]}[a.gpu_preprocess]
+    return [bench_train(bench_config(data, a.config, a.device, a.num_workers, g, a.seq_length, a.batch_size), a.steps, a.warmup)
+            for g in modes]
+
+# %% ../../nbs/32_bench.train.ipynb #c018
 def bench_train_cli(argv:Optional[list]=None)->int:
     "Console entry point `icrt_bench_train`."
     p = argparse.ArgumentParser(prog="icrt_bench_train", description="ICRT training throughput and bottleneck.")
@@ -144,16 +157,13 @@ def bench_train_cli(argv:Optional[list]=None)->int:
     a = p.parse_args(argv)
     if a.steps < 1: p.error("--steps must be >= 1")
     logging.basicConfig(level=logging.WARNING)
-    data = a.data
-    if data is None:
-        data = make_synthetic_dataset(Path(tempfile.mkdtemp(prefix="icrt_bench_")) / "data", num_tasks=6, episodes_per_task=10)
-    modes = {"both": [False, True], "on": [True], "off": [False]}[a.gpu_preprocess]
-    rows = [bench_train(bench_config(data, a.config, a.device, a.num_workers, g, a.seq_length, a.batch_size), a.steps, a.warmup)
-            for g in modes]
+    try: rows = _bench_modes(a)
+    except (ICRTError, DatasetError) as e:
+        sys.stderr.write(f"icrt_bench_train: error: {e}\n"); return 1
     print(f"device: {rows[0]['gpu'] or rows[0]['device']}; config {a.config}; batch {rows[0]['batch_size']} x seq {rows[0]['seq_length']}")
     print(format_rows(rows))
     if a.json: a.json.write_text(json.dumps(rows, indent=1))
     return 0
 
-# %% ../../nbs/32_bench.train.ipynb #c016
+# %% ../../nbs/32_bench.train.ipynb #c020
 if __name__ == "__main__" and "__file__" in globals(): raise SystemExit(bench_train_cli())  # `python -m icrt.bench.train`
