@@ -336,6 +336,34 @@ def test_bad_inputs(tmp_path, toy):
     with pytest.raises(DatasetError, match="no task has at least 4"): make(short)   # all below the 30-step minimum
 
 
+def _published_split(cfg_dir, seed, task_names=None):
+    "The published ICRT split, written out: length filter, task filter, sort, RandomState(seed).shuffle, cut."
+    cfg = json.loads((cfg_dir/"dataset_config.json").read_text())
+    names = [k for f in cfg["hdf5_keys"] for k in json.loads((cfg_dir/f).read_text())]
+    length = json.loads((cfg_dir/cfg["epi_len_mapping_json"]).read_text())
+    names = [k for k in names if 30 <= length[k] <= 450]
+    if task_names:
+        v2e = json.loads((cfg_dir/cfg["verb_to_episode"]).read_text())
+        names = list(set(names) & {e for t in task_names for e in v2e[t]})
+    names = sorted(names)
+    np.random.RandomState(seed=seed).shuffle(names)
+    n = int(len(names) * cfg["train_split"])
+    return names[:n], names[n:]
+
+
+@pytest.mark.parametrize("seed,tasks", [(0, None), (1, None), (0, ["2024-05-31-open-drawer", "2024-07-08-square-peg"])])
+def test_split_is_the_published_one_on_icrt_mt(tmp_path, monkeypatch, seed, tasks):
+    "On the bundled ICRT-MT metadata a run trains and holds out exactly the episodes the published code does."
+    from icrt.config import REPO_CONFIGS
+    (tmp_path/"icrt_mt.hdf5").touch(); monkeypatch.setenv("ICRT_MT_HDF5", str(tmp_path/"icrt_mt.hdf5"))  # never opened
+    cfg_dir = REPO_CONFIGS/"data_config"
+    ds = SequenceDataset(DatasetConfig(dataset_json=str(cfg_dir/"dataset_config.json"), task_names=tasks),
+                         SharedConfig(seq_length=40, seed=seed), data_config=DC, verify=False)
+    train, val = _published_split(cfg_dir, seed, tasks)
+    assert ds.split_episodes == {"train": train, "val": val}
+    assert len(train) + len(val) == (1550 if tasks is None else 143) and val
+
+
 def test_task_names_restrict(toy):
     ds = make(toy, task_names=["reach", "pick"])
     assert sorted(ds.groups) == ["pick", "reach"]

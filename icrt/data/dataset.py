@@ -52,17 +52,17 @@ def select_episodes(
 
 # %% ../../nbs/06_data.dataset.ipynb #c010
 def split_episodes(
-    episodes:list,      # episode names
+    episodes:list,      # eligible episode names (any order)
     train_split:float,  # fraction for training
-    seed:int=0,         # split seed
-)->tuple:               # (train, val) name lists, each sorted
-    "Seeded train/val split of `episodes`."
+    seed:int=0,         # split seed (shared_cfg.seed)
+)->tuple:               # (train, val) name lists, in the shuffled order
+    "Seeded train/val split of `episodes`, as the published ICRT code makes it."
     eps = sorted(episodes)
-    perm = np.random.default_rng(seed).permutation(len(eps))
+    np.random.RandomState(seed).shuffle(eps)
     n = int(len(eps) * train_split)
-    return sorted(eps[i] for i in perm[:n]), sorted(eps[i] for i in perm[n:])
+    return eps[:n], eps[n:]
 
-# %% ../../nbs/06_data.dataset.ipynb #c013
+# %% ../../nbs/06_data.dataset.ipynb #c015
 def group_by_task(
     episodes:list,             # the split's episodes
     spec:DatasetSpec,          # for `verb_to_episode`
@@ -78,7 +78,7 @@ def group_by_task(
     if fraction < 1: groups = {t: eps[:min(len(eps), max(int(len(eps) * fraction), min_demos))] for t, eps in groups.items()}
     return groups
 
-# %% ../../nbs/06_data.dataset.ipynb #c016
+# %% ../../nbs/06_data.dataset.ipynb #c018
 def task_ratios(
     task_grouping:Optional[dict],  # {"ratios": {group: r}, "tasks": {group: [task, ...]}} or None
     tasks:list,                    # task names
@@ -103,7 +103,7 @@ def rebalance_counts(
     r = task_ratios(task_grouping, list(groups))
     return {t: max(1, int(math.floor(med * r[t] + 0.5))) for t in groups}
 
-# %% ../../nbs/06_data.dataset.ipynb #c019
+# %% ../../nbs/06_data.dataset.ipynb #c021
 def plan_tasks(
     groups:dict,                      # {task: episodes}
     rng:np.random.Generator,          # the epoch's generator
@@ -126,7 +126,7 @@ def plan_tasks(
         out.append((t, trajs))
     return out
 
-# %% ../../nbs/06_data.dataset.ipynb #c022
+# %% ../../nbs/06_data.dataset.ipynb #c024
 @dataclass
 class EpochPlan:
     "One epoch laid end to end: segments (trajectory occurrences), task blocks and window starts."
@@ -171,7 +171,7 @@ def build_plan(
     starts = seg_start.copy() if goal_conditioned else window_starts(bstart, blen, seq_length, stride, task_barrier)
     return EpochPlan(seg_ep, seg_start, seg_len, bstart, blen, [t for t, _ in tasks_order], starts)
 
-# %% ../../nbs/06_data.dataset.ipynb #c025
+# %% ../../nbs/06_data.dataset.ipynb #c027
 def window_pieces(
     plan:EpochPlan,
     start:int,         # global start step
@@ -185,7 +185,7 @@ def window_pieces(
         out.append((i, a, b)); pos += b - a; i += 1
     return out
 
-# %% ../../nbs/06_data.dataset.ipynb #c028
+# %% ../../nbs/06_data.dataset.ipynb #c030
 def make_masks(
     piece_lens:list,          # steps of each piece of the window, in order
     piece_ends:list,          # does the piece end at its trajectory's last step?
@@ -207,7 +207,7 @@ def make_masks(
         weight[q:q + min(k, n)] = 1
     return prompt, weight
 
-# %% ../../nbs/06_data.dataset.ipynb #c032
+# %% ../../nbs/06_data.dataset.ipynb #c034
 class SequenceDataset(torch.utils.data.Dataset):
     "Windows of `seq_length` steps over task-grouped episodes (SPEC §3)."
     keep_freed_memory = True  # in DataLoader workers, let glibc reuse freed large buffers (see `_keep_freed_memory`)
@@ -242,7 +242,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         "The task an episode belongs to."
         return self.spec.episode_task[episode]
 
-# %% ../../nbs/06_data.dataset.ipynb #c034
+# %% ../../nbs/06_data.dataset.ipynb #c036
 @patch
 def _select(self:SequenceDataset, split_file):
     "Choose the split's episodes and group them by task."
@@ -277,7 +277,7 @@ def _select(self:SequenceDataset, split_file):
     self.counts = (rebalance_counts(self.groups, spec.task_grouping) if cfg.rebalance_tasks and self.split == "train"
                    and self.groups else None)
 
-# %% ../../nbs/06_data.dataset.ipynb #c036
+# %% ../../nbs/06_data.dataset.ipynb #c038
 @patch
 def _verify(self:SequenceDataset):
     "Check that every episode and key of the split exists in its HDF5 file."
@@ -298,7 +298,7 @@ def _verify(self:SequenceDataset):
                 for k in keys:
                     if k not in g: raise DatasetError(f"{path}: episode '{e}': key '{k}' is missing (run icrt_check)")
 
-# %% ../../nbs/06_data.dataset.ipynb #c038
+# %% ../../nbs/06_data.dataset.ipynb #c040
 @patch
 def shuffle_dataset(self:SequenceDataset, epoch:int=0):
     "Rebuild the epoch's plan (task order, draws, repeats, swaps, window starts) from (seed, epoch)."
@@ -318,7 +318,7 @@ def _check_windows(self:SequenceDataset):
                       f"task this epoch: {longest} steps); lower seq_length, or use --no-dataset-cfg.task-barrier or "
                       "--dataset-cfg.num-repeat-traj > 1")
 
-# %% ../../nbs/06_data.dataset.ipynb #c041
+# %% ../../nbs/06_data.dataset.ipynb #c043
 def _keep_freed_memory():
     "In a DataLoader worker (glibc), keep freed large buffers so each sample's output reuses pages (no-op elsewhere)."
     # every sample allocates ~40 MB; faulting in fresh pages costs about 20 % of a sample's CPU time
@@ -378,7 +378,7 @@ def _lowdim(self:SequenceDataset, episode:str, a:int, b:int, rng)->tuple:
     ci = _chunk_index(b - a, c - a - 1, self.K)                       # (n, K)
     return prop[ci], act[ci], eos[ci]
 
-# %% ../../nbs/06_data.dataset.ipynb #c043
+# %% ../../nbs/06_data.dataset.ipynb #c045
 @patch
 def _actions(self:SequenceDataset, prop:np.ndarray, act:np.ndarray, eos:np.ndarray)->np.ndarray:
     "(n, K, 11) float32 targets: delta (or absolute) pose, the rest absolute, end flag last."
@@ -386,7 +386,7 @@ def _actions(self:SequenceDataset, prop:np.ndarray, act:np.ndarray, eos:np.ndarr
         act = np.concatenate([absolute_to_delta(prop[:, :1, :9], act[..., :9]), act[..., 9:]], -1)
     return np.concatenate([act, eos[..., None]], -1).astype(np.float32)
 
-# %% ../../nbs/06_data.dataset.ipynb #c045
+# %% ../../nbs/06_data.dataset.ipynb #c047
 @patch
 def _frame_params(self:SequenceDataset, key:str, shape:tuple, rng)->tuple:
     "Crop box and colour of one camera for one trajectory segment."
@@ -424,7 +424,7 @@ def _custom_transform(self:SequenceDataset, frames, boxes, colors)->torch.Tensor
         cams.append(torch.cat([tf(x[s:e]) for s, e in zip(cuts[:-1], cuts[1:])]))
     return torch.stack(cams, 1)
 
-# %% ../../nbs/06_data.dataset.ipynb #c047
+# %% ../../nbs/06_data.dataset.ipynb #c049
 @patch
 def __getitem__(self:SequenceDataset, index:int)->dict:
     "The sample dict of window `index` (see SPEC §3.7)."
@@ -452,7 +452,7 @@ def __getitem__(self:SequenceDataset, index:int)->dict:
     return {**obs, "proprio": torch.from_numpy(cat(prop).astype(np.float32)), "action": torch.from_numpy(cat(act)),
             "prompt_mask": torch.from_numpy(pm), "weight_mask": torch.from_numpy(wm)}
 
-# %% ../../nbs/06_data.dataset.ipynb #c049
+# %% ../../nbs/06_data.dataset.ipynb #c051
 @patch
 def _goal_sample(self:SequenceDataset, start:int, rng)->dict:
     "A goal-conditioned window: [final step] + the trajectory's first T-1 steps (padded)."
@@ -475,7 +475,7 @@ def _goal_sample(self:SequenceDataset, start:int, rng)->dict:
     return {**self._observation(frames, boxes, colors), "proprio": torch.from_numpy(p[sel].astype(np.float32)),
             "action": torch.from_numpy(act[sel]), "prompt_mask": torch.from_numpy(pm), "weight_mask": torch.from_numpy(wm)}
 
-# %% ../../nbs/06_data.dataset.ipynb #c070
+# %% ../../nbs/06_data.dataset.ipynb #c072
 @patch
 def save_split(self:SequenceDataset, out_dir:Union[str, Path])->tuple:
     "Write train_split.json and val_split.json (episode name lists) into `out_dir`."
@@ -486,7 +486,7 @@ def save_split(self:SequenceDataset, out_dir:Union[str, Path])->tuple:
         tmp.write_text(json.dumps(self.split_episodes[name], indent=1)); tmp.replace(p); paths.append(p)
     return tuple(paths)
 
-# %% ../../nbs/06_data.dataset.ipynb #c073
+# %% ../../nbs/06_data.dataset.ipynb #c075
 @patch
 def action_statistics(self:SequenceDataset,
     min_std:float=1e-3,  # floor of the std: a column that barely varies (a fixed orientation) must not blow up when divided by it
@@ -504,7 +504,7 @@ def action_statistics(self:SequenceDataset,
     std = np.maximum(np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0)), min_std)
     return {"mean": mean.tolist(), "std": std.tolist(), "min": lo.tolist(), "max": hi.tolist(), "count": int(n)}
 
-# %% ../../nbs/06_data.dataset.ipynb #c076
+# %% ../../nbs/06_data.dataset.ipynb #c078
 def load_episode(
     spec:Union[DatasetSpec, str, Path],  # a DatasetSpec or a dataset config path
     episode:str,                         # episode name
@@ -521,7 +521,7 @@ def load_episode(
         return {"frames": {k: read_frames(g, k, 0, T) for k in spec.image_keys}, "proprio": vec(spec.proprio_keys),
                 "actions": vec(spec.action_keys), "task": spec.episode_task.get(episode), "length": T}
 
-# %% ../../nbs/06_data.dataset.ipynb #c079
+# %% ../../nbs/06_data.dataset.ipynb #c081
 class DistributedSubEpochSampler(torch.utils.data.Sampler):
     "Rank- and sub-epoch-split indices, deterministic in (seed, epoch), resumable mid-epoch."
     def __init__(self,
