@@ -19,7 +19,7 @@ import torch
 from fastcore.basics import patch
 
 from ..config import ConfigError, DatasetConfig, SharedConfig
-from ..geometry import absolute_to_delta, pose_to_pos_rot6d
+from ..geometry import absolute_to_delta, pose_vector
 from .format import DatasetError, DatasetSpec, load_dataset_config, read_frames, read_lowdim
 from .image import (AUG_RATIO, AUG_SCALE, BRIGHTNESS, CONTRAST, DEFAULT_DATA_CONFIG, _input_hw, is_wrist,
                              preprocess_batch, preprocess_frames, sample_box)
@@ -369,11 +369,11 @@ def _lowdim(self:SequenceDataset, episode:str, a:int, b:int, rng)->tuple:
     pose = self._rows(g, spec.proprio_keys[0], a, c).astype(np.float64)
     if self.cfg.proprio_noise > 0 and rng is not None:
         pose = pose + rng.normal(0, self.cfg.proprio_noise, pose.shape)
-    prop = np.concatenate([pose_to_pos_rot6d(pose)] + [self._rows(g, k, a, c) for k in spec.proprio_keys[1:]], -1)
+    prop = pose_vector(pose, *[self._rows(g, k, a, c) for k in spec.proprio_keys[1:]])   # (c - a, 10)
     act_pose = self._rows(g, spec.action_keys[0], a, c).astype(np.float64)
     if self.cfg.action_noise > 0 and rng is not None:
         act_pose = act_pose + rng.normal(0, self.cfg.action_noise, act_pose.shape)
-    act = np.concatenate([pose_to_pos_rot6d(act_pose)] + [self._rows(g, k, a, c) for k in spec.action_keys[1:]], -1)
+    act = pose_vector(act_pose, *[self._rows(g, k, a, c) for k in spec.action_keys[1:]])  # (c - a, 10)
     eos = (np.arange(a, c) == L - 1).astype(np.float64)
     ci = _chunk_index(b - a, c - a - 1, self.K)                       # (n, K)
     return prop[ci], act[ci], eos[ci]
@@ -516,8 +516,8 @@ def load_episode(
     with h5py.File(path, "r") as f:
         if episode not in f: raise DatasetError(f"{path}: episode '{episode}' is missing from the file")
         g = f[episode]; T = g[spec.action_keys[0]].shape[0]
-        vec = lambda keys: np.concatenate([pose_to_pos_rot6d(read_lowdim(g, keys[0], 0, T).astype(np.float64))]
-                                          + [read_lowdim(g, k, 0, T) for k in keys[1:]], -1).astype(np.float32)
+        vec = lambda keys: pose_vector(read_lowdim(g, keys[0], 0, T).astype(np.float64),
+                                       *[read_lowdim(g, k, 0, T) for k in keys[1:]]).astype(np.float32)   # (T, 10)
         return {"frames": {k: read_frames(g, k, 0, T) for k in spec.image_keys}, "proprio": vec(spec.proprio_keys),
                 "actions": vec(spec.action_keys), "task": spec.episode_task.get(episode), "length": T}
 
