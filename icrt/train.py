@@ -29,7 +29,8 @@ from .config import ExperimentConfig, ICRTError, config_to_dict, parse_args, res
 from .data.dataset import DistributedSubEpochSampler, SequenceDataset, preprocess_batch
 from .data.format import DatasetError, load_dataset_config
 from .models.policy import ICRT, load_action_stats
-from .models.vision import build_vision_encoder
+from .models.llama import check_llama_dir
+from .models.vision import build_vision_encoder, is_local_checkpoint
 
 log = logging.getLogger("icrt.train")
 
@@ -47,18 +48,6 @@ def _need_file(path:Optional[str], flag:str, hint:str=""):
     "Raise unless `path` (when given) is an existing file."
     if path is not None and not Path(path).expanduser().is_file():
         raise TrainingError(f"{flag}: no such file '{path}'{hint}")
-
-def _check_llama_dir(d:str):
-    "A Llama checkpoint folder must hold Meta's or Hugging Face's config and weights."
-    p = Path(d).expanduser()
-    flag = "--model-cfg.policy-cfg.llama-ckpt-dir"
-    if not p.is_dir(): raise TrainingError(f"{flag}: no such folder '{d}'")
-    if (p/"params.json").is_file(): weights = sorted(p.glob("consolidated.*.pth"))
-    elif (p/"config.json").is_file(): weights = sorted(p.glob("*.safetensors"))
-    else: raise TrainingError(f"{flag}: '{d}' holds neither params.json (Meta format) nor config.json (Hugging Face format)")
-    if not weights:
-        raise TrainingError(f"{flag}: '{d}' has a config but no weight files (consolidated.*.pth or *.safetensors); "
-                            "download the weights, or pass --model-cfg.policy-cfg.no-load-llama to train that shape from random init")
 
 # %% ../nbs/12_train.ipynb #c009
 def _check_output(run_dir:Path, resume:Optional[str]):
@@ -82,13 +71,13 @@ def preflight(cfg:ExperimentConfig)->ExperimentConfig:
     elif pc.llama_ckpt_dir is None:
         raise TrainingError("no transformer given: pass --model-cfg.policy-cfg.scratch-llama-config (e.g. custom_transformer) "
                             "or --model-cfg.policy-cfg.llama-ckpt-dir /path/to/llama-2-7b")
-    elif pc.load_llama: _check_llama_dir(pc.llama_ckpt_dir)
+    else: check_llama_dir(pc.llama_ckpt_dir, weights=pc.load_llama)
     _need_file(pc.pretrained_path, "--model-cfg.policy-cfg.pretrained-path", " (a checkpoint-<N>.pth of an earlier run)")
     _need_file(sc.resume, "--shared-cfg.resume")
     if sc.scale_action not in (None, "auto"):
         sc = replace(sc, scale_action=str(resolve_config_path(sc.scale_action, "--shared-cfg.scale-action")))
     enc = vc.vision_encoder
-    if (enc.endswith((".pth", ".pt", ".safetensors")) or os.sep in enc) and not Path(enc).expanduser().is_file():
+    if is_local_checkpoint(enc) and not Path(enc).expanduser().is_file():
         raise TrainingError(f"--model-cfg.vision-encoder-cfg.vision-encoder: no such checkpoint '{enc}' "
                             "(give a timm model name, or a local .pth/.safetensors file)")
     _check_output(cfg.run_dir, sc.resume)
