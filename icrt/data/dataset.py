@@ -475,7 +475,7 @@ def _goal_sample(self:SequenceDataset, start:int, rng)->dict:
     return {**self._observation(frames, boxes, colors), "proprio": torch.from_numpy(p[sel].astype(np.float32)),
             "action": torch.from_numpy(act[sel]), "prompt_mask": torch.from_numpy(pm), "weight_mask": torch.from_numpy(wm)}
 
-# %% ../../nbs/06_data.dataset.ipynb #c072
+# %% ../../nbs/06_data.dataset.ipynb #c076
 @patch
 def save_split(self:SequenceDataset, out_dir:Union[str, Path])->tuple:
     "Write train_split.json and val_split.json (episode name lists) into `out_dir`."
@@ -486,7 +486,7 @@ def save_split(self:SequenceDataset, out_dir:Union[str, Path])->tuple:
         tmp.write_text(json.dumps(self.split_episodes[name], indent=1)); tmp.replace(p); paths.append(p)
     return tuple(paths)
 
-# %% ../../nbs/06_data.dataset.ipynb #c075
+# %% ../../nbs/06_data.dataset.ipynb #c079
 @patch
 def action_statistics(self:SequenceDataset,
     min_std:float=1e-3,  # floor of the std: a column that barely varies (a fixed orientation) must not blow up when divided by it
@@ -504,7 +504,7 @@ def action_statistics(self:SequenceDataset,
     std = np.maximum(np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0)), min_std)
     return {"mean": mean.tolist(), "std": std.tolist(), "min": lo.tolist(), "max": hi.tolist(), "count": int(n)}
 
-# %% ../../nbs/06_data.dataset.ipynb #c078
+# %% ../../nbs/06_data.dataset.ipynb #c082
 def load_episode(
     spec:Union[DatasetSpec, str, Path],  # a DatasetSpec or a dataset config path
     episode:str,                         # episode name
@@ -521,7 +521,7 @@ def load_episode(
         return {"frames": {k: read_frames(g, k, 0, T) for k in spec.image_keys}, "proprio": vec(spec.proprio_keys),
                 "actions": vec(spec.action_keys), "task": spec.episode_task.get(episode), "length": T}
 
-# %% ../../nbs/06_data.dataset.ipynb #c081
+# %% ../../nbs/06_data.dataset.ipynb #c085
 class DistributedSubEpochSampler(torch.utils.data.Sampler):
     "Rank- and sub-epoch-split indices, deterministic in (seed, epoch), resumable mid-epoch."
     def __init__(self,
