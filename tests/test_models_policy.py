@@ -4,13 +4,12 @@ import subprocess
 import sys
 
 import pytest
-import timm
 import torch
 
 from icrt.config import REPO_CONFIGS, ConfigError, ModelConfig, PolicyConfig, SharedConfig, VisionEncoderConfig
 from icrt.geometry import absolute_to_delta, delta_to_absolute, pose_to_pos_rot6d
 from icrt.models.policy import ICRT, to_pose7
-from icrt.models.vision import VisionEncoder
+from icrt.tiny import tiny_batch, tiny_encoder, tiny_model
 
 HEADS = ["mlp", "gmm", "diffusion"]
 STATS_JSON = REPO_CONFIGS / "data_config" / "icrt_mt" / "action_statistics.json"
@@ -24,25 +23,9 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def tiny_encoder():
-    torch.manual_seed(0)
-    return VisionEncoder(timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=0))
-
-
-def make(num_cameras=2, K=4, scale_action=None, **policy):
-    pc = PolicyConfig(scratch_llama_config="custom_transformer_tiny", adapter_num_heads=4, **policy)
-    mc = ModelConfig(VisionEncoderConfig(vision_nonpretrained=True), pc)
-    torch.manual_seed(0)
-    return ICRT(mc, SharedConfig(num_cameras=num_cameras, num_pred_steps=K, scale_action=scale_action), vision_encoder=tiny_encoder())
-
-
-def make_batch(B=1, T=6, N=2, K=4, seed=0, act_std=1.0):
-    g = torch.Generator().manual_seed(seed)
-    act = torch.randn(B, T, K, 11, generator=g) * act_std
-    act[..., 10] = (torch.rand(B, T, K, generator=g) > 0.7).float()
-    return {"observation": torch.randn(B, T, N, 3, 32, 32, generator=g), "proprio": torch.randn(B, T, K, 10, generator=g),
-            "action": act, "prompt_mask": (torch.arange(T) >= T // 2).float().expand(B, T).clone(),
-            "weight_mask": (torch.arange(T) == T // 2).float().expand(B, T).clone()}
+def make_batch(**kw):
+    "One episode of random targets of unit scale, with more end flags than the notebook's batch."
+    return tiny_batch(**{"B": 1, "act_std": 1.0, "end_p": 0.3, **kw})
 
 
 def names(m, trainable=True):
@@ -52,7 +35,7 @@ def names(m, trainable=True):
 # ---------------------------------------------------------------- cache == full forward
 @pytest.mark.parametrize("head", HEADS)
 def test_cached_steps_match_full_forward(head):
-    m = make(decoder_pred_head=head, multikv_attn_pool=True, modality_pos_emb=True).eval()
+    m = tiny_model(decoder_pred_head=head, multikv_attn_pool=True, modality_pos_emb=True).eval()
     m.set_action_stats({"mean": torch.linspace(-.1, .1, 10), "std": torch.linspace(.5, 2., 10)})
     b = make_batch(T=8, seed=3)
     with torch.no_grad(): full = m.encode(b)[0]                               # (T, dim)
@@ -72,7 +55,7 @@ def test_cached_steps_match_full_forward(head):
 @pytest.mark.parametrize("variant", [dict(separate_camera_adapter=False), dict(separate_camera_adapter=False, multikv_attn_pool=True),
                                      dict(remove_proprio=True), dict(camera_pos_emb=True, phase="finetune")])
 def test_adapter_variants_cache_and_proprio(variant):
-    m = make(**variant).eval()
+    m = tiny_model(**variant).eval()
     b = make_batch(T=5, seed=8)
     with torch.no_grad(): full = m.encode(b)[0]
     obs, pro, act = b["observation"][0], b["proprio"][0, :, 0], b["action"][0, :, 0, :10]
@@ -86,7 +69,7 @@ def test_adapter_variants_cache_and_proprio(variant):
 
 def test_default_prev_action_is_the_executed_one():
     "Without prev_action, the model-space action it returned last is fed: same context as passing it explicitly."
-    m = make().eval()
+    m = tiny_model().eval()
     b = make_batch(T=4, seed=4)
     obs = b["observation"][0]
     pro = torch.cat([pose_to_pos_rot6d(torch.tensor([.3, .1, .2, .1, -.2, .3])), torch.tensor([.5])])
@@ -98,7 +81,7 @@ def test_default_prev_action_is_the_executed_one():
 
 
 def test_delta_to_absolute_output():
-    m = make().eval()
+    m = tiny_model().eval()
     pro = torch.cat([pose_to_pos_rot6d(torch.tensor([.3, .1, .2, .1, -.2, .3])), torch.tensor([.5])])
     m.reset(); chunk = m.get_action(make_batch(seed=5)["observation"][0, 0], pro)
     assert chunk.shape == (4, 7)
@@ -128,7 +111,7 @@ def _overfit(m, b, steps, lr):
 @pytest.mark.parametrize("head,steps", [("mlp", 150), ("gmm", 200), ("diffusion", 300)])
 def test_overfit_one_batch(head, steps):
     "Loss (mlp, diffusion) and prediction error (all heads; gmm's NLL goes negative) drop 10x on one batch."
-    m = make(decoder_pred_head=head)
+    m = tiny_model(decoder_pred_head=head)
     b = make_batch(T=2, seed=1)
     l0, l1, e0, e1 = _overfit(m, b, steps, lr=2e-3)
     assert e1 < e0 / 10, (head, e0, e1)
@@ -140,17 +123,8 @@ def test_overfit_one_batch(head, steps):
 OURS = ("vision_norm.", "proprio_mlp.", "adapters.", "action_mlp.", "head.")
 
 
-def test_pretrain_trains_transformer_and_adapters_not_vision():
-    m = make()
-    tr = names(m)
-    assert {n for n, _ in m.transformer.named_parameters()} == {n[len("transformer."):] for n in tr if n.startswith("transformer.")}
-    assert all(n.startswith(OURS + ("transformer.",)) for n in tr)
-    assert all(any(n.startswith(p) for n in tr) for p in OURS)
-    assert names(m, False) and all(n.startswith("vision.") for n in names(m, False))
-
-
 def test_finetune_trains_lora_biases_norms_only():
-    m = make(phase="finetune", lora_rank=3, lora_layer_idxs=[1])
+    m = tiny_model(phase="finetune", lora_rank=3, lora_layer_idxs=[1])
     t_tr = {n for n in names(m) if n.startswith("transformer.")}
     assert t_tr and all("lora_" in n or "norm" in n or n.endswith(".bias") for n in t_tr)
     lora = [n for n in t_tr if "lora_" in n]
@@ -162,7 +136,7 @@ def test_finetune_trains_lora_biases_norms_only():
 
 
 def test_finetune_checkpoint_roundtrip_without_frozen_weights(tmp_path):
-    m = make(phase="finetune", lora_rank=2).eval()
+    m = tiny_model(phase="finetune", lora_rank=2).eval()
     m.set_action_stats(json.loads(STATS_JSON.read_text()))
     with torch.no_grad():
         for n, p in m.named_parameters():
@@ -172,7 +146,7 @@ def test_finetune_checkpoint_roundtrip_without_frozen_weights(tmp_path):
     assert not any(k.startswith("vision.") for k in sd)
     assert {"action_mean", "action_std", "action_min", "action_max"} <= set(sd)
     torch.save({"model": sd}, tmp_path / "ck.pth")
-    fresh = make(phase="finetune", lora_rank=2).eval()
+    fresh = tiny_model(phase="finetune", lora_rank=2).eval()
     missing, unexpected = fresh.load_trainable_state_dict(torch.load(tmp_path / "ck.pth")["model"])
     assert (missing, unexpected) == ([], [])
     b = make_batch(seed=7)
@@ -182,25 +156,17 @@ def test_finetune_checkpoint_roundtrip_without_frozen_weights(tmp_path):
 
 
 def test_pretrain_checkpoint_loads_into_finetune_model():
-    pre = make()
+    pre = tiny_model()
     with torch.no_grad(): pre.transformer.layers[0].attention.wq.weight.add_(1.)
-    fin = make(phase="finetune")
+    fin = tiny_model(phase="finetune")
     missing, unexpected = fin.load_trainable_state_dict(pre.trainable_state_dict(), strict=False)
     assert unexpected == [] and missing and all("lora_" in k for k in missing)
     torch.testing.assert_close(fin.transformer.layers[0].attention.wq.base_layer.weight, pre.transformer.layers[0].attention.wq.weight)
 
 
-def test_param_groups_no_decay_on_biases_and_1d():
-    m = make()
-    dec, nod = m.param_groups(0.05)
-    assert dec["weight_decay"] == 0.05 and nod["weight_decay"] == 0.0
-    assert all(p.ndim >= 2 for p in dec["params"]) and all(p.ndim <= 1 for p in nod["params"])
-    assert len(dec["params"]) + len(nod["params"]) == len(names(m))
-
-
 # ---------------------------------------------------------------- scale_action
 def test_scale_action_normalises_the_targets_the_head_sees():
-    m = make(scale_action=str(STATS_JSON))
+    m = tiny_model(scale_action=str(STATS_JSON))
     st = json.loads(STATS_JSON.read_text())
     mean, std = torch.tensor(st["mean"], dtype=torch.float32), torch.tensor(st["std"], dtype=torch.float32)
     torch.testing.assert_close(m.action_mean, mean); torch.testing.assert_close(m.action_std, std)
@@ -216,25 +182,33 @@ def test_scale_action_normalises_the_targets_the_head_sees():
 
 
 def test_scale_action_undone_at_inference():
-    m = make().eval()
+    m = tiny_model().eval()
     m.set_action_stats({"mean": torch.full((10,), .5), "std": torch.full((10,), 3.)})
     m.reset(); m.get_action(make_batch(seed=6)["observation"][0, 0], torch.randn(10))
     with torch.no_grad(): raw = m.head.predict(m.last_hidden[None])[0]
     torch.testing.assert_close(m.last_chunk, raw * 3. + .5)
 
 
+def test_icrt_does_not_read_the_scale_action_file():
+    "Statistics are set by whoever reads the file (trainer) or come from a checkpoint; building never reads it."
+    pc = PolicyConfig(scratch_llama_config="custom_transformer_tiny", adapter_num_heads=4)
+    m = ICRT(ModelConfig(VisionEncoderConfig(vision_nonpretrained=True), pc),
+             SharedConfig(num_pred_steps=4, scale_action="/nonexistent/action_statistics.json"), vision_encoder=tiny_encoder())
+    assert not m.has_action_stats
+
+
 # ---------------------------------------------------------------- errors
 def test_clear_errors(tmp_path):
-    m = make()
+    m = tiny_model()
     b = make_batch()
     with pytest.raises(ValueError, match="num-cameras 2"): m({**b, "observation": b["observation"][:, :, :1]})
     with pytest.raises(ValueError, match="num-pred-steps 4"): m({**b, "action": b["action"][:, :, :3]})
     with pytest.raises(KeyError, match="prompt_mask"):
-        make(no_prompt_loss=True)({k: v for k, v in b.items() if k != "prompt_mask"})
-    with pytest.raises(ConfigError, match="decoder-pred-head gmm"): make(kl_div_loss=True)
-    with pytest.raises(ConfigError, match="no such file"): make(scale_action=str(tmp_path / "nope.json"))
+        tiny_model(no_prompt_loss=True)({k: v for k, v in b.items() if k != "prompt_mask"})
+    with pytest.raises(ConfigError, match="decoder-pred-head gmm"): tiny_model(kl_div_loss=True)
+    with pytest.raises(ConfigError, match="no such file"): tiny_model(scale_action=str(tmp_path / "nope.json"))
     (tmp_path / "bad.json").write_text(json.dumps({"mean": [0.] * 10}))
-    with pytest.raises(ConfigError, match="missing key 'std'"): make(scale_action=str(tmp_path / "bad.json"))
+    with pytest.raises(ConfigError, match="missing key 'std'"): tiny_model(scale_action=str(tmp_path / "bad.json"))
     with pytest.raises(ValueError, match="action_exec_horizon"): m.reset(action_exec_horizon=2, temporal_ensemble=True)
     m.reset(max_len=3)
     with pytest.raises(RuntimeError, match="context full"):

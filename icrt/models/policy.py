@@ -17,7 +17,7 @@ from fastcore.basics import patch
 from torch import nn, Tensor
 
 from ..config import ConfigError, ExperimentConfig, ModelConfig, SharedConfig
-from ..geometry import absolute_to_delta, delta_to_absolute, pos_rot6d_to_pose
+from ..geometry import absolute_to_delta, delta_to_absolute, to_pose7
 from .heads import build_head, mlp
 from .llama import apply_lora, build_transformer, set_trainable
 from .vision import build_vision_encoder
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'ACTION_DIM', 'STAT_KEYS', 'AttentionPool', 'check_action_stats', 'load_action_stats', 'ICRT', 'interleave',
-           'to_pose7', 'overfit_policy']
+           'overfit_policy']
 
 # %% ../../nbs/10_models.policy.ipynb #c006
 class AttentionPool(nn.Module):
@@ -85,6 +85,7 @@ def check_action_stats(
     if (out["std"] < 0).any(): raise ConfigError(f"{where}: 'std' must not be negative")
     return out
 
+# %% ../../nbs/10_models.policy.ipynb #c013
 def load_action_stats(path:Union[str, Path])->dict:  # tensors (10,) per key
     "Read and validate a `scale_action` JSON file."
     p = Path(path)
@@ -93,12 +94,12 @@ def load_action_stats(path:Union[str, Path])->dict:  # tensors (10,) per key
     except json.JSONDecodeError as e: raise ConfigError(f"--shared-cfg.scale-action: '{p}' is not valid JSON ({e})") from None
     return check_action_stats(d, f"--shared-cfg.scale-action '{p}'")
 
-# %% ../../nbs/10_models.policy.ipynb #c014
+# %% ../../nbs/10_models.policy.ipynb #c016
 class ICRT(nn.Module):
     "In-Context Robot Transformer: state/action tokenisers, a causal Llama transformer and an action head."
     def __init__(self,
                  model_cfg:ModelConfig,    # vision encoder + policy settings
-                 shared_cfg:SharedConfig,  # num_cameras, num_pred_steps, use_delta_action, scale_action
+                 shared_cfg:SharedConfig,  # num_cameras, num_pred_steps, use_delta_action (not scale_action)
                  vision_encoder:Optional[nn.Module]=None,  # a ready encoder (default: built from model_cfg)
                 ):
         super().__init__()
@@ -108,7 +109,6 @@ class ICRT(nn.Module):
         if pc.kl_div_loss and pc.decoder_pred_head != "gmm":
             raise ConfigError(f"--model-cfg.policy-cfg.kl-div-loss needs --model-cfg.policy-cfg.decoder-pred-head gmm "
                               f"(got {pc.decoder_pred_head}): only the mixture head has a distribution to regularise")
-        stats = load_action_stats(shared_cfg.scale_action) if shared_cfg.scale_action not in (None, "auto") else None
         self.vision = vision_encoder if vision_encoder is not None else build_vision_encoder(model_cfg.vision_encoder_cfg)
         self.transformer = build_transformer(pc)
         self.dim = dim = self.transformer.args.dim
@@ -116,10 +116,10 @@ class ICRT(nn.Module):
         self.head = build_head(pc.decoder_pred_head, dim, ACTION_DIM, self.num_pred_steps, pc)
         self.end_head = None if pc.pred_action_only else nn.Linear(dim, self.num_pred_steps)
         for k in STAT_KEYS: self.register_buffer(f"action_{k}", torch.zeros(ACTION_DIM))
-        self.set_action_stats(stats)
+        self.set_action_stats(None)  # the identity until the caller sets statistics (see set_action_stats)
         self._set_phase(pc)
 
-# %% ../../nbs/10_models.policy.ipynb #c016
+# %% ../../nbs/10_models.policy.ipynb #c020
 @patch
 def _build_tokenisers(self:ICRT, pc, D:int, dim:int):
     "Create the modules that turn observations and actions into tokens."
@@ -140,7 +140,7 @@ def _build_tokenisers(self:ICRT, pc, D:int, dim:int):
     self.camera_emb = nn.Parameter(torch.randn(N, 1, D) * 0.02) if pc.camera_pos_emb else None
     self.modality_emb = nn.Parameter(torch.randn(2, dim) * 0.02) if pc.modality_pos_emb else None
 
-# %% ../../nbs/10_models.policy.ipynb #c018
+# %% ../../nbs/10_models.policy.ipynb #c024
 @patch
 def _set_phase(self:ICRT, pc):
     "Set which transformer parameters train (adapters and heads always do)."
@@ -155,13 +155,15 @@ def _set_phase(self:ICRT, pc):
     for p in [self.camera_emb, self.modality_emb]:
         if p is not None: p.requires_grad_(True)
 
+# %% ../../nbs/10_models.policy.ipynb #c027
 @patch(as_prop=True)
 def device(self:ICRT)->torch.device: return self.action_mean.device
 
+# %% ../../nbs/10_models.policy.ipynb #c029
 @patch(as_prop=True)
 def data_config(self:ICRT)->dict: return self.vision.data_config
 
-# %% ../../nbs/10_models.policy.ipynb #c020
+# %% ../../nbs/10_models.policy.ipynb #c032
 @patch
 def set_action_stats(self:ICRT, stats:Optional[dict]):
     "Use `stats` (mean/std/min/max of the 10-D targets) to normalise targets; None: no normalisation."
@@ -171,21 +173,24 @@ def set_action_stats(self:ICRT, stats:Optional[dict]):
         if k == "std": v = v.clamp_min(1e-6)
         getattr(self, f"action_{k}").copy_(v)
 
+# %% ../../nbs/10_models.policy.ipynb #c034
 @patch(as_prop=True)
 def has_action_stats(self:ICRT)->bool:
     return not (bool((self.action_mean == 0).all()) and bool((self.action_std == 1).all()))
 
+# %% ../../nbs/10_models.policy.ipynb #c036
 @patch
 def normalize_action(self:ICRT, a:Tensor)->Tensor:  # (..., 10) -> (..., 10)
     "Model-space action -> normalised network space."
     return (a - self.action_mean) / self.action_std
 
+# %% ../../nbs/10_models.policy.ipynb #c038
 @patch
 def denormalize_action(self:ICRT, a:Tensor)->Tensor:  # (..., 10) -> (..., 10)
     "Normalised network space -> model-space action."
     return a * self.action_std + self.action_mean
 
-# %% ../../nbs/10_models.policy.ipynb #c024
+# %% ../../nbs/10_models.policy.ipynb #c041
 @patch
 def vision_features(self:ICRT, obs:Tensor)->Tensor:  # (B, T, N, 3, S, S) -> (B, T, N, L, D)
     "All vision tokens of every camera of every step, in one encoder call."
@@ -196,6 +201,7 @@ def vision_features(self:ICRT, obs:Tensor)->Tensor:  # (B, T, N, 3, S, S) -> (B,
     v = self.vision(obs.reshape(B * T * N, *obs.shape[3:]))  # (B*T*N, L, D)
     return v.view(B, T, N, *v.shape[1:])
 
+# %% ../../nbs/10_models.policy.ipynb #c043
 @patch
 def pool_state(self:ICRT,
                v:Tensor,        # (B, T, N, L, D) vision tokens
@@ -212,6 +218,7 @@ def pool_state(self:ICRT,
     if self.modality_emb is not None: s = s + self.modality_emb[0]
     return s.view(B, T, self.dim)
 
+# %% ../../nbs/10_models.policy.ipynb #c046
 @patch
 def state_tokens(self:ICRT,
                  obs:Tensor,      # (B, T, N, 3, S, S) normalised images
@@ -220,6 +227,7 @@ def state_tokens(self:ICRT,
     "One token per step from its camera images and proprioception."
     return self.pool_state(self.vision_features(obs), proprio)
 
+# %% ../../nbs/10_models.policy.ipynb #c048
 @patch
 def action_tokens(self:ICRT,
                   action:Tensor,     # (B, T, 10) model-space executed actions
@@ -231,20 +239,12 @@ def action_tokens(self:ICRT,
     a = self.action_mlp(a)
     return a + self.modality_emb[1] if self.modality_emb is not None else a
 
-# %% ../../nbs/10_models.policy.ipynb #c027
+# %% ../../nbs/10_models.policy.ipynb #c052
 def interleave(s:Tensor, a:Tensor)->Tensor:  # (B, T, dim) x2 -> (B, 2T, dim): s1 a1 s2 a2 ...
     "Alternate state and action tokens."
     return torch.stack([s, a], dim=2).flatten(1, 2)
 
-@patch
-def encode(self:ICRT, batch:dict)->Tensor:  # (B, T, dim) transformer outputs at the state tokens
-    "Run the tokenisers and the transformer over a batch."
-    self._check_batch(batch)
-    s = self.state_tokens(batch["observation"], batch["proprio"][:, :, 0])
-    noise = self.policy_cfg.action_token_noise if self.training else 0.0
-    a = self.action_tokens(batch["action"][:, :, 0, :ACTION_DIM], noise)  # the executed action; the end flag is no input
-    return self.transformer(interleave(s, a))[:, 0::2]
-
+# %% ../../nbs/10_models.policy.ipynb #c055
 @patch
 def _check_batch(self:ICRT, batch:dict):
     "Clear errors for a batch that cannot fit the model."
@@ -257,7 +257,17 @@ def _check_batch(self:ICRT, batch:dict):
     if batch["observation"].dtype == torch.uint8:
         raise ValueError("ICRT batch: 'observation' is uint8; run icrt.data.dataset.preprocess_batch first (gpu_preprocess)")
 
-# %% ../../nbs/10_models.policy.ipynb #c029
+# %% ../../nbs/10_models.policy.ipynb #c057
+@patch
+def encode(self:ICRT, batch:dict)->Tensor:  # (B, T, dim) transformer outputs at the state tokens
+    "Run the tokenisers and the transformer over a batch."
+    self._check_batch(batch)
+    s = self.state_tokens(batch["observation"], batch["proprio"][:, :, 0])
+    noise = self.policy_cfg.action_token_noise if self.training else 0.0
+    a = self.action_tokens(batch["action"][:, :, 0, :ACTION_DIM], noise)  # the executed action; the end flag is no input
+    return self.transformer(interleave(s, a))[:, 0::2]
+
+# %% ../../nbs/10_models.policy.ipynb #c060
 @patch
 def _step_weights(self:ICRT, batch:dict, shape)->Tensor:  # (B, T)
     "Per-step loss weights from prompt_mask / weight_mask."
@@ -268,6 +278,7 @@ def _step_weights(self:ICRT, batch:dict, shape)->Tensor:  # (B, T)
     if pc.step_weight > 1: w = w * (1 + (pc.step_weight - 1) * batch["weight_mask"].float())
     return w
 
+# %% ../../nbs/10_models.policy.ipynb #c062
 @patch
 def forward(self:ICRT, batch:dict)->tuple:  # (loss, {name: float})
     "Training loss of a batch: observation (B,T,N,3,S,S), proprio (B,T,K,10), action (B,T,K,11), masks (B,T)."
@@ -291,7 +302,7 @@ def forward(self:ICRT, batch:dict)->tuple:  # (loss, {name: float})
     out["loss"] = total.detach()
     return total, {k: float(v) for k, v in out.items()}
 
-# %% ../../nbs/10_models.policy.ipynb #c041
+# %% ../../nbs/10_models.policy.ipynb #c074
 @patch
 def trainable_state_dict(self:ICRT)->dict:
     "Trainable parameters, buffers of trainable modules and the action statistics."
@@ -303,6 +314,7 @@ def trainable_state_dict(self:ICRT)->dict:
             keep |= {pre + n for n, _ in mod.named_buffers(recurse=False)}
     return {k: v.detach() for k, v in self.state_dict().items() if k in keep}
 
+# %% ../../nbs/10_models.policy.ipynb #c077
 def _alias(key:str, own:dict)->Optional[str]:
     "The name of `key` in `own`, allowing for peft's `base_layer` wrapping."
     if key in own: return key
@@ -329,6 +341,7 @@ def load_trainable_state_dict(self:ICRT, sd:dict, strict:bool=True)->tuple:  # (
     self.load_state_dict(mapped, strict=False)
     return missing, unexpected
 
+# %% ../../nbs/10_models.policy.ipynb #c083
 @patch
 def param_groups(self:ICRT, weight_decay:float)->list:  # AdamW parameter groups
     "Trainable parameters: with `weight_decay`, and without it for biases and 1-D parameters."
@@ -337,13 +350,13 @@ def param_groups(self:ICRT, weight_decay:float)->list:  # AdamW parameter groups
         if p.requires_grad: (no_decay if p.ndim <= 1 or n.endswith(".bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-# %% ../../nbs/10_models.policy.ipynb #c049
+# %% ../../nbs/10_models.policy.ipynb #c086
 @patch(cls_method=True)
 def from_config(cls:ICRT, exp_cfg:ExperimentConfig, vision_encoder:Optional[nn.Module]=None)->ICRT:
     "The policy of an `ExperimentConfig`."
     return cls(exp_cfg.model_cfg, exp_cfg.shared_cfg, vision_encoder=vision_encoder)
 
-# %% ../../nbs/10_models.policy.ipynb #c051
+# %% ../../nbs/10_models.policy.ipynb #c089
 @patch
 def reset(self:ICRT,
           action_exec_horizon:Optional[int]=None,  # replan every h steps, executing the chunk in between
@@ -362,6 +375,7 @@ def reset(self:ICRT,
     self._pending_s, self._pending_a, self._chunks, self._last_action = [], [], [], None
     self.last_chunk = self.last_abs_chunk = self.last_hidden = self.last_end_prob = None
 
+# %% ../../nbs/10_models.policy.ipynb #c092
 @patch
 def _feed(self:ICRT, h:Tensor)->Tensor:  # (1, n, dim) new tokens -> (1, n, dim) outputs
     "Run new tokens through the transformer, appending to the key/value cache."
@@ -374,9 +388,10 @@ def _feed(self:ICRT, h:Tensor)->Tensor:  # (1, n, dim) new tokens -> (1, n, dim)
     self.pos += h.shape[1]
     return out
 
-# %% ../../nbs/10_models.policy.ipynb #c053
+# %% ../../nbs/10_models.policy.ipynb #c095
 def _as(x, ref:Tensor)->Tensor: return torch.as_tensor(x).to(device=ref.device, dtype=ref.dtype)
 
+# %% ../../nbs/10_models.policy.ipynb #c097
 @patch
 @torch.no_grad()
 def prompt(self:ICRT, demos:list, chunk:int=64):
@@ -393,7 +408,7 @@ def prompt(self:ICRT, demos:list, chunk:int=64):
             s = self.state_tokens(obs[None, sl], pro[None, sl, :ACTION_DIM])  # (1, t, dim)
             self._feed(interleave(s, self.action_tokens(act[None, sl, :ACTION_DIM])))
 
-# %% ../../nbs/10_models.policy.ipynb #c055
+# %% ../../nbs/10_models.policy.ipynb #c100
 @patch
 def _to_absolute(self:ICRT, chunk:Tensor, proprio:Tensor)->Tensor:  # (K, 10) model space -> (K, 10) absolute
     "Delta actions to absolute xyz + rot6d + gripper with the current proprio."
@@ -401,10 +416,42 @@ def _to_absolute(self:ICRT, chunk:Tensor, proprio:Tensor)->Tensor:  # (K, 10) mo
     pose = delta_to_absolute(proprio[:9].expand(len(chunk), 9), chunk[:, :9])
     return torch.cat([pose, chunk[:, 9:]], dim=-1)
 
-def to_pose7(a10:Tensor)->Tensor:  # (..., 10) xyz, rot6d, gripper -> (..., 7) xyz, Euler XYZ, gripper
-    "Pose for the robot: position, extrinsic XYZ Euler angles, gripper."
-    return torch.cat([pos_rot6d_to_pose(a10[..., :9]), a10[..., 9:]], dim=-1)
+# %% ../../nbs/10_models.policy.ipynb #c103
+@patch
+def _query(self:ICRT, pro:Tensor):
+    "Feed queued tokens, read the chunk at the newest state token."
+    s = self.state_tokens(torch.stack([o for o, _ in self._pending_s])[None], torch.stack([p for _, p in self._pending_s])[None])
+    if self._pending_a:  # tokens a_{t-n+1} s_{t-n+2} ... a_t s_{t+1}: each queued state comes after its action
+        a = self.action_tokens(torch.stack(self._pending_a)[None])           # (1, n, dim)
+        h = torch.stack([a, s], dim=2).flatten(1, 2)
+    else: h = s                                                               # first step of the episode
+    self._pending_s, self._pending_a = [], []
+    self.last_hidden = self._feed(h)[0, -1]                                   # (dim,)
+    g = torch.Generator(device=self.device).manual_seed(self.step)           # reproducible diffusion samples
+    self.last_chunk = self.denormalize_action(self.head.predict(self.last_hidden[None], generator=g)[0])  # (K, 10)
+    if self.end_head is not None: self.last_end_prob = torch.sigmoid(self.end_head(self.last_hidden))  # (K,)
+    self.last_abs_chunk = self._to_absolute(self.last_chunk, pro)              # (K, 10) absolute xyz, rot6d, gripper
+    self._chunks.append((self.step, self.last_abs_chunk))
+    self._chunks = [(t, c) for t, c in self._chunks if self.step - t < self.num_pred_steps]
 
+# %% ../../nbs/10_models.policy.ipynb #c106
+@patch
+def _select(self:ICRT, pro:Tensor)->Tensor:  # (10,) or (K, 10) absolute
+    "The absolute action(s) to execute now, and remember the model-space action for the next step."
+    if self._horizon is None and not self._ensemble:
+        out = self._chunks[-1][1]; first = out[0]
+    elif self._ensemble:
+        preds = torch.stack([c[self.step - t] for t, c in self._chunks])     # oldest first
+        w = torch.exp(-self._k * torch.arange(len(preds), device=preds.device, dtype=preds.dtype))
+        out = first = (w[:, None] * preds).sum(0) / w.sum()
+    else:
+        t, c = self._chunks[-1]; out = first = c[self.step - t]
+    if self.shared_cfg.use_delta_action:
+        first = torch.cat([absolute_to_delta(pro[:9], first[:9]), first[9:]])
+    self._last_action = first
+    return out
+
+# %% ../../nbs/10_models.policy.ipynb #c108
 @patch
 @torch.no_grad()
 def get_action(self:ICRT,
@@ -426,41 +473,7 @@ def get_action(self:ICRT,
     self.step += 1
     return to_pose7(act10).cpu()
 
-# %% ../../nbs/10_models.policy.ipynb #c056
-@patch
-def _query(self:ICRT, pro:Tensor):
-    "Feed queued tokens, read the chunk at the newest state token."
-    s = self.state_tokens(torch.stack([o for o, _ in self._pending_s])[None], torch.stack([p for _, p in self._pending_s])[None])
-    if self._pending_a:  # tokens a_{t-n+1} s_{t-n+2} ... a_t s_{t+1}: each queued state comes after its action
-        a = self.action_tokens(torch.stack(self._pending_a)[None])           # (1, n, dim)
-        h = torch.stack([a, s], dim=2).flatten(1, 2)
-    else: h = s                                                               # first step of the episode
-    self._pending_s, self._pending_a = [], []
-    self.last_hidden = self._feed(h)[0, -1]                                   # (dim,)
-    g = torch.Generator(device=self.device).manual_seed(self.step)           # reproducible diffusion samples
-    self.last_chunk = self.denormalize_action(self.head.predict(self.last_hidden[None], generator=g)[0])  # (K, 10)
-    if self.end_head is not None: self.last_end_prob = torch.sigmoid(self.end_head(self.last_hidden))  # (K,)
-    self.last_abs_chunk = self._to_absolute(self.last_chunk, pro)              # (K, 10) absolute xyz, rot6d, gripper
-    self._chunks.append((self.step, self.last_abs_chunk))
-    self._chunks = [(t, c) for t, c in self._chunks if self.step - t < self.num_pred_steps]
-
-@patch
-def _select(self:ICRT, pro:Tensor)->Tensor:  # (10,) or (K, 10) absolute
-    "The absolute action(s) to execute now, and remember the model-space action for the next step."
-    if self._horizon is None and not self._ensemble:
-        out = self._chunks[-1][1]; first = out[0]
-    elif self._ensemble:
-        preds = torch.stack([c[self.step - t] for t, c in self._chunks])     # oldest first
-        w = torch.exp(-self._k * torch.arange(len(preds), device=preds.device, dtype=preds.dtype))
-        out = first = (w[:, None] * preds).sum(0) / w.sum()
-    else:
-        t, c = self._chunks[-1]; out = first = c[self.step - t]
-    if self.shared_cfg.use_delta_action:
-        first = torch.cat([absolute_to_delta(pro[:9], first[:9]), first[9:]])
-    self._last_action = first
-    return out
-
-# %% ../../nbs/10_models.policy.ipynb #c064
+# %% ../../nbs/10_models.policy.ipynb #c116
 def overfit_policy(model:ICRT, batch:dict, steps:int=200, lr:float=2e-3)->tuple:
     "Train `model` on one batch; return (first loss, mean of the last 10 losses)."
     model.train()
