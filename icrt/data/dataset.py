@@ -30,8 +30,8 @@ __all__ = ['MIN_LEN', 'MAX_LEN', 'MIN_DEMOS', 'log', 'select_episodes', 'split_e
            'make_masks', 'SequenceDataset', 'load_episode', 'DistributedSubEpochSampler']
 
 # %% ../../nbs/06_data.dataset.ipynb #c007
-MIN_LEN, MAX_LEN = 30, 450                      # episode lengths kept (SPEC §3.1)
-MIN_DEMOS = {"train": 4, "val": 1}              # fewer episodes than this: the task is dropped (SPEC §3.4)
+MIN_LEN, MAX_LEN = 30, 450                      # episode lengths kept, in steps (both ends included)
+MIN_DEMOS = {"train": 4, "val": 1}              # a task with fewer episodes in the split is dropped
 
 log = logging.getLogger(__name__)
 
@@ -209,7 +209,7 @@ def make_masks(
 
 # %% ../../nbs/06_data.dataset.ipynb #c034
 class SequenceDataset(torch.utils.data.Dataset):
-    "Windows of `seq_length` steps over task-grouped episodes (SPEC §3)."
+    "Windows of `seq_length` steps over task-grouped episodes: chunked targets, prompt/weight masks, augmented frames."
     keep_freed_memory = True  # in DataLoader workers, let glibc reuse freed large buffers (see `_keep_freed_memory`)
     def __init__(self,
         dataset_cfg:DatasetConfig,       # dataset options (dataset_json, sort_by_lang, ...)
@@ -427,7 +427,7 @@ def _custom_transform(self:SequenceDataset, frames, boxes, colors)->torch.Tensor
 # %% ../../nbs/06_data.dataset.ipynb #c049
 @patch
 def __getitem__(self:SequenceDataset, index:int)->dict:
-    "The sample dict of window `index` (see SPEC §3.7)."
+    "The sample of window `index`: observation, proprio, action, prompt_mask and weight_mask (see Masks above)."
     if not 0 <= index < len(self): raise IndexError(f"window {index} out of range ({len(self)} windows)")
     rng = np.random.default_rng([self.seed, self.epoch, int(index), 29])
     start = int(self.plan.starts[index])

@@ -122,7 +122,7 @@ def read_lowdim(
 
 # %% ../../nbs/03_data.format.ipynb #c017
 class EpisodeWriter:
-    "Context manager writing episodes (one HDF5 group each) in the SPEC §2 layout."
+    "Context manager writing episodes (one HDF5 group each) in the layout shown at the top of this notebook."
     def __init__(self,
         path,                     # HDF5 file to write
         image_layout:str="flat",  # "flat": (T, H*W*3) as in ICRT-MT; "plain": (T, H, W, 3)
@@ -388,7 +388,7 @@ def _collect_spec(config_path)->tuple:
     return spec, problems
 
 def load_dataset_config(
-    path,  # a dataset config JSON (SPEC §2)
+    path,  # a dataset config JSON (dataset_path, hdf5_keys, epi_len_mapping_json, verb_to_episode, ...)
 )->DatasetSpec:
     "Load and validate a dataset config and its side files (the HDF5 files are not opened)."
     spec, problems = _collect_spec(path)

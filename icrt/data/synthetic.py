@@ -234,7 +234,7 @@ def expert_episode(
     rng=0,                 # `np.random.Generator` (then it is advanced) or seed for the expert's noise
     min_len:int=30,        # shortest episode (steps)
     max_len:int=150,       # longest episode (steps)
-)->dict:                   # SPEC keys (T, 6)/(T, 1) float32, "objects" (T, n, 3), "success" bool
+)->dict:                   # dataset keys (T, 6)/(T, 1) float32, "objects" (T, n, 3), "success" bool
     "Run the scripted expert for `task` in `scene` and record observations and actions."
     task = get_task(task)
     if not 2 <= min_len <= max_len: raise ValueError(f"need 2 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
