@@ -27,10 +27,9 @@ __all__ = ['log', 'CONFIGS', 'build_bench_model', 'cached_step', 'uncached_step'
            'format_table', 'bench_inference_cli']
 
 # %% ../../nbs/31_bench.inference.ipynb #c006
-CONFIGS = {
-    "tiny": dict(vision="vit_tiny_patch16_224", vision_kw=dict(img_size=32, depth=2), transformer="custom_transformer_tiny",
-                 adapter_num_heads=4),
-    "default": dict(vision="vit_base_patch16_224.mae", vision_kw={}, transformer="custom_transformer", adapter_num_heads=8),
+CONFIGS = {  # the tiny vision encoder is icrt.tiny's (tiny_encoder: a 2-block ViT-Tiny on 32x32 images)
+    "tiny": dict(vision="vit_tiny_patch16_224", transformer="custom_transformer_tiny", adapter_num_heads=4),
+    "default": dict(vision="vit_base_patch16_224.mae", transformer="custom_transformer", adapter_num_heads=8),
 }
 
 def build_bench_model(
@@ -43,17 +42,21 @@ def build_bench_model(
     if config not in CONFIGS: raise ValueError(f"--config must be one of {', '.join(CONFIGS)}, got '{config}'")
     import timm
     from icrt.models.vision import VisionEncoder
+    from icrt.tiny import tiny_encoder
     c = CONFIGS[config]
-    enc = VisionEncoder(timm.create_model(c["vision"], pretrained=False, num_classes=0, **c["vision_kw"]), name=c["vision"])
+    enc = tiny_encoder() if config == "tiny" else \
+        VisionEncoder(timm.create_model(c["vision"], pretrained=False, num_classes=0), name=c["vision"])
     mc = ModelConfig(VisionEncoderConfig(vision_encoder=c["vision"], vision_nonpretrained=True),
                      PolicyConfig(scratch_llama_config=c["transformer"], adapter_num_heads=c["adapter_num_heads"]))
     sc = SharedConfig(num_cameras=num_cameras, num_pred_steps=num_pred_steps)
     return ICRT(mc, sc, vision_encoder=enc).to(device).eval()
 
-# %% ../../nbs/31_bench.inference.ipynb #c008
+# %% ../../nbs/31_bench.inference.ipynb #c009
 def _sync(device:torch.device):
+    "Wait for the GPU's queued work (nothing to wait for on the CPU)."
     if device.type == "cuda": torch.cuda.synchronize(device)
 
+# %% ../../nbs/31_bench.inference.ipynb #c010
 def _timeit(fn, reps:int, device:torch.device)->float:  # median seconds
     "Median wall time of `fn()` over `reps` runs, after one warm-up run."
     fn(); _sync(device)
@@ -62,7 +65,7 @@ def _timeit(fn, reps:int, device:torch.device)->float:  # median seconds
         t = time.perf_counter(); fn(); _sync(device); ts.append(time.perf_counter() - t)
     return statistics.median(ts)
 
-# %% ../../nbs/31_bench.inference.ipynb #c010
+# %% ../../nbs/31_bench.inference.ipynb #c013
 def _step_inputs(model:ICRT):
     "Vision tokens, proprio and action of one control step (random)."
     N, L, D = model.num_cameras, model.vision.num_tokens, model.vision.embed_dim
@@ -72,23 +75,26 @@ def _step_inputs(model:ICRT):
 def _tokens(model:ICRT, v, pro, act):  # (1, 2, dim): [previous action, new state]
     return interleave(model.action_tokens(act), model.pool_state(v, pro))  # action first, then the state
 
+# %% ../../nbs/31_bench.inference.ipynb #c015
 def cached_step(model:ICRT, ctx:int, v, pro, act):
     "Adapters + transformer on 2 new tokens after `ctx` cached ones + head."
     model.pos = ctx
     h = model._feed(_tokens(model, v, pro, act))
     return model.head.predict(h[:, -1])
 
+# %% ../../nbs/31_bench.inference.ipynb #c017
 def uncached_step(model:ICRT, context:torch.Tensor, v, pro, act):
     "Adapters + transformer over the whole context and the 2 new tokens + head."
     h = model.transformer(torch.cat([context, _tokens(model, v, pro, act)], dim=1))
     return model.head.predict(h[:, -1])
 
-# %% ../../nbs/31_bench.inference.ipynb #c012
+# %% ../../nbs/31_bench.inference.ipynb #c020
 def kv_cache_bytes(model:ICRT, tokens:int)->int:
     "Bytes of a KV cache holding `tokens` tokens (keys and values of every layer)."
     a = model.transformer.args
     return 2 * a.n_layers * a.kv_heads * a.head_dim * tokens * model.action_mean.element_size()
 
+# %% ../../nbs/31_bench.inference.ipynb #c022
 def _round_robin(fns:dict, reps:int, device:torch.device)->dict:  # {key: [seconds per repetition]}
     "Time every function once per repetition, in turn, after one warm-up each."
     ts = {k: [] for k in fns}
@@ -99,6 +105,7 @@ def _round_robin(fns:dict, reps:int, device:torch.device)->dict:  # {key: [secon
             t = time.perf_counter(); f(); _sync(device); ts[k].append(time.perf_counter() - t)
     return ts
 
+# %% ../../nbs/31_bench.inference.ipynb #c024
 @torch.no_grad()
 def bench_inference(
     model:ICRT,                             # the policy (eval mode)
@@ -139,7 +146,7 @@ def bench_inference(
             "device": str(dev), "process_peak_rss_mb": maxrss, "cached_peak_mb": peak_cached,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "threads": torch.get_num_threads()}
 
-# %% ../../nbs/31_bench.inference.ipynb #c016
+# %% ../../nbs/31_bench.inference.ipynb #c028
 def format_table(res:dict)->str:
     "A plain-text table of `bench_inference` results."
     cols = ["context", "cached_ms", "uncached_ms", "kv_cache_mb", "uncached_peak_mb"]
@@ -153,6 +160,7 @@ def format_table(res:dict)->str:
                  + (f"   peak CUDA memory (cached steps): {res['cached_peak_mb']:.0f} MiB" if res["cached_peak_mb"] else ""))
     return "\n".join(lines)
 
+# %% ../../nbs/31_bench.inference.ipynb #c030
 def bench_inference_cli(argv:Optional[list]=None)->int:
     "Console entry point `icrt_bench_inference`."
     p = argparse.ArgumentParser(prog="icrt_bench_inference", description="ICRT per-control-step latency vs context length.")
@@ -182,5 +190,5 @@ def bench_inference_cli(argv:Optional[list]=None)->int:
         return 0 if ok else 1
     return 0
 
-# %% ../../nbs/31_bench.inference.ipynb #c017
+# %% ../../nbs/31_bench.inference.ipynb #c031
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(bench_inference_cli())  # `python -m icrt.bench.inference`
