@@ -9,6 +9,7 @@ import torch
 
 from icrt.config import ConfigError, VisionEncoderConfig
 from icrt.models.vision import build_vision_encoder, infer_vit_kwargs, read_vision_checkpoint, save_vision_encoder
+from icrt.tiny import tiny_vit
 
 
 
@@ -18,8 +19,7 @@ def seed(): torch.manual_seed(0)
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, depth=2, num_classes=0).eval()
+def tiny(): return tiny_vit().eval()
 
 
 def cfg(path, **kw): return VisionEncoderConfig(vision_encoder=str(path), **kw)
@@ -126,23 +126,6 @@ def test_pretrained_weights_from_local_hub_cache(tmp_path, monkeypatch):
     enc = build_vision_encoder(VisionEncoderConfig(vision_encoder=name))
     torch.testing.assert_close(enc.model.blocks[5].attn.qkv.weight, ref.blocks[5].attn.qkv.weight)
     assert enc.num_tokens == 197
-
-
-def test_nonpretrained_by_name_needs_no_weights(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    enc = build_vision_encoder(VisionEncoderConfig(vision_encoder="vit_tiny_patch16_224", vision_nonpretrained=True))
-    assert enc.embed_dim == 192 and enc(torch.zeros(1, 3, 224, 224)).shape == (1, 197, 192)
-
-
-def test_frozen_by_default_and_stays_in_eval(tmp_path, tiny):
-    enc = build_vision_encoder(cfg(save_vision_encoder(tiny, tmp_path / "t.pth")))
-    assert not trainable(enc)
-    torch.nn.Sequential(enc).train()
-    assert not enc.model.training and not any(m.training for m in enc.model.modules())
-    x = torch.randn(1, 3, 32, 32, requires_grad=True)
-    assert not enc(x).requires_grad
-    assert enc(torch.randn(2, 4, 2, 3, 32, 32)).shape == (2, 4, 2, 5, 192)
-    with pytest.raises(ValueError, match="expected images"): enc(torch.randn(1, 3, 64, 64))
 
 
 def test_unfreeze_last_n_and_all(tmp_path, tiny):
