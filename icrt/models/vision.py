@@ -21,6 +21,7 @@ import timm
 import torch
 import torch.nn as nn
 from safetensors import safe_open
+from fastcore.basics import patch
 from safetensors.torch import load_file as load_safetensors, save_file as save_safetensors
 
 from ..checkpoint import load_strict
@@ -128,6 +129,7 @@ def _vit_kwargs_from_model(m:nn.Module)->Optional[dict]:
               no_embed_class=m.no_embed_class)
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in kw.items()}
 
+# %% ../../nbs/07_models.vision.ipynb #c018
 def _arch_of(m:nn.Module)->str:
     "The timm name `m` was created with, with its pretrained tag when known."
     pc = getattr(m, "pretrained_cfg", None) or {}
@@ -135,7 +137,7 @@ def _arch_of(m:nn.Module)->str:
     if not name: raise ValueError("cannot tell the timm architecture of this model: pass arch='timm_model_name'")
     return f"{name}.{tag}" if tag else name
 
-# %% ../../nbs/07_models.vision.ipynb #c018
+# %% ../../nbs/07_models.vision.ipynb #c021
 def save_vision_encoder(
     encoder:nn.Module,              # a timm model or a `VisionEncoder`
     path:Union[str, Path],          # .pth (torch) or .safetensors
@@ -160,7 +162,7 @@ def save_vision_encoder(
     tmp.replace(path)
     return path
 
-# %% ../../nbs/07_models.vision.ipynb #c020
+# %% ../../nbs/07_models.vision.ipynb #c023
 def _json_data_config(dc:dict)->dict:
     "A plain, JSON-safe copy of a timm data config (tuples become lists)."
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dc.items()}
@@ -169,6 +171,7 @@ def _tuple_data_config(dc:dict)->dict:
     "Data config with tuple values, as timm returns it."
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in dc.items()}
 
+# %% ../../nbs/07_models.vision.ipynb #c025
 def resolve_data_config_for(model:nn.Module)->dict:
     "timm data config of `model` (input size, mean, std, interpolation, crop_pct), input size from the model itself."
     dc = dict(timm.data.resolve_model_data_config(model))
@@ -177,9 +180,10 @@ def resolve_data_config_for(model:nn.Module)->dict:
         dc["input_size"] = (dc["input_size"][0], *pe.img_size)
     return _tuple_data_config(dc)
 
-# %% ../../nbs/07_models.vision.ipynb #c023
+# %% ../../nbs/07_models.vision.ipynb #c028
 def _env_true(name:str)->bool: return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
+# %% ../../nbs/07_models.vision.ipynb #c030
 def _hub_cache_dir()->Path:
     "The Hugging Face hub cache, read from the environment at call time."
     if os.environ.get("HF_HUB_CACHE"): return Path(os.environ["HF_HUB_CACHE"])
@@ -205,6 +209,7 @@ def cached_pretrained_file(name:str)->Optional[Path]:
         if f.is_file(): return f
     return None
 
+# %% ../../nbs/07_models.vision.ipynb #c032
 def _reachable(host:str, timeout:float=2.0)->bool:
     "Whether `host:443` accepts a connection within `timeout` seconds (DNS included; never blocks longer)."
     ok = []
@@ -214,7 +219,7 @@ def _reachable(host:str, timeout:float=2.0)->bool:
     t = threading.Thread(target=probe, daemon=True); t.start(); t.join(timeout + 0.5)
     return bool(ok)
 
-# %% ../../nbs/07_models.vision.ipynb #c024
+# %% ../../nbs/07_models.vision.ipynb #c034
 def _offline_error(name:str, why:str)->ConfigError:
     return ConfigError(f"pretrained weights of timm model '{name}' are not available ({why}): pass a local checkpoint with "
                        f"--model-cfg.vision-encoder-cfg.vision-encoder /path/to/encoder.pth, or build it randomly initialised "
@@ -235,7 +240,7 @@ def create_pretrained(name:str, **kwargs)->nn.Module:
     try: return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as e: raise _offline_error(name, f"download failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
 
-# %% ../../nbs/07_models.vision.ipynb #c028
+# %% ../../nbs/07_models.vision.ipynb #c038
 def is_local_checkpoint(
     s:Union[str, Path],  # the --model-cfg.vision-encoder-cfg.vision-encoder value
 )->bool:                 # True: a local checkpoint file (existing or not); False: a timm model name
@@ -244,7 +249,7 @@ def is_local_checkpoint(
     p = Path(s).expanduser()
     return p.suffix in CKPT_SUFFIXES or os.sep in s or "/" in s or p.is_file()
 
-# %% ../../nbs/07_models.vision.ipynb #c030
+# %% ../../nbs/07_models.vision.ipynb #c040
 def create_encoder_model(
     name_or_path:str,         # timm model name, or local checkpoint path
     pretrained:bool=True,     # load weights (timm: pretrained weights; path: the checkpoint's)
@@ -273,7 +278,7 @@ def create_encoder_model(
     model = create_pretrained(name_or_path) if pretrained else timm.create_model(name_or_path, pretrained=False)
     return model, None, name_or_path
 
-# %% ../../nbs/07_models.vision.ipynb #c036
+# %% ../../nbs/07_models.vision.ipynb #c046
 class VisionEncoder(nn.Module):
     "A timm image encoder returning all tokens (..., L, D); frozen unless told otherwise."
     def __init__(self,
@@ -292,9 +297,10 @@ class VisionEncoder(nn.Module):
         self.freeze()
 
     def _count_tokens(self)->int:
+        "Tokens per image, from one forward pass (for models without a patch embedding)."
         with torch.no_grad(): return self._features(torch.zeros(1, *self.data_config["input_size"])).shape[1]
 
-    def _features(self, x):
+    def _features(self, x:torch.Tensor)->torch.Tensor:  # (M, 3, S, S) -> (M, L, D)
         f = self.model.forward_features(x)
         return f.flatten(2).transpose(1, 2) if f.ndim == 4 else f  # CNN maps (B, D, h, w) -> (B, h*w, D)
 
@@ -312,17 +318,19 @@ class VisionEncoder(nn.Module):
         if not self.trainable: self.model.eval()
         return self
 
-    def forward(self, images:torch.Tensor)->torch.Tensor: # (..., 3, S, S) -> (..., L, D)
-        "All output tokens of each image."
-        lead, chw = images.shape[:-3], tuple(images.shape[-3:])
-        if chw != tuple(self.data_config["input_size"]):
-            raise ValueError(f"VisionEncoder {self.name}: expected images (..., {', '.join(map(str, self.data_config['input_size']))}) "
-                             f"per its data_config, got {tuple(images.shape)}")
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
-            f = self._features(images.reshape(-1, *chw))
-        return f.reshape(*lead, *f.shape[1:])
+# %% ../../nbs/07_models.vision.ipynb #c049
+@patch
+def forward(self:VisionEncoder, images:torch.Tensor)->torch.Tensor: # (..., 3, S, S) -> (..., L, D)
+    "All output tokens of each image."
+    lead, chw = images.shape[:-3], tuple(images.shape[-3:])
+    if chw != tuple(self.data_config["input_size"]):
+        raise ValueError(f"VisionEncoder {self.name}: expected images (..., {', '.join(map(str, self.data_config['input_size']))}) "
+                         f"per its data_config, got {tuple(images.shape)}")
+    with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
+        f = self._features(images.reshape(-1, *chw))
+    return f.reshape(*lead, *f.shape[1:])
 
-# %% ../../nbs/07_models.vision.ipynb #c038
+# %% ../../nbs/07_models.vision.ipynb #c052
 def add_vision_lora(model:nn.Module, rank:int)->nn.Module:
     "Inject peft LoRA adapters of `rank` into the attention qkv/proj layers of every block of timm `model`."
     from peft import LoraConfig, inject_adapter_in_model
@@ -332,6 +340,7 @@ def add_vision_lora(model:nn.Module, rank:int)->nn.Module:
                           f"{type(model).__name__} has none")
     return inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=target), model)
 
+# %% ../../nbs/07_models.vision.ipynb #c055
 def _merged_copy(model:nn.Module)->nn.Module:
     "A copy of `model` with every LoRA layer merged into its base weights."
     import copy
@@ -344,6 +353,7 @@ def _merged_copy(model:nn.Module)->nn.Module:
             setattr(parent, attr, mod.get_base_layer())
     return m
 
+# %% ../../nbs/07_models.vision.ipynb #c057
 def set_vision_trainable(enc:VisionEncoder, cfg:VisionEncoderConfig)->VisionEncoder:
     "Apply the trainability options of `cfg` to `enc` (LoRA injection included)."
     enc.freeze()
@@ -361,7 +371,7 @@ def set_vision_trainable(enc:VisionEncoder, cfg:VisionEncoderConfig)->VisionEnco
     if cfg.vision_unfreeze_all: enc.requires_grad_(True)
     return enc.train(enc.training)
 
-# %% ../../nbs/07_models.vision.ipynb #c040
+# %% ../../nbs/07_models.vision.ipynb #c060
 def build_vision_encoder(cfg:VisionEncoderConfig)->VisionEncoder:
     "The vision encoder of `cfg`: timm name or local checkpoint, frozen or partly trainable."
     model, dc, desc = create_encoder_model(cfg.vision_encoder, pretrained=not cfg.vision_nonpretrained)
