@@ -26,7 +26,7 @@ from .image import (AUG_RATIO, AUG_SCALE, BRIGHTNESS, CONTRAST, DEFAULT_DATA_CON
 
 # %% auto #0
 __all__ = ['MIN_LEN', 'MAX_LEN', 'MIN_DEMOS', 'log', 'select_episodes', 'split_episodes', 'group_by_task', 'task_ratios',
-           'rebalance_counts', 'plan_tasks', 'EpochPlan', 'stride_of', 'window_starts', 'build_plan', 'window_pieces',
+           'rebalance_counts', 'plan_tasks', 'stride_of', 'window_starts', 'EpochPlan', 'build_plan', 'window_pieces',
            'make_masks', 'SequenceDataset', 'load_episode', 'DistributedSubEpochSampler']
 
 # %% ../../nbs/06_data.dataset.ipynb #c007
@@ -94,6 +94,7 @@ def task_ratios(
             if t in out: out[t] = r
     return out
 
+# %% ../../nbs/06_data.dataset.ipynb #c021
 def rebalance_counts(
     groups:dict,                    # {task: episodes}
     task_grouping:Optional[dict]=None,
@@ -103,7 +104,7 @@ def rebalance_counts(
     r = task_ratios(task_grouping, list(groups))
     return {t: max(1, int(math.floor(med * r[t] + 0.5))) for t in groups}
 
-# %% ../../nbs/06_data.dataset.ipynb #c021
+# %% ../../nbs/06_data.dataset.ipynb #c024
 def plan_tasks(
     groups:dict,                      # {task: episodes}
     rng:np.random.Generator,          # the epoch's generator
@@ -126,23 +127,13 @@ def plan_tasks(
         out.append((t, trajs))
     return out
 
-# %% ../../nbs/06_data.dataset.ipynb #c024
-@dataclass
-class EpochPlan:
-    "One epoch laid end to end: segments (trajectory occurrences), task blocks and window starts."
-    seg_episode: np.ndarray  # (S,) int32 index into the dataset's episode list
-    seg_start: np.ndarray    # (S,) int64 first global step of each segment
-    seg_len: np.ndarray      # (S,) int64 steps of each segment
-    block_start: np.ndarray  # (G,) int64 first global step of each task block
-    block_len: np.ndarray    # (G,) int64
-    block_task: list         # (G,) task names
-    starts: np.ndarray       # (W,) int64 global start step of every window
-
+# %% ../../nbs/06_data.dataset.ipynb #c027
 def stride_of(non_overlapping:Union[bool, int], seq_length:int)->int:
     "Distance between window starts for a `non_overlapping` value."
     if isinstance(non_overlapping, bool): return seq_length if non_overlapping else 1
     return int(non_overlapping)
 
+# %% ../../nbs/06_data.dataset.ipynb #c029
 def window_starts(
     block_start:np.ndarray, block_len:np.ndarray,  # task blocks
     seq_length:int, stride:int=1,
@@ -154,6 +145,18 @@ def window_starts(
     parts = [b + np.arange(0, n - seq_length + 1, stride, dtype=np.int64)
              for b, n in zip(block_start, block_len) if n >= seq_length]
     return np.concatenate(parts) if parts else np.zeros(0, np.int64)
+
+# %% ../../nbs/06_data.dataset.ipynb #c032
+@dataclass
+class EpochPlan:
+    "One epoch laid end to end: segments (trajectory occurrences), task blocks and window starts."
+    seg_episode: np.ndarray  # (S,) int32 index into the dataset's episode list
+    seg_start: np.ndarray    # (S,) int64 first global step of each segment
+    seg_len: np.ndarray      # (S,) int64 steps of each segment
+    block_start: np.ndarray  # (G,) int64 first global step of each task block
+    block_len: np.ndarray    # (G,) int64
+    block_task: list         # (G,) task names
+    starts: np.ndarray       # (W,) int64 global start step of every window
 
 def build_plan(
     tasks_order:list,       # plan_tasks output
@@ -171,7 +174,7 @@ def build_plan(
     starts = seg_start.copy() if goal_conditioned else window_starts(bstart, blen, seq_length, stride, task_barrier)
     return EpochPlan(seg_ep, seg_start, seg_len, bstart, blen, [t for t, _ in tasks_order], starts)
 
-# %% ../../nbs/06_data.dataset.ipynb #c027
+# %% ../../nbs/06_data.dataset.ipynb #c035
 def window_pieces(
     plan:EpochPlan,
     start:int,         # global start step
@@ -185,7 +188,7 @@ def window_pieces(
         out.append((i, a, b)); pos += b - a; i += 1
     return out
 
-# %% ../../nbs/06_data.dataset.ipynb #c030
+# %% ../../nbs/06_data.dataset.ipynb #c038
 def make_masks(
     piece_lens:list,          # steps of each piece of the window, in order
     piece_ends:list,          # does the piece end at its trajectory's last step?
@@ -207,7 +210,7 @@ def make_masks(
         weight[q:q + min(k, n)] = 1
     return prompt, weight
 
-# %% ../../nbs/06_data.dataset.ipynb #c034
+# %% ../../nbs/06_data.dataset.ipynb #c042
 class SequenceDataset(torch.utils.data.Dataset):
     "Windows of `seq_length` steps over task-grouped episodes: chunked targets, prompt/weight masks, augmented frames."
     keep_freed_memory = True  # in DataLoader workers, let glibc reuse freed large buffers (see `_keep_freed_memory`)
@@ -242,7 +245,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         "The task an episode belongs to."
         return self.spec.episode_task[episode]
 
-# %% ../../nbs/06_data.dataset.ipynb #c036
+# %% ../../nbs/06_data.dataset.ipynb #c046
 @patch
 def _select(self:SequenceDataset, split_file):
     "Choose the split's episodes and group them by task."
@@ -277,7 +280,7 @@ def _select(self:SequenceDataset, split_file):
     self.counts = (rebalance_counts(self.groups, spec.task_grouping) if cfg.rebalance_tasks and self.split == "train"
                    and self.groups else None)
 
-# %% ../../nbs/06_data.dataset.ipynb #c038
+# %% ../../nbs/06_data.dataset.ipynb #c049
 @patch
 def _verify(self:SequenceDataset):
     "Check that every episode and key of the split exists in its HDF5 file."
@@ -298,7 +301,7 @@ def _verify(self:SequenceDataset):
                 for k in keys:
                     if k not in g: raise DatasetError(f"{path}: episode '{e}': key '{k}' is missing (run icrt_check)")
 
-# %% ../../nbs/06_data.dataset.ipynb #c040
+# %% ../../nbs/06_data.dataset.ipynb #c052
 @patch
 def shuffle_dataset(self:SequenceDataset, epoch:int=0):
     "Rebuild the epoch's plan (task order, draws, repeats, swaps, window starts) from (seed, epoch)."
@@ -309,6 +312,7 @@ def shuffle_dataset(self:SequenceDataset, epoch:int=0):
     self.plan = build_plan(order, self.index, self.lengths, self.T, stride_of(self.cfg.non_overlapping, self.T),
                            self.cfg.task_barrier, self.cfg.goal_conditioned)
 
+# %% ../../nbs/06_data.dataset.ipynb #c055
 @patch
 def _check_windows(self:SequenceDataset):
     "One clear error when no window fits (train split)."
@@ -318,7 +322,7 @@ def _check_windows(self:SequenceDataset):
                       f"task this epoch: {longest} steps); lower seq_length, or use --no-dataset-cfg.task-barrier or "
                       "--dataset-cfg.num-repeat-traj > 1")
 
-# %% ../../nbs/06_data.dataset.ipynb #c043
+# %% ../../nbs/06_data.dataset.ipynb #c060
 def _keep_freed_memory():
     "In a DataLoader worker (glibc), keep freed large buffers so each sample's output reuses pages (no-op elsewhere)."
     # every sample allocates ~40 MB; faulting in fresh pages costs about 20 % of a sample's CPU time
@@ -339,16 +343,20 @@ def _group(self:SequenceDataset, episode:str)->h5py.Group:
     if fi not in self._h5: self._h5[fi] = h5py.File(self.spec.dataset_path[fi], "r")
     return self._h5[fi][episode]
 
+# %% ../../nbs/06_data.dataset.ipynb #c062
 @patch
 def close(self:SequenceDataset):
     "Close this process's HDF5 handles (they reopen on the next read)."
     for f in self._h5.values(): f.close()
     self._h5 = {}
 
+# %% ../../nbs/06_data.dataset.ipynb #c065
 @patch
 def __getstate__(self:SequenceDataset):
+    "The state without HDF5 handles (each process opens its own)."
     d = dict(self.__dict__); d["_h5"], d["_pid"] = {}, None; return d
 
+# %% ../../nbs/06_data.dataset.ipynb #c068
 @patch
 def _rows(self:SequenceDataset, g, key:str, a:int, b:int, reader=read_lowdim)->np.ndarray:
     "Steps a..b-1 (after skip_step) of `key`: one contiguous read."
@@ -356,6 +364,7 @@ def _rows(self:SequenceDataset, g, key:str, a:int, b:int, reader=read_lowdim)->n
     x = reader(g, key, a * s, (b - 1) * s + 1)
     return x[::s] if s > 1 else x
 
+# %% ../../nbs/06_data.dataset.ipynb #c071
 def _chunk_index(n:int, last:int, K:int)->np.ndarray:
     "(n, K) row indices: step j's chunk is rows j..j+K-1, clamped to `last`."
     return np.minimum(np.arange(n)[:, None] + np.arange(K)[None, :], last)
@@ -378,7 +387,7 @@ def _lowdim(self:SequenceDataset, episode:str, a:int, b:int, rng)->tuple:
     ci = _chunk_index(b - a, c - a - 1, self.K)                       # (n, K)
     return prop[ci], act[ci], eos[ci]
 
-# %% ../../nbs/06_data.dataset.ipynb #c045
+# %% ../../nbs/06_data.dataset.ipynb #c074
 @patch
 def _actions(self:SequenceDataset, prop:np.ndarray, act:np.ndarray, eos:np.ndarray)->np.ndarray:
     "(n, K, 11) float32 targets: delta (or absolute) pose, the rest absolute, end flag last."
@@ -386,7 +395,7 @@ def _actions(self:SequenceDataset, prop:np.ndarray, act:np.ndarray, eos:np.ndarr
         act = np.concatenate([absolute_to_delta(prop[:, :1, :9], act[..., :9]), act[..., 9:]], -1)
     return np.concatenate([act, eos[..., None]], -1).astype(np.float32)
 
-# %% ../../nbs/06_data.dataset.ipynb #c047
+# %% ../../nbs/06_data.dataset.ipynb #c077
 @patch
 def _frame_params(self:SequenceDataset, key:str, shape:tuple, rng)->tuple:
     "Crop box and colour of one camera for one trajectory segment."
@@ -395,6 +404,7 @@ def _frame_params(self:SequenceDataset, key:str, shape:tuple, rng)->tuple:
     col = (rng.uniform(*CONTRAST), rng.uniform(*BRIGHTNESS)) if aug else (1.0, 0.0)
     return box, col
 
+# %% ../../nbs/06_data.dataset.ipynb #c080
 @patch
 def _observation(self:SequenceDataset, frames:list, boxes:list, colors:list)->dict:
     "Per camera lists of uint8 (T, H, W, 3), (T, 4), (T, 2) -> the sample's observation entries."
@@ -411,6 +421,7 @@ def _observation(self:SequenceDataset, frames:list, boxes:list, colors:list)->di
         preprocess_frames(torch.from_numpy(f), torch.from_numpy(b), torch.from_numpy(c), self.data_config, out=obs[:, n])
     return {"observation": obs}
 
+# %% ../../nbs/06_data.dataset.ipynb #c083
 @patch
 def _custom_transform(self:SequenceDataset, frames, boxes, colors)->torch.Tensor:
     "User-supplied transforms, applied per run of equal colour after the colour jitter (compatibility path)."
@@ -424,7 +435,7 @@ def _custom_transform(self:SequenceDataset, frames, boxes, colors)->torch.Tensor
         cams.append(torch.cat([tf(x[s:e]) for s, e in zip(cuts[:-1], cuts[1:])]))
     return torch.stack(cams, 1)
 
-# %% ../../nbs/06_data.dataset.ipynb #c049
+# %% ../../nbs/06_data.dataset.ipynb #c086
 @patch
 def __getitem__(self:SequenceDataset, index:int)->dict:
     "The sample of window `index`: observation, proprio, action, prompt_mask and weight_mask (see Masks above)."
@@ -452,7 +463,7 @@ def __getitem__(self:SequenceDataset, index:int)->dict:
     return {**obs, "proprio": torch.from_numpy(cat(prop).astype(np.float32)), "action": torch.from_numpy(cat(act)),
             "prompt_mask": torch.from_numpy(pm), "weight_mask": torch.from_numpy(wm)}
 
-# %% ../../nbs/06_data.dataset.ipynb #c051
+# %% ../../nbs/06_data.dataset.ipynb #c109
 @patch
 def _goal_sample(self:SequenceDataset, start:int, rng)->dict:
     "A goal-conditioned window: [final step] + the trajectory's first T-1 steps (padded)."
@@ -475,7 +486,7 @@ def _goal_sample(self:SequenceDataset, start:int, rng)->dict:
     return {**self._observation(frames, boxes, colors), "proprio": torch.from_numpy(p[sel].astype(np.float32)),
             "action": torch.from_numpy(act[sel]), "prompt_mask": torch.from_numpy(pm), "weight_mask": torch.from_numpy(wm)}
 
-# %% ../../nbs/06_data.dataset.ipynb #c076
+# %% ../../nbs/06_data.dataset.ipynb #c114
 @patch
 def save_split(self:SequenceDataset, out_dir:Union[str, Path])->tuple:
     "Write train_split.json and val_split.json (episode name lists) into `out_dir`."
@@ -486,7 +497,7 @@ def save_split(self:SequenceDataset, out_dir:Union[str, Path])->tuple:
         tmp.write_text(json.dumps(self.split_episodes[name], indent=1)); tmp.replace(p); paths.append(p)
     return tuple(paths)
 
-# %% ../../nbs/06_data.dataset.ipynb #c079
+# %% ../../nbs/06_data.dataset.ipynb #c117
 @patch
 def action_statistics(self:SequenceDataset,
     min_std:float=1e-3,  # floor of the std: a column that barely varies (a fixed orientation) must not blow up when divided by it
@@ -504,7 +515,7 @@ def action_statistics(self:SequenceDataset,
     std = np.maximum(np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0)), min_std)
     return {"mean": mean.tolist(), "std": std.tolist(), "min": lo.tolist(), "max": hi.tolist(), "count": int(n)}
 
-# %% ../../nbs/06_data.dataset.ipynb #c082
+# %% ../../nbs/06_data.dataset.ipynb #c120
 def load_episode(
     spec:Union[DatasetSpec, str, Path],  # a DatasetSpec or a dataset config path
     episode:str,                         # episode name
@@ -521,7 +532,7 @@ def load_episode(
         return {"frames": {k: read_frames(g, k, 0, T) for k in spec.image_keys}, "proprio": vec(spec.proprio_keys),
                 "actions": vec(spec.action_keys), "task": spec.episode_task.get(episode), "length": T}
 
-# %% ../../nbs/06_data.dataset.ipynb #c085
+# %% ../../nbs/06_data.dataset.ipynb #c123
 class DistributedSubEpochSampler(torch.utils.data.Sampler):
     "Rank- and sub-epoch-split indices, deterministic in (seed, epoch), resumable mid-epoch."
     def __init__(self,
@@ -545,26 +556,35 @@ class DistributedSubEpochSampler(torch.utils.data.Sampler):
         if int(epoch) != self.epoch: self.start = 0
         self.epoch = int(epoch)
 
-    def indices(self)->list:
-        "This rank's full index list for the current epoch."
-        n = len(self.dataset)
-        if self.shuffle:
-            g = torch.Generator(); g.manual_seed(self.seed + self.epoch // self.split_epoch)
-            idx = torch.randperm(n, generator=g).tolist()
-        else: idx = list(range(n))
-        off = self.rank * self.split_epoch + self.epoch % self.split_epoch
-        return idx[off::self.num_replicas * self.split_epoch][:self.num_samples]
+# %% ../../nbs/06_data.dataset.ipynb #c126
+@patch
+def indices(self:DistributedSubEpochSampler)->list:
+    "This rank's full index list for the current epoch."
+    n = len(self.dataset)
+    if self.shuffle:
+        g = torch.Generator(); g.manual_seed(self.seed + self.epoch // self.split_epoch)
+        idx = torch.randperm(n, generator=g).tolist()
+    else: idx = list(range(n))
+    off = self.rank * self.split_epoch + self.epoch % self.split_epoch
+    return idx[off::self.num_replicas * self.split_epoch][:self.num_samples]
 
-    def __iter__(self):
-        idx = self.indices()[self.start:]
-        self.start = 0
-        return iter(idx)
+# %% ../../nbs/06_data.dataset.ipynb #c129
+@patch
+def __iter__(self:DistributedSubEpochSampler):
+    "This rank's indices from the resume offset on (the offset is then dropped)."
+    idx = self.indices()[self.start:]
+    self.start = 0
+    return iter(idx)
 
-    def state_dict(self, consumed:int=0)->dict:
-        "Position to resume from: the epoch and the samples of it already trained on."
-        return {"epoch": self.epoch, "consumed": int(consumed), "seed": self.seed, "num_replicas": self.num_replicas,
-                "split_epoch": self.split_epoch}
+# %% ../../nbs/06_data.dataset.ipynb #c131
+@patch
+def state_dict(self:DistributedSubEpochSampler, consumed:int=0)->dict:
+    "Position to resume from: the epoch and the samples of it already trained on."
+    return {"epoch": self.epoch, "consumed": int(consumed), "seed": self.seed, "num_replicas": self.num_replicas,
+            "split_epoch": self.split_epoch}
 
-    def load_state_dict(self, sd:dict):
-        "Resume: the next iteration of epoch sd['epoch'] starts after sd['consumed'] samples."
-        self.epoch, self.start = int(sd["epoch"]), int(sd.get("consumed", 0))
+# %% ../../nbs/06_data.dataset.ipynb #c133
+@patch
+def load_state_dict(self:DistributedSubEpochSampler, sd:dict):
+    "Resume: the next iteration of epoch sd['epoch'] starts after sd['consumed'] samples."
+    self.epoch, self.start = int(sd["epoch"]), int(sd.get("consumed", 0))
