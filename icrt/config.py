@@ -17,7 +17,7 @@ import tyro
 import yaml
 
 # %% auto #0
-__all__ = ['REPO_CONFIGS', 'ICRTError', 'ConfigError', 'resolve_config_path', 'bundled_configs', 'DatasetConfig',
+__all__ = ['REPO_CONFIGS', 'ICRTError', 'ConfigError', 'bundled_configs', 'resolve_config_path', 'DatasetConfig',
            'VisionEncoderConfig', 'PolicyConfig', 'ModelConfig', 'OptimizerConfig', 'TrainerConfig', 'SharedConfig',
            'LoggingConfig', 'ExperimentConfig', 'validate_config', 'config_to_dict', 'config_from_dict', 'save_config',
            'load_config', 'parse_args']
@@ -29,13 +29,19 @@ def _repo_root()->Path:
 
 REPO_CONFIGS = _repo_root() / "configs"  # the repo's configs/ folder
 
+# %% ../nbs/00_config.ipynb #c009
 class ICRTError(Exception):
     "Base of every error a user can cause and fix (a path, a key, a value); its message is one line saying what to do."
 
 class ConfigError(ICRTError, ValueError):
     "A configuration value that cannot work; the message names the flag or file and what to do."
 
-# %% ../nbs/00_config.ipynb #c007
+# %% ../nbs/00_config.ipynb #c011
+def bundled_configs(sub:str="model_config")->list: # names of the bundled configs in `configs/<sub>`
+    "List the names of the JSON configs bundled in `configs/<sub>`."
+    return sorted(f.stem for f in (REPO_CONFIGS / sub).glob("*.json"))
+
+# %% ../nbs/00_config.ipynb #c013
 def _bundled_candidates(name:str):
     "Places inside `REPO_CONFIGS` where a bundled config called `name` may live."
     p = Path(name)
@@ -58,14 +64,10 @@ def resolve_config_path(
     raise ConfigError(f"{what}: '{name_or_path}' is neither a file nor a config bundled in {REPO_CONFIGS} "
                       f"(bundled model configs: {', '.join(bundled_configs('model_config'))})")
 
-def bundled_configs(sub:str="model_config")->list: # names of the bundled configs in `configs/<sub>`
-    "List the names of the JSON configs bundled in `configs/<sub>`."
-    return sorted(f.stem for f in (REPO_CONFIGS / sub).glob("*.json"))
-
-# %% ../nbs/00_config.ipynb #c010
+# %% ../nbs/00_config.ipynb #c016
 @dataclass
 class DatasetConfig:
-    "How episodes on disk become training sequences (SPEC §3)."
+    "How episodes on disk become training sequences: windows, prompts, augmentation, task balance (`06_data.dataset`)."
     dataset_json: str  # dataset config JSON: a path or a bundled name
     sort_by_lang: bool = True  # group episodes by task; drop tasks with too few episodes
     task_barrier: bool = True  # a training window never crosses from one task into another
@@ -83,10 +85,10 @@ class DatasetConfig:
     dataset_fraction: float = 1.0  # keep this fraction of each task's episodes
     gpu_preprocess: bool = False  # loader returns uint8 frames; resize/crop/normalise/augment run batched on the device
 
-# %% ../nbs/00_config.ipynb #c011
+# %% ../nbs/00_config.ipynb #c018
 @dataclass
 class VisionEncoderConfig:
-    "The image encoder (SPEC §4)."
+    "The frozen (or partly trained) image encoder that turns each camera frame into tokens (`07_models.vision`)."
     vision_encoder: str = "vit_base_patch16_224.mae"  # a timm model name, or a local .pth/.safetensors checkpoint
     vision_nonpretrained: bool = False  # build the encoder randomly initialised (no weights needed)
     vision_unfreeze_all: bool = False  # train the whole encoder
@@ -94,9 +96,10 @@ class VisionEncoderConfig:
     vision_lora_rank: int = 8  # rank of the encoder's LoRA adapters
     vision_unfreeze_last_n: int = 0  # train the last N blocks of the encoder
 
+# %% ../nbs/00_config.ipynb #c020
 @dataclass
 class PolicyConfig:
-    "The transformer, its adapters and its prediction head (SPEC §4)."
+    "The causal transformer, the adapters that pool camera tokens, and the action head (`10_models.policy`)."
     llama_ckpt_dir: Optional[str] = None  # Llama-2 weights: Meta format (params.json + consolidated.*.pth) or Hugging Face format
     multikv_attn_pool: bool = False  # attention pooling with one key/value set per camera token group
     adapter_num_heads: int = 8  # heads of the attention-pooling adapters
@@ -122,22 +125,24 @@ class PolicyConfig:
     num_train_diffusion_steps: Optional[int] = None  # diffusion head: training noise steps (default 100)
     num_inference_diffusion_steps: Optional[int] = None  # diffusion head: sampling steps at inference (default 10)
 
+# %% ../nbs/00_config.ipynb #c022
 @dataclass
 class ModelConfig:
     "Vision encoder + policy."
     vision_encoder_cfg: VisionEncoderConfig = field(default_factory=VisionEncoderConfig)
     policy_cfg: PolicyConfig = field(default_factory=PolicyConfig)
 
-# %% ../nbs/00_config.ipynb #c012
+# %% ../nbs/00_config.ipynb #c024
 @dataclass
 class OptimizerConfig:
-    "AdamW and its learning-rate schedule (SPEC §5)."
+    "AdamW, and its learning rate: a linear warm-up, then half a cosine down to `min_lr` (`12_train`, Learning rate)."
     weight_decay: float = 0.01  # AdamW weight decay (not on biases and 1-D parameters)
     lr: Optional[float] = 5e-4  # absolute learning rate; when unset, blr x effective batch / 256
     blr: float = 1e-3  # base learning rate, used when lr is unset
     min_lr: float = 0.0  # floor of the cosine schedule
     warmup_epochs: float = 40  # linear warm-up length in (fractional) epochs
 
+# %% ../nbs/00_config.ipynb #c026
 @dataclass
 class TrainerConfig:
     "The training loop."
@@ -146,6 +151,7 @@ class TrainerConfig:
     pin_memory: bool = True  # pin loader memory (CUDA)
     num_workers: int = 20  # data-loader worker processes
 
+# %% ../nbs/00_config.ipynb #c028
 @dataclass
 class SharedConfig:
     "Values both the data and the model need."
@@ -163,6 +169,7 @@ class SharedConfig:
     use_delta_action: bool = True  # actions relative to the current proprio pose
     scale_action: Optional[str] = None  # JSON of action mean/std/min/max used to normalise targets
 
+# %% ../nbs/00_config.ipynb #c030
 @dataclass
 class LoggingConfig:
     "Where results go."
@@ -171,7 +178,7 @@ class LoggingConfig:
     log_name: Optional[str] = None  # run folder name: output_dir/log_name
     wandb_project: Optional[str] = None  # also log to this Weights & Biases project (needs `pip install wandb`)
 
-# %% ../nbs/00_config.ipynb #c013
+# %% ../nbs/00_config.ipynb #c032
 @dataclass
 class ExperimentConfig:
     "One ICRT experiment: the seven groups and how to run it."
@@ -191,7 +198,7 @@ class ExperimentConfig:
         out = Path(self.logging_cfg.output_dir)
         return out / self.logging_cfg.log_name if self.logging_cfg.log_name else out
 
-# %% ../nbs/00_config.ipynb #c017
+# %% ../nbs/00_config.ipynb #c036
 def _flag(path:str)->str: return "--" + path.replace("_", "-")
 
 def _positive(cfg, path:str, allow_zero=False):
@@ -201,7 +208,7 @@ def _positive(cfg, path:str, allow_zero=False):
     if v is None or v < 0 or (v == 0 and not allow_zero):
         raise ConfigError(f"{_flag(path)} must be {'>= 0' if allow_zero else '> 0'}, got {v}")
 
-# %% ../nbs/00_config.ipynb #c018
+# %% ../nbs/00_config.ipynb #c038
 def validate_config(cfg:ExperimentConfig)->ExperimentConfig:
     "Check the values of `cfg` that cannot work; raise `ConfigError` naming the flag."
     for p in ["trainer_cfg.epochs", "trainer_cfg.accum_iter", "shared_cfg.batch_size", "shared_cfg.seq_length",
@@ -218,7 +225,7 @@ def validate_config(cfg:ExperimentConfig)->ExperimentConfig:
     _check_choices(cfg); _check_lr(cfg); _check_misc(cfg)
     return cfg
 
-# %% ../nbs/00_config.ipynb #c019
+# %% ../nbs/00_config.ipynb #c039
 def _check_choices(cfg):
     "Literal-typed fields must hold one of their choices (tyro checks the CLI; this checks YAML and code)."
     pc = cfg.model_cfg.policy_cfg
@@ -226,6 +233,7 @@ def _check_choices(cfg):
                              ("model_cfg.policy_cfg.decoder_pred_head", pc.decoder_pred_head, ("mlp", "gmm", "diffusion"))]:
         if v not in choices: raise ConfigError(f"{_flag(name)} must be one of {', '.join(choices)}; got '{v}'")
 
+# %% ../nbs/00_config.ipynb #c041
 def _check_lr(cfg):
     "Either a usable absolute `lr`, or a usable base `blr`."
     oc = cfg.optimizer_cfg
@@ -236,7 +244,7 @@ def _check_lr(cfg):
     if oc.min_lr > (oc.lr if oc.lr is not None else float("inf")):
         raise ConfigError(f"--optimizer-cfg.min-lr ({oc.min_lr}) must not exceed --optimizer-cfg.lr ({oc.lr})")
 
-# %% ../nbs/00_config.ipynb #c020
+# %% ../nbs/00_config.ipynb #c043
 def _check_misc(cfg):
     "Remaining cross-field rules."
     dc, pc, vc = cfg.dataset_cfg, cfg.model_cfg.policy_cfg, cfg.model_cfg.vision_encoder_cfg
@@ -255,11 +263,12 @@ def _check_misc(cfg):
     if not cfg.device == "auto" and not cfg.device.split(":")[0] in ("cpu", "cuda", "mps"):
         raise ConfigError(f"--device must be auto, cpu, cuda or cuda:N, got '{cfg.device}'")
 
-# %% ../nbs/00_config.ipynb #c023
+# %% ../nbs/00_config.ipynb #c047
 def config_to_dict(cfg)->dict:
     "Plain nested dict of a config dataclass."
     return dataclasses.asdict(cfg)
 
+# %% ../nbs/00_config.ipynb #c050
 def _from_dict(cls, d:dict, where:str):
     "Rebuild dataclass `cls` from plain dict `d`; `where` names the position for errors."
     if not isinstance(d, dict): raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(d).__name__}")
@@ -277,7 +286,7 @@ def config_from_dict(d:dict)->ExperimentConfig:
     "Rebuild an `ExperimentConfig` from `config_to_dict` output."
     return _from_dict(ExperimentConfig, d, "")
 
-# %% ../nbs/00_config.ipynb #c024
+# %% ../nbs/00_config.ipynb #c052
 def save_config(cfg:ExperimentConfig, path:Union[str, Path])->Path:
     "Write `cfg` to `path` as plain YAML (atomically)."
     path = Path(path); tmp = path.with_name(path.name + ".tmp")
@@ -285,6 +294,7 @@ def save_config(cfg:ExperimentConfig, path:Union[str, Path])->Path:
     tmp.replace(path)
     return path
 
+# %% ../nbs/00_config.ipynb #c054
 def load_config(path:Union[str, Path])->ExperimentConfig:
     "Read a `run.yaml` written by `save_config`, with safe YAML loading."
     path = Path(path)
@@ -295,7 +305,7 @@ def load_config(path:Union[str, Path])->ExperimentConfig:
     try: return config_from_dict(d)
     except ConfigError as e: raise ConfigError(f"--load-config '{path}': {e}") from None
 
-# %% ../nbs/00_config.ipynb #c028
+# %% ../nbs/00_config.ipynb #c058
 def _find_load_config(argv:list)->Optional[str]:
     "The value of `--load-config` in `argv`, if any."
     for i, a in enumerate(argv):
