@@ -16,6 +16,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from fastcore.basics import patch
 
 from ..checkpoint import load_strict
 from ..config import ConfigError, PolicyConfig, resolve_config_path
@@ -66,8 +67,9 @@ def _check_args(a:LlamaArgs, src:str)->LlamaArgs:
     if a.n_heads % a.kv_heads: raise ConfigError(f"{src}: n_heads {a.n_heads} is not divisible by n_kv_heads {a.kv_heads}")
     return a
 
-@classmethod
-def _from_json(cls, path:Union[str, Path])->LlamaArgs:
+# %% ../../nbs/08_models.llama.ipynb #c011
+@patch(cls_method=True)
+def from_json(cls:LlamaArgs, path:Union[str, Path])->LlamaArgs:
     "Read a Meta-style params JSON (a path, or a bundled name such as 'custom_transformer_tiny')."
     path = resolve_config_path(path, "transformer params JSON")
     try: d = json.loads(Path(path).read_text())
@@ -80,9 +82,7 @@ def _from_json(cls, path:Union[str, Path])->LlamaArgs:
     if extra: _log.warning("transformer params %s: ignoring unknown key(s) %s", path, extra)
     return _check_args(cls(**{k: v for k, v in d.items() if k in known}), f"transformer params '{path}'")
 
-LlamaArgs.from_json = _from_json
-
-# %% ../../nbs/08_models.llama.ipynb #c011
+# %% ../../nbs/08_models.llama.ipynb #c014
 class RMSNorm(nn.Module):
     "Root-mean-square layer norm with a learned gain."
     def __init__(self, dim:int, eps:float=1e-5):
@@ -92,6 +92,7 @@ class RMSNorm(nn.Module):
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
+# %% ../../nbs/08_models.llama.ipynb #c016
 class FeedForward(nn.Module):
     "SwiGLU feed-forward block."
     def __init__(self, dim:int, hidden:int):
@@ -99,7 +100,7 @@ class FeedForward(nn.Module):
         self.w1, self.w2, self.w3 = nn.Linear(dim, hidden, bias=False), nn.Linear(hidden, dim, bias=False), nn.Linear(dim, hidden, bias=False)
     def forward(self, x:torch.Tensor)->torch.Tensor: return self.w2(F.silu(self.w1(x)) * self.w3(x))
 
-# %% ../../nbs/08_models.llama.ipynb #c014
+# %% ../../nbs/08_models.llama.ipynb #c019
 def rope_angles(
     head_dim:int, start:int, length:int, theta:float=10000.0, device=None,
 )->tuple:  # (cos, sin), each (length, head_dim/2) float32
@@ -108,6 +109,7 @@ def rope_angles(
     ang = torch.outer(torch.arange(start, start + length, device=device, dtype=torch.float32), inv)
     return ang.cos(), ang.sin()
 
+# %% ../../nbs/08_models.llama.ipynb #c021
 def apply_rope(
     x:torch.Tensor,    # (B, L, H, head_dim)
     cos:torch.Tensor,  # (L, head_dim/2)
@@ -119,7 +121,7 @@ def apply_rope(
     c, s = cos[:, None, :], sin[:, None, :]
     return torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), -1).flatten(-2).type_as(x)
 
-# %% ../../nbs/08_models.llama.ipynb #c018
+# %% ../../nbs/08_models.llama.ipynb #c025
 class KVCache:
     "Preallocated per-layer key/value buffers for incremental decoding."
     def __init__(self, n_layers:int, n_kv_heads:int, head_dim:int):
@@ -152,7 +154,7 @@ class KVCache:
         self.v[layer, :B, :, start:start + L] = v.detach()
         return self.k[layer, :B, :, :start + L], self.v[layer, :B, :, :start + L]
 
-# %% ../../nbs/08_models.llama.ipynb #c020
+# %% ../../nbs/08_models.llama.ipynb #c027
 class Attention(nn.Module):
     "Multi-head causal self-attention with rotary positions and grouped-query support."
     def __init__(self, args:LlamaArgs):
@@ -188,7 +190,7 @@ class Attention(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, L, hd)
         return self.wo(o.transpose(1, 2).reshape(B, L, self.n_heads * self.hd))
 
-# %% ../../nbs/08_models.llama.ipynb #c022
+# %% ../../nbs/08_models.llama.ipynb #c029
 class TransformerBlock(nn.Module):
     "Pre-norm Llama block: attention then SwiGLU, each with a residual connection."
     def __init__(self, layer_id:int, args:LlamaArgs):
@@ -201,7 +203,7 @@ class TransformerBlock(nn.Module):
         h = x + self.attention(self.attention_norm(x), cos, sin, start_pos, cache, self.layer_id)
         return h + self.feed_forward(self.ffn_norm(h))
 
-# %% ../../nbs/08_models.llama.ipynb #c023
+# %% ../../nbs/08_models.llama.ipynb #c030
 class Transformer(nn.Module):
     "Causal Llama transformer over vectors: (B, L, dim) -> (B, L, dim), no vocabulary."
     def __init__(self, args:LlamaArgs):
@@ -225,27 +227,29 @@ class Transformer(nn.Module):
         return KVCache(self.args.n_layers, self.args.kv_heads, self.args.head_dim).allocate(
             batch, max_len or self.args.max_seq_len, device or p.device, dtype or p.dtype)
 
-    def forward(self,
-                h:torch.Tensor,                 # (B, L, dim) input vectors
-                start_pos:Optional[int]=0,      # position of h[:, 0]; None: append after what `cache` holds
-                cache:Optional[KVCache]=None,   # keys/values of earlier positions (inference)
-               )->torch.Tensor:                 # (B, L, dim) after the final norm
-        "Causal forward; with a cache, only the new tokens are computed."
-        B, L, D = h.shape
-        if D != self.args.dim: raise ValueError(f"Transformer: expected inputs (B, L, {self.args.dim}), got {tuple(h.shape)}")
-        if start_pos is None: start_pos = cache.length if cache is not None else 0
-        if cache is None and start_pos: raise ValueError("Transformer: start_pos > 0 needs the KV cache of the earlier positions")
-        if cache is not None:
-            if cache.k is None: raise ValueError("Transformer: the KV cache is not allocated (call cache.allocate or model.new_cache)")
-            if start_pos + L > cache.max_len or B > cache.batch:
-                raise ValueError(f"Transformer: {B} x positions {start_pos}..{start_pos + L - 1} do not fit a KV cache of "
-                                 f"{cache.batch} x {cache.max_len} tokens; allocate a larger one or reset it")
-        cos, sin = rope_angles(self.args.head_dim, start_pos, L, self.args.rope_theta, h.device)
-        for layer in self.layers: h = layer(h, cos, sin, start_pos, cache)
-        if cache is not None: cache.length = start_pos + L
-        return self.norm(h)
-
 # %% ../../nbs/08_models.llama.ipynb #c033
+@patch
+def forward(self:Transformer,
+            h:torch.Tensor,                 # (B, L, dim) input vectors
+            start_pos:Optional[int]=0,      # position of h[:, 0]; None: append after what `cache` holds
+            cache:Optional[KVCache]=None,   # keys/values of earlier positions (inference)
+           )->torch.Tensor:                 # (B, L, dim) after the final norm
+    "Causal forward; with a cache, only the new tokens are computed."
+    B, L, D = h.shape
+    if D != self.args.dim: raise ValueError(f"Transformer: expected inputs (B, L, {self.args.dim}), got {tuple(h.shape)}")
+    if start_pos is None: start_pos = cache.length if cache is not None else 0
+    if cache is None and start_pos: raise ValueError("Transformer: start_pos > 0 needs the KV cache of the earlier positions")
+    if cache is not None:
+        if cache.k is None: raise ValueError("Transformer: the KV cache is not allocated (call cache.allocate or model.new_cache)")
+        if start_pos + L > cache.max_len or B > cache.batch:
+            raise ValueError(f"Transformer: {B} x positions {start_pos}..{start_pos + L - 1} do not fit a KV cache of "
+                             f"{cache.batch} x {cache.max_len} tokens; allocate a larger one or reset it")
+    cos, sin = rope_angles(self.args.head_dim, start_pos, L, self.args.rope_theta, h.device)
+    for layer in self.layers: h = layer(h, cos, sin, start_pos, cache)
+    if cache is not None: cache.length = start_pos + L
+    return self.norm(h)
+
+# %% ../../nbs/08_models.llama.ipynb #c043
 _ROW_SPLIT, _COL_SPLIT = ("wq", "wk", "wv", "w1", "w3"), ("wo", "w2")  # Meta model-parallel layout
 _IGNORED = ("tok_embeddings.", "output.", "rope.freqs", "lm_head.")
 
@@ -259,9 +263,7 @@ def _merge_shards(key:str, parts:list, dtype)->torch.Tensor:
     for p in parts: out.narrow(dim, off, p.shape[dim]).copy_(p); off += p.shape[dim]
     return out
 
-# %% ../../nbs/08_models.llama.ipynb #c034
-def _meta_args(d:Path)->LlamaArgs: return LlamaArgs.from_json(d / "params.json")
-
+# %% ../../nbs/08_models.llama.ipynb #c045
 def load_meta_state_dict(
     ckpt_dir:Path,        # folder with params.json + consolidated.*.pth
     dtype=torch.float32,  # dtype of the returned tensors
@@ -282,7 +284,7 @@ def load_meta_state_dict(
         sd[k] = _merge_shards(k, [s[k] for s in shards], dtype)
     return sd
 
-# %% ../../nbs/08_models.llama.ipynb #c036
+# %% ../../nbs/08_models.llama.ipynb #c047
 def save_llama_checkpoint(
     model:Transformer,       # a plain transformer (merge LoRA first)
     out_dir:Union[str, Path],# folder to write params.json + consolidated.NN.pth into
@@ -303,7 +305,7 @@ def save_llama_checkpoint(
         torch.save(shard, out / f"consolidated.{r:02d}.pth")
     return out
 
-# %% ../../nbs/08_models.llama.ipynb #c038
+# %% ../../nbs/08_models.llama.ipynb #c049
 _HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
              "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
              "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
@@ -313,6 +315,7 @@ def unpermute_hf_rows(w:torch.Tensor, n_heads:int)->torch.Tensor: # (n_heads*hd,
     rows, cols = w.shape
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
+# %% ../../nbs/08_models.llama.ipynb #c051
 def _hf_args(path:Path)->LlamaArgs:
     "LlamaArgs of a Hugging Face LlamaConfig JSON."
     src = f"--model-cfg.policy-cfg.llama-ckpt-dir: '{path}'"
@@ -333,7 +336,7 @@ def _hf_args(path:Path)->LlamaArgs:
     if c.get("head_dim", a.head_dim) != a.head_dim: raise ConfigError(f"{src}: head_dim {c['head_dim']} != hidden_size/num_attention_heads")
     return _check_args(a, src)
 
-# %% ../../nbs/08_models.llama.ipynb #c039
+# %% ../../nbs/08_models.llama.ipynb #c053
 def load_hf_state_dict(
     ckpt_dir:Path,        # folder with config.json + *.safetensors
     args:LlamaArgs,       # its shape (for the q/k permutation)
@@ -362,7 +365,7 @@ def load_hf_state_dict(
                 sd[new] = t.to(dtype)
     return sd
 
-# %% ../../nbs/08_models.llama.ipynb #c041
+# %% ../../nbs/08_models.llama.ipynb #c055
 LLAMA_FLAG = "--model-cfg.policy-cfg.llama-ckpt-dir"
 
 def check_llama_dir(
@@ -380,7 +383,9 @@ def check_llama_dir(
                           "download the weights, or pass --model-cfg.policy-cfg.no-load-llama to train that shape from random init")
     return fmt
 
-# %% ../../nbs/08_models.llama.ipynb #c044
+# %% ../../nbs/08_models.llama.ipynb #c058
+def _meta_args(d:Path)->LlamaArgs: return LlamaArgs.from_json(d / "params.json")
+
 def load_llama(
     ckpt_dir:Union[str, Path],  # Meta (params.json + consolidated.*.pth) or HF (config.json + *.safetensors) folder
     load_weights:bool=True,     # False: same shape, random initialisation
@@ -398,6 +403,7 @@ def load_llama(
     _log.info("loaded %s Llama checkpoint %s: dim %d, %d layers, %d heads", fmt, d, args.dim, args.n_layers, args.n_heads)
     return load_strict(model, sd, f"{LLAMA_FLAG} '{d}': weights do not match the transformer its config describes", assign=True)
 
+# %% ../../nbs/08_models.llama.ipynb #c061
 def build_transformer(
     policy_cfg:PolicyConfig,  # scratch_llama_config, llama_ckpt_dir, load_llama are read
     dtype=None,               # parameter dtype (default float32)
@@ -411,7 +417,7 @@ def build_transformer(
     raise ConfigError("no transformer given: pass --model-cfg.policy-cfg.scratch-llama-config (e.g. custom_transformer) "
                       "or --model-cfg.policy-cfg.llama-ckpt-dir /path/to/llama-2-7b")
 
-# %% ../../nbs/08_models.llama.ipynb #c050
+# %% ../../nbs/08_models.llama.ipynb #c066
 LORA_TARGETS = ("wq", "wk", "wv", "wo")  # attention projections that get LoRA adapters
 
 def apply_lora(
@@ -435,6 +441,7 @@ def apply_lora(
         if "lora_" not in k: p.requires_grad_(before.get(k, before.get(k.replace(".base_layer", ""), p.requires_grad)))
     return model
 
+# %% ../../nbs/08_models.llama.ipynb #c068
 def set_trainable(
     model:nn.Module,  # a Transformer (with or without LoRA)
     phase:str,        # "pretrain" or "finetune"
@@ -447,6 +454,7 @@ def set_trainable(
     if phase == "finetune" and not any("lora_" in k for k in names): _log.warning("finetune phase without LoRA adapters: only norms train")
     return names
 
+# %% ../../nbs/08_models.llama.ipynb #c070
 def merge_lora(model:nn.Module)->nn.Module:
     "Fold every LoRA adapter into its base weight and remove it (in place), for fast inference."
     from peft.tuners.lora import LoraLayer
