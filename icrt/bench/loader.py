@@ -98,6 +98,7 @@ def _pss_kb(pid:int)->int:
         except OSError: continue
     return 0
 
+# %% ../../nbs/30_bench.loader.ipynb #c011
 def _children(pid:int)->list:
     "Child process ids of `pid` (Linux)."
     out = []
@@ -107,6 +108,7 @@ def _children(pid:int)->list:
     except OSError: pass
     return out
 
+# %% ../../nbs/30_bench.loader.ipynb #c014
 def _cpu_s(pid:int)->float:
     "User + system CPU seconds of a process so far (0 if it is gone)."
     try:
@@ -119,6 +121,7 @@ def tree_cpu_s()->float:
     me = os.getpid()
     return sum(_cpu_s(p) for p in [me] + _children(me))
 
+# %% ../../nbs/30_bench.loader.ipynb #c016
 class PeakMemory:
     "Context manager sampling the summed PSS of this process and its children; `.peak_mb` after exit."
     def __init__(self, interval:float=0.25):
@@ -137,7 +140,7 @@ class PeakMemory:
     @property
     def peak_mb(self)->float: return self.peak_kb / 1024
 
-# %% ../../nbs/30_bench.loader.ipynb #c012
+# %% ../../nbs/30_bench.loader.ipynb #c019
 def bench_loader(
     config:str,                 # dataset config JSON
     seq_length:int=32,
@@ -174,13 +177,14 @@ def bench_loader(
             "peak_pss_mb": pm.peak_mb,
             "device": dev}
 
-# %% ../../nbs/30_bench.loader.ipynb #c018
+# %% ../../nbs/30_bench.loader.ipynb #c025
 def _run_one(args:dict)->dict:
     "Run `bench_loader(**args)` in a fresh Python process; its JSON result."
     r = subprocess.run([sys.executable, "-m", "icrt.bench.loader", "--one", json.dumps(args)], capture_output=True, text=True)
     if r.returncode != 0: raise RuntimeError(f"benchmark setting {args} failed:\n{r.stderr[-2000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
 
+# %% ../../nbs/30_bench.loader.ipynb #c027
 def machine()->str:
     "CPU model and core count of this machine."
     model = platform.processor() or "unknown CPU"
@@ -191,14 +195,17 @@ def machine()->str:
     gpu = f", GPU {torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else ""
     return f"{model}, nproc {os.cpu_count()}{gpu}"
 
+# %% ../../nbs/30_bench.loader.ipynb #c029
 def _row(r:dict)->str:
+    "One line of the results table."
     return (f"{r['pipeline']:<22}{r['num_workers']:>8}{r['samples_per_s']:>12.2f}{r['cpu_s_per_sample']:>14.3f}"
             f"{r['peak_pss_mb']:>14.0f}")
 
-# %% ../../nbs/30_bench.loader.ipynb #c019
-def bench_loader_cli(argv:Optional[list]=None):
-    "icrt_bench_loader: samples/s and peak memory of the fast loader vs the published-style baseline."
-    p = argparse.ArgumentParser(prog="icrt_bench_loader", description=bench_loader_cli.__doc__)
+# %% ../../nbs/30_bench.loader.ipynb #c032
+def _parser()->argparse.ArgumentParser:
+    "The icrt_bench_loader argument parser."
+    p = argparse.ArgumentParser(prog="icrt_bench_loader", description="icrt_bench_loader: samples/s and peak memory of "
+                                "the fast loader vs the published-style baseline.")
     p.add_argument("config", nargs="?", help="dataset config JSON (omit with --make-dataset)")
     p.add_argument("--seq-length", type=int, default=32)
     p.add_argument("--num-workers", type=int, nargs="+", default=[0, 2])
@@ -210,29 +217,26 @@ def bench_loader_cli(argv:Optional[list]=None):
     p.add_argument("--scale-check", action="store_true", help="compare peak memory on a dataset and one 4x larger")
     p.add_argument("--scale-repeats", type=int, default=3, help="runs per dataset in the scale check (median taken)")
     p.add_argument("--one", help=argparse.SUPPRESS)
-    a = p.parse_args(argv)
-    if a.one:
-        print(json.dumps(bench_loader(**json.loads(a.one)))); return
-    if a.make_dataset: a.config = str(write_bench_dataset(a.make_dataset))
-    if not a.config and not a.scale_check: p.error("give a dataset CONFIG, --make-dataset DIR or --scale-check")
-    print(f"machine: {machine()}")
-    if a.config:
-        if not Path(a.config).is_file(): p.error(f"dataset config '{a.config}' not found")
-        print(f"dataset {a.config}, seq_length {a.seq_length}, {a.samples} samples per setting")
-        print(f"{'pipeline':<22}{'workers':>8}{'samples/s':>12}{'CPU s/sample':>14}{'peak PSS MB':>14}")
-        res = {}
-        for nw in a.num_workers:
-            kinds = [(False, False)] + ([(False, True)] if a.gpu_preprocess else []) + ([] if a.no_baseline else [(True, False)])
-            for naive, gpu in kinds:
-                r = _run_one(dict(config=a.config, seq_length=a.seq_length, num_workers=nw, samples=a.samples, naive=naive,
-                                  gpu_preprocess=gpu))
-                res[(r["pipeline"], nw)] = r; print(_row(r), flush=True)
-            if not a.no_baseline:
-                f, b = res[("fast", nw)], res[("naive", nw)]
-                print(f"{'':<30}speed-up vs baseline: {f['samples_per_s'] / b['samples_per_s']:.1f}x in samples/s, "
-                      f"{b['cpu_s_per_sample'] / max(f['cpu_s_per_sample'], 1e-9):.1f}x in CPU time per sample")
-    if a.scale_check: _scale_check(a)
+    return p
 
+# %% ../../nbs/30_bench.loader.ipynb #c035
+def _compare(a:argparse.Namespace):
+    "Time the fast loader (and the uint8 loader, the baseline) for every worker count of `a`; print the table."
+    print(f"dataset {a.config}, seq_length {a.seq_length}, {a.samples} samples per setting")
+    print(f"{'pipeline':<22}{'workers':>8}{'samples/s':>12}{'CPU s/sample':>14}{'peak PSS MB':>14}")
+    res = {}
+    for nw in a.num_workers:
+        kinds = [(False, False)] + ([(False, True)] if a.gpu_preprocess else []) + ([] if a.no_baseline else [(True, False)])
+        for naive, gpu in kinds:
+            r = _run_one(dict(config=a.config, seq_length=a.seq_length, num_workers=nw, samples=a.samples, naive=naive,
+                              gpu_preprocess=gpu))
+            res[(r["pipeline"], nw)] = r; print(_row(r), flush=True)
+        if not a.no_baseline:
+            f, b = res[("fast", nw)], res[("naive", nw)]
+            print(f"{'':<30}speed-up vs baseline: {f['samples_per_s'] / b['samples_per_s']:.1f}x in samples/s, "
+                  f"{b['cpu_s_per_sample'] / max(f['cpu_s_per_sample'], 1e-9):.1f}x in CPU time per sample")
+
+# %% ../../nbs/30_bench.loader.ipynb #c038
 def _scale_check(a):
     "Peak memory of the fast loader on a dataset and on one with 4x the episodes (median of repeated runs)."
     with tempfile.TemporaryDirectory() as d:
@@ -249,5 +253,20 @@ def _scale_check(a):
         print(f"scale check: median peak memory ratio 4x/1x = {med[1] / med[0]:.3f} "
               f"({'OK: within 10%' if med[1] <= 1.1 * med[0] else 'over 10%'})")
 
-# %% ../../nbs/30_bench.loader.ipynb #c020
+# %% ../../nbs/30_bench.loader.ipynb #c040
+def bench_loader_cli(argv:Optional[list]=None):
+    "icrt_bench_loader: samples/s and peak memory of the fast loader vs the published-style baseline."
+    p = _parser()
+    a = p.parse_args(argv)
+    if a.one:
+        print(json.dumps(bench_loader(**json.loads(a.one)))); return
+    if a.make_dataset: a.config = str(write_bench_dataset(a.make_dataset))
+    if not a.config and not a.scale_check: p.error("give a dataset CONFIG, --make-dataset DIR or --scale-check")
+    print(f"machine: {machine()}")
+    if a.config:
+        if not Path(a.config).is_file(): p.error(f"dataset config '{a.config}' not found")
+        _compare(a)
+    if a.scale_check: _scale_check(a)
+
+# %% ../../nbs/30_bench.loader.ipynb #c042
 if __name__ == "__main__" and "__file__" in globals(): bench_loader_cli()
