@@ -26,6 +26,7 @@ def mlp(
     "Two linear layers with a GELU between them."
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out_dim))
 
+# %% ../../nbs/09_models.heads.ipynb #c008
 class ActionHead(nn.Module):
     "Base class: maps tokens `(M, in_dim)` to action chunks `(M, K, A)`."
     def __init__(self,
@@ -51,7 +52,7 @@ class ActionHead(nn.Module):
         raise ValueError(f"kl_div_loss needs the gmm head (--model-cfg.policy-cfg.decoder-pred-head gmm); "
                          f"this head is {type(self).__name__}")
 
-# %% ../../nbs/09_models.heads.ipynb #c008
+# %% ../../nbs/09_models.heads.ipynb #c011
 class MLPHead(ActionHead):
     "Regress the chunk with an MLP; L1 loss."
     def __init__(self, in_dim:int, action_dim:int, num_pred_steps:int,
@@ -70,7 +71,7 @@ class MLPHead(ActionHead):
         self._check(h, target)
         return (self.predict(h) - target).abs().mean(dim=(1, 2))
 
-# %% ../../nbs/09_models.heads.ipynb #c012
+# %% ../../nbs/09_models.heads.ipynb #c015
 class GMMHead(ActionHead):
     "Per chunk step, a mixture of `num_modes` diagonal Gaussians; NLL loss."
     def __init__(self, in_dim:int, action_dim:int, num_pred_steps:int,
@@ -101,17 +102,19 @@ class GMMHead(ActionHead):
         nll = -torch.logsumexp(logw + logp, dim=-1)                        # (M, K)
         return nll.mean(-1) / self.action_dim
 
-    def predict(self, h:Tensor, generator=None, sample:bool=False)->Tensor:  # (M, K, A)
-        "Mean of the most likely component (or a sample of the mixture with `sample=True`)."
-        logw, mu, std = self.mixture(h)
-        if sample:
-            k = torch.multinomial(logw.exp().flatten(0, 1), 1, generator=generator).view(*logw.shape[:2], 1, 1)
-            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
-            return (mu + std * eps).gather(2, k.expand(-1, -1, 1, mu.shape[-1])).squeeze(2)
-        k = logw.argmax(-1)[..., None, None].expand(-1, -1, 1, mu.shape[-1])
-        return mu.gather(2, k).squeeze(2)
+# %% ../../nbs/09_models.heads.ipynb #c018
+@patch
+def predict(self:GMMHead, h:Tensor, generator=None, sample:bool=False)->Tensor:  # (M, K, A)
+    "Mean of the most likely component (or a sample of the mixture with `sample=True`)."
+    logw, mu, std = self.mixture(h)
+    if sample:
+        k = torch.multinomial(logw.exp().flatten(0, 1), 1, generator=generator).view(*logw.shape[:2], 1, 1)
+        eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+        return (mu + std * eps).gather(2, k.expand(-1, -1, 1, mu.shape[-1])).squeeze(2)
+    k = logw.argmax(-1)[..., None, None].expand(-1, -1, 1, mu.shape[-1])
+    return mu.gather(2, k).squeeze(2)
 
-# %% ../../nbs/09_models.heads.ipynb #c014
+# %% ../../nbs/09_models.heads.ipynb #c021
 @patch
 def kl(self:GMMHead, h:Tensor)->Tensor:  # (M,)
     "Mixture-weighted KL(component || N(0, I)), per number, averaged over the chunk."
@@ -119,7 +122,7 @@ def kl(self:GMMHead, h:Tensor)->Tensor:  # (M,)
     kl = (0.5 * (std**2 + mu**2 - 1) - std.log()).mean(-1)  # (M, K, C)
     return (logw.exp() * kl).sum(-1).mean(-1)
 
-# %% ../../nbs/09_models.heads.ipynb #c019
+# %% ../../nbs/09_models.heads.ipynb #c026
 def timestep_embedding(
     t:Tensor,  # (M,) integer or float timesteps
     dim:int,   # embedding width (even)
@@ -130,6 +133,7 @@ def timestep_embedding(
     a = t.float()[:, None] * freqs[None]
     return torch.cat([a.sin(), a.cos()], dim=-1)
 
+# %% ../../nbs/09_models.heads.ipynb #c028
 class FiLMBlock(nn.Module):
     "Residual MLP block whose normalised input is scaled and shifted by the condition."
     def __init__(self, dim:int, cond_dim:int):
@@ -140,7 +144,7 @@ class FiLMBlock(nn.Module):
         scale, shift = self.film(c).chunk(2, dim=-1)
         return x + self.mlp(self.norm(x) * (1 + scale) + shift)
 
-# %% ../../nbs/09_models.heads.ipynb #c020
+# %% ../../nbs/09_models.heads.ipynb #c030
 class DiffusionHead(ActionHead):
     "DDPM-trained denoiser of the flattened chunk, conditioned on the token; DDIM sampling."
     def __init__(self, in_dim:int, action_dim:int, num_pred_steps:int,
@@ -173,7 +177,7 @@ class DiffusionHead(ActionHead):
         for b in self.blocks: y = b(y, c)
         return self.out(y)
 
-# %% ../../nbs/09_models.heads.ipynb #c022
+# %% ../../nbs/09_models.heads.ipynb #c032
 @patch
 def loss(self:DiffusionHead, h:Tensor, target:Tensor)->Tensor:  # (M,)
     "Denoising MSE (clean-chunk error) at a random noise level per token."
@@ -184,6 +188,7 @@ def loss(self:DiffusionHead, h:Tensor, target:Tensor)->Tensor:  # (M,)
     xt = self.train_scheduler.add_noise(x0, noise, t)
     return F.mse_loss(self.denoise(xt, t, h), x0, reduction="none").mean(-1)
 
+# %% ../../nbs/09_models.heads.ipynb #c035
 @patch
 def predict(self:DiffusionHead, h:Tensor, generator:Optional[torch.Generator]=None,
                        num_inference_steps:Optional[int]=None)->Tensor:  # (M, K, A)
@@ -198,7 +203,7 @@ def predict(self:DiffusionHead, h:Tensor, generator:Optional[torch.Generator]=No
         x = sched.step(x0, t, x).prev_sample
     return x.view(h.shape[0], self.num_pred_steps, self.action_dim)
 
-# %% ../../nbs/09_models.heads.ipynb #c025
+# %% ../../nbs/09_models.heads.ipynb #c038
 HEADS = {"mlp": MLPHead, "gmm": GMMHead, "diffusion": DiffusionHead}
 
 def build_head(
@@ -219,7 +224,7 @@ def build_head(
                          f"--model-cfg.policy-cfg.num-train-diffusion-steps ({n_train})")
     return DiffusionHead(in_dim, action_dim, num_pred_steps, num_train_steps=n_train, num_inference_steps=n_inf)
 
-# %% ../../nbs/09_models.heads.ipynb #c028
+# %% ../../nbs/09_models.heads.ipynb #c041
 def overfit_head(head:ActionHead, h:Tensor, target:Tensor, steps:int=300, lr:float=3e-3)->tuple:
     "Train `head` on one batch; return (first loss, last loss, first prediction error, last prediction error)."
     opt = torch.optim.Adam(head.parameters(), lr=lr)
