@@ -20,8 +20,10 @@ import yaml
 from .config import ICRTError, ExperimentConfig, config_from_dict, config_to_dict
 
 # %% auto #0
-__all__ = ['PUBLISHED_MODULE', 'PUBLISHED_CLASSES', 'CLASS_KEY', 'GROUPS', 'PUBLISHED_ONLY', 'PublishedError',
-           'read_published_yaml', 'published_config', 'read_published_checkpoint']
+__all__ = ['PUBLISHED_MODULE', 'PUBLISHED_CLASSES', 'CLASS_KEY', 'GROUPS', 'PUBLISHED_ONLY', 'MODEL_OPTIONS', 'PublishedError',
+           'read_published_yaml', 'published_config', 'read_published_checkpoint', 'published_layout',
+           'check_published_layout', 'project_key', 'model_option', 'map_published_state', 'localise', 'project_model',
+           'write_run']
 
 # %% ../nbs/22_published.ipynb #c005
 class PublishedError(ICRTError, ValueError):
@@ -185,3 +187,213 @@ def read_published_checkpoint(
         raise PublishedError(f"{flag}: '{p}' is not a published ICRT checkpoint (no 'model' dict of tensors)")
     return {"model": dict(ck["model"]), "epoch": ck.get("epoch"), "args": _plain(ck.get("args")),
             "optimizer": ck.get("optimizer"), "scaler": ck.get("scaler")}
+
+# %% ../nbs/22_published.ipynb #c034
+def _ffn_hidden(dim:int, multiple_of:int)->int: return multiple_of * ((int(2 * 4 * dim / 3) + multiple_of - 1) // multiple_of)
+
+def _published_pool(pre:str, D:int, out:int, ratio:float, multikv:bool)->dict:
+    "Shapes of one published attention-pooling adapter (latent query, q, kv, proj to `out`, norm and MLP at `out`)."
+    h = int(out * ratio)
+    kv = {f"{pre}kv.{i}.{w}": s for i in range(2) for w, s in (("weight", (2 * D, D)), ("bias", (2 * D,)))} if multikv \
+        else {f"{pre}kv.weight": (2 * D, D), f"{pre}kv.bias": (2 * D,)}
+    return {f"{pre}latent": (1, 1, D), f"{pre}q.weight": (D, D), f"{pre}q.bias": (D,), **kv,
+            f"{pre}proj.weight": (out, D), f"{pre}proj.bias": (out,), f"{pre}norm.weight": (out,), f"{pre}norm.bias": (out,),
+            f"{pre}mlp.fc1.weight": (h, out), f"{pre}mlp.fc1.bias": (h,), f"{pre}mlp.fc2.weight": (out, h), f"{pre}mlp.fc2.bias": (out,)}
+
+# %% ../nbs/22_published.ipynb #c035
+def _published_icrt(p:dict, D:int, dim:int)->dict:
+    "Shapes of the published `icrt_*` tensors (MLP head, 10-D proprio and actions)."
+    pc, sc = p["model_cfg"]["policy_cfg"], p["shared_cfg"]
+    N, K, A = sc["num_cameras"], sc["num_pred_steps"], 10
+    out = {"icrt_camera_pos_emb": (N, 1, D)} if pc["camera_pos_emb"] else {}
+    if pc["modality_pos_emb"]: out |= {"icrt_pos_emb_state": (dim,), "icrt_pos_emb_act": (dim,)}
+    if not pc["remove_proprio"]:
+        out |= {"icrt_proprio_encoder.fc1.weight": (A, A), "icrt_proprio_encoder.fc1.bias": (A,),
+                "icrt_proprio_encoder.fc2.weight": (D, A), "icrt_proprio_encoder.fc2.bias": (D,)}
+    if pc["separate_camera_adapter"] and N > 1:
+        for i in range(N): out |= _published_pool(f"icrt_attn_pooling.{i}.", D, dim // N, pc["adapter_mlp_ratio"], pc["multikv_attn_pool"])
+    else: out |= _published_pool("icrt_attn_pooling.", D, dim, pc["adapter_mlp_ratio"], pc["multikv_attn_pool"])
+    out |= {"icrt_vision_norm.weight": (D,), "icrt_vision_norm.bias": (D,),
+            "icrt_action_encoder.fc1.weight": (A, A), "icrt_action_encoder.fc1.bias": (A,),
+            "icrt_action_encoder.fc2.weight": (dim, A), "icrt_action_encoder.fc2.bias": (dim,),
+            "icrt_action_decoder.mlp.fc1.weight": (128, dim), "icrt_action_decoder.mlp.fc1.bias": (128,),
+            "icrt_action_decoder.mlp.fc2.weight": (K * A, 128), "icrt_action_decoder.mlp.fc2.bias": (K * A,)}
+    return out
+
+# %% ../nbs/22_published.ipynb #c036
+def _published_llama(p:dict, llama:dict, trained_only:bool=True)->dict:
+    "Shapes of the published `llama.*` tensors its phase saves (trained_only=False: every tensor of the model)."
+    pc = p["model_cfg"]["policy_cfg"]
+    dim, m, r = llama["dim"], llama.get("multiple_of", 256), pc["lora_rank"]
+    h, ft = _ffn_hidden(dim, m), pc["phase"] == "finetune"
+    if trained_only and pc["phase"] == "pretrain" and not pc.get("scratch_llama_config"): return {}
+    base = {"attention.wq.weight": (dim, dim), "attention.wk.weight": (dim, dim), "attention.wv.weight": (dim, dim),
+            "attention.wo.weight": (dim, dim), "feed_forward.w1.weight": (h, dim), "feed_forward.w2.weight": (dim, h),
+            "feed_forward.w3.weight": (h, dim)}
+    lora = {f"attention.lora_w{w}_l{j}.weight": s for w in "qkvo" for j, s in ((1, (r, dim)), (2, (dim, r)))}
+    lora |= {f"feed_forward.lora_w{w}_l1.weight": (r, i) for w, i in (("1", dim), ("2", h), ("3", dim))}
+    lora |= {f"feed_forward.lora_w{w}_l2.weight": (o, r) for w, o in (("1", h), ("2", dim), ("3", h))}
+    bias = {"attention.wq.bias": (dim,), "attention.wo.bias": (dim,), "feed_forward.w1.bias": (h,),
+            "feed_forward.w2.bias": (dim,), "feed_forward.w3.bias": (h,)}
+    norms = {"attention_norm.weight": (dim,), "ffn_norm.weight": (dim,)}
+    layer = ({} if ft and trained_only else base) | (bias | lora if ft else {}) | norms
+    return {f"llama.layers.{l}.{k}": s for l in range(llama["n_layers"]) for k, s in layer.items()} | {"llama.norm.weight": (dim,)}
+
+# %% ../nbs/22_published.ipynb #c037
+def published_layout(p:dict, D:int, llama:dict)->dict:  # {key: shape} of the published checkpoint's `model`
+    "Every tensor a published checkpoint of plain config `p` holds, with its shape."
+    return _published_icrt(p, D, llama["dim"]) | _published_llama(p, llama)
+
+def check_published_layout(sd:dict, layout:dict, where:str):
+    "Raise naming the first key of `sd` that `layout` does not expect, has another shape, or is missing."
+    for k, v in sd.items():
+        if k.startswith("vision_encoder."): continue  # a trained vision encoder: checked when it is loaded
+        if k not in layout: raise PublishedError(f"{where}: the checkpoint's key '{k}' does not exist in the model its run.yaml describes; same run?")
+        if tuple(v.shape) != tuple(layout[k]):
+            raise PublishedError(f"{where}: the checkpoint's '{k}' has shape {tuple(v.shape)}, the run.yaml's model {tuple(layout[k])}; same run?")
+    missing = [k for k in layout if k not in sd]
+    if missing: raise PublishedError(f"{where}: the checkpoint lacks '{missing[0]}' (+{len(missing) - 1} more) that the run.yaml's model has; same run?")
+
+# %% ../nbs/22_published.ipynb #c041
+_POOL = r"icrt_attn_pooling\.(?:(\d+)\.)?"
+_KEY_RULES = [
+    (r"icrt_vision_norm\.(weight|bias)", r"vision_norm.\1"), (r"icrt_camera_pos_emb", "camera_emb"),
+    (r"icrt_proprio_encoder\.fc1\.(weight|bias)", r"proprio_mlp.0.\1"), (r"icrt_proprio_encoder\.fc2\.(weight|bias)", r"proprio_mlp.2.\1"),
+    (r"icrt_action_encoder\.fc1\.(weight|bias)", r"action_mlp.0.\1"), (r"icrt_action_encoder\.fc2\.(weight|bias)", r"action_mlp.2.\1"),
+    (_POOL + r"latent", "adapters.{i}.query"), (_POOL + r"kv\.(weight|bias)", r"adapters.{i}.kv.0.\2"),
+    (_POOL + r"mlp\.fc1\.(weight|bias)", r"adapters.{i}.mlp.0.\2"), (_POOL + r"mlp\.fc2\.(weight|bias)", r"adapters.{i}.mlp.2.\2"),
+    (_POOL + r"(q|proj|norm|kv\.\d)\.(weight|bias)", r"adapters.{i}.\2.\3"),
+    (r"icrt_action_decoder\.mlp\.fc1\.(weight|bias)", r"head.net.0.\1"), (r"icrt_action_decoder\.mlp\.fc2\.(weight|bias)", r"head.net.2.\1"),
+    (r"llama\.(.+)\.lora_(w\w)_l1\.weight", r"transformer.\1.\2.lora_A.default.weight"),
+    (r"llama\.(.+)\.lora_(w\w)_l2\.weight", r"transformer.\1.\2.lora_B.default.weight"),
+    (r"llama\.(.+)", r"transformer.\1"), (r"vision_encoder\.model\.(.+)", r"vision.model.\1"),
+]
+
+def project_key(k:str)->Optional[str]:  # this project's name, or None when no rule applies
+    "This project's name for the published state-dict key `k`."
+    for pat, rep in _KEY_RULES:
+        m = re.fullmatch(pat, k)
+        if m: return m.expand(rep.replace("{i}", m.group(1) or "0") if "{i}" in rep else rep)
+    return None
+
+# %% ../nbs/22_published.ipynb #c044
+MODEL_OPTIONS = [
+    (r"icrt_(proprio|action)_encoder\.", "tokenisers as the published timm Mlp: hidden width = input width (10), not the output width"),
+    (r"icrt_attn_pooling\.", "the published attention pooling: no residual to the query, proj to the output width, norm (eps 1e-6) and MLP at that width, no 'out' layer"),
+    (r"icrt_action_decoder\.", "the published MLP head: hidden width 128 (this project: the transformer width)"),
+    (r"llama\..*(\.bias|lora_w[123]_l\d\.weight)$", "the published finetune layout: biases on wq, wo, w1, w2, w3 and LoRA on the feed-forward w1, w2, w3 too"),
+    (r"icrt_vision_norm\.", "the published vision LayerNorm eps 1e-6 (this project: 1e-5)"),
+]
+
+def model_option(k:str)->str: return next((why for pat, why in MODEL_OPTIONS if re.match(pat, k)), "")
+
+# %% ../nbs/22_published.ipynb #c045
+def _own_name(h:str, own:dict)->Optional[str]:
+    "`h` in `own`, allowing for peft's `base_layer` wrapping of LoRA-adapted layers."
+    head, _, last = h.rpartition(".")
+    return next((c for c in (h, f"{head}.base_layer.{last}") if c in own), None)
+
+def map_published_state(
+    sd:dict,   # published state dict (checkpoint `model`, or a pretrain checkpoint's llama.* for the base weights)
+    own:dict,  # this project's model state dict (names -> tensors)
+)->tuple:      # (mapped {own name: tensor}, problems [(published key, own name or None, model option)])
+    "Rename `sd` to this project's names; every key that has no place of the same shape is a problem."
+    mapped, problems = {}, []
+    if "icrt_pos_emb_state" in sd or "icrt_pos_emb_act" in sd:
+        pair = [sd.get("icrt_pos_emb_state"), sd.get("icrt_pos_emb_act")]
+        if None in pair or "modality_emb" not in own: problems.append(("icrt_pos_emb_state", "modality_emb", "modality_pos_emb on both sides"))
+        else: mapped["modality_emb"] = torch.stack(pair)
+    for k, v in sd.items():
+        if k in ("icrt_pos_emb_state", "icrt_pos_emb_act"): continue
+        h = project_key(k); a = _own_name(h, own) if h else None
+        if a is None or tuple(own[a].shape) != tuple(v.shape): problems.append((k, a or h, model_option(k)))
+        else: mapped[a] = v
+    return mapped, problems
+
+# %% ../nbs/22_published.ipynb #c047
+def _need(path:Optional[str], flag:str, what:str, field:str)->str:
+    "An existing file or folder, else one line naming the config field and the flag that gives it."
+    if path and Path(path).expanduser().exists(): return str(Path(path).expanduser())
+    raise PublishedError(f"{field} '{path}' does not exist here: give {what} with {flag}")
+
+def _localise_vision(vc, vision_encoder:Optional[str])->dict:
+    "The vision encoder: the flag's file, else the config's (a timm name only when it is pretrained)."
+    if vision_encoder is not None:
+        return {"vision_encoder": _need(vision_encoder, "--vision-encoder", "the vision encoder file", "--vision-encoder"), "vision_nonpretrained": False}
+    name = vc.vision_encoder
+    if vc.vision_nonpretrained:
+        raise PublishedError(f"model_cfg.vision_encoder_cfg.vision_encoder '{name}' was randomly initialised and is not in the "
+                             "checkpoint: give the vision encoder file with --vision-encoder")
+    if ("cross-mae" in name or "/" in name or name.endswith((".pth", ".pt", ".safetensors"))) and not Path(name).expanduser().is_file():
+        raise PublishedError(f"model_cfg.vision_encoder_cfg.vision_encoder '{name}' does not exist here: give the vision encoder "
+                             "file (the released cross-mae-rtx-vitb.pth) with --vision-encoder")
+    return {}
+
+# %% ../nbs/22_published.ipynb #c048
+def localise(
+    cfg:ExperimentConfig,                 # published_config output
+    out:Path,                             # the run folder to write
+    vision_encoder:Optional[str]=None,    # --vision-encoder
+    llama_dir:Optional[str]=None,         # --llama-dir
+    scratch_llama_config:Optional[str]=None,  # --scratch-llama-config
+    scale_action:Optional[str]=None,      # --scale-action
+)->ExperimentConfig:                      # the same config with files of this machine
+    "Point the config's files at this machine (flags first), or say which flag is needed."
+    R = dataclasses.replace
+    mc, pc, sc = cfg.model_cfg, cfg.model_cfg.policy_cfg, cfg.shared_cfg
+    vc = R(mc.vision_encoder_cfg, **_localise_vision(mc.vision_encoder_cfg, vision_encoder))
+    if pc.scratch_llama_config and pc.phase == "pretrain":
+        j = scratch_llama_config or pc.scratch_llama_config
+        pc = R(pc, scratch_llama_config=_need(j, "--scratch-llama-config", "the transformer params JSON", "model_cfg.policy_cfg.scratch_llama_config"),
+               llama_ckpt_dir=None)
+    else:
+        d = _need(llama_dir or pc.llama_ckpt_dir, "--llama-dir", "the Llama folder (params.json + consolidated.*.pth)", "model_cfg.policy_cfg.llama_ckpt_dir")
+        pc = R(pc, llama_ckpt_dir=d, scratch_llama_config=None)
+    sa = _need(scale_action or sc.scale_action, "--scale-action", "the action statistics JSON", "shared_cfg.scale_action") if (scale_action or sc.scale_action) else None
+    return R(cfg, model_cfg=R(mc, vision_encoder_cfg=vc, policy_cfg=R(pc, pretrained_path=None)),
+             shared_cfg=R(sc, scale_action=sa, resume=None), logging_cfg=R(cfg.logging_cfg, output_dir=str(out.parent), log_name=out.name, log_dir=None))
+
+# %% ../nbs/22_published.ipynb #c052
+from .models.policy import ICRT, load_action_stats
+
+def project_model(cfg:ExperimentConfig)->ICRT:
+    "This project's ICRT of a localised config, with its action statistics."
+    torch.manual_seed(0)
+    m = ICRT.from_config(cfg)
+    if cfg.shared_cfg.scale_action: m.set_action_stats(load_action_stats(cfg.shared_cfg.scale_action))
+    return m
+
+# %% ../nbs/22_published.ipynb #c055
+import shutil
+from .checkpoint import atomic_save
+from .config import save_config
+from .models.vision import read_vision_checkpoint
+from .train import random_frozen_state
+
+def _vision_copy(cfg:ExperimentConfig, tmp:Path, out:Path)->ExperimentConfig:
+    "Copy a local vision encoder beside the run, without its final norm; the config then names the copy."
+    vc = cfg.model_cfg.vision_encoder_cfg
+    if not Path(vc.vision_encoder).expanduser().is_file(): return cfg
+    sd = {k: v for k, v in read_vision_checkpoint(vc.vision_encoder)["model"].items() if not k.startswith("norm.")}
+    torch.save({"model": sd}, tmp / "vision_encoder.pth")
+    R = dataclasses.replace
+    return R(cfg, model_cfg=R(cfg.model_cfg, vision_encoder_cfg=R(vc, vision_encoder=str(out / "vision_encoder.pth"))))
+
+def write_run(model:ICRT, cfg:ExperimentConfig, epoch:int, out:Path, notes:list)->Path:
+    "Write `model` and `cfg` as a run folder `out` of this project (atomically: all of it or nothing)."
+    out = Path(out).expanduser().resolve()
+    tmp = out.with_name(f".{out.name}.importing")
+    if tmp.exists(): shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        cfg = _vision_copy(cfg, tmp, out)
+        sa = cfg.shared_cfg.scale_action
+        if sa: shutil.copy(sa, tmp / "action_statistics.json"); cfg = dataclasses.replace(cfg, shared_cfg=dataclasses.replace(cfg.shared_cfg, scale_action=str(out / "action_statistics.json")))
+        save_config(cfg, tmp / "run.yaml")
+        atomic_save({"model": {**random_frozen_state(model, cfg), **model.trainable_state_dict()}, "epoch": epoch,
+                     "config": config_to_dict(cfg)}, tmp / f"checkpoint-{epoch}.pth")
+        (tmp / "imported.txt").write_text("\n".join(notes) + "\n")
+        tmp.rename(out)
+    finally:
+        if tmp.exists(): shutil.rmtree(tmp)
+    return out
