@@ -57,6 +57,7 @@ _ORDER = [("reach", "red"), ("push", "blue"), ("pick", "green"), ("reach", "yell
           ("push", "green"), ("pick", "yellow")]
 TASKS = [Task(_VERB_NAME[v].format(o), v, o) for v, o in _ORDER]
 
+# %% ../../nbs/04_data.synthetic.ipynb #c011
 def get_task(
     task,  # a `Task`, a task name, or an index into `TASKS`
 )->Task:
@@ -69,7 +70,7 @@ def get_task(
         if t.name == task: return t
     raise ValueError(f"unknown task {task!r}; choose one of {[t.name for t in TASKS]}")
 
-# %% ../../nbs/04_data.synthetic.ipynb #c011
+# %% ../../nbs/04_data.synthetic.ipynb #c014
 TABLE_X, TABLE_Y = (0.25, 0.85), (-0.45, 0.45)             # table top (m)
 MAP_X, MAP_Y, MAP_RES = (0.05, 1.05), (-0.70, 0.70), 0.0015  # top-down texture map: extent (m) and m/pixel
 OBJ_X, OBJ_Y, MIN_SEP = (0.40, 0.70), (-0.24, 0.14), 0.10  # where object centres are drawn, their min distance
@@ -81,7 +82,7 @@ VERB_YAW = {"reach": 0.35, "push": -0.35}                  # target yaw of each 
 
 def _map_shape(): return (int(round((MAP_X[1] - MAP_X[0]) / MAP_RES)), int(round((MAP_Y[1] - MAP_Y[0]) / MAP_RES)))
 
-# %% ../../nbs/04_data.synthetic.ipynb #c013
+# %% ../../nbs/04_data.synthetic.ipynb #c016
 @dataclass(eq=False)
 class SyntheticScene:
     "The random part of one episode's world: object placement, start pose and look."
@@ -118,17 +119,19 @@ class SyntheticScene:
         return cls(np.c_[xy, np.zeros(n)], angles, start, rng.uniform(0.85, 1.1, 3), float(rng.uniform(0.8, 1.15)),
                    int(rng.integers(2**31)), int(height), int(width))
 
-# %% ../../nbs/04_data.synthetic.ipynb #c016
+# %% ../../nbs/04_data.synthetic.ipynb #c019
 def _state(pose, gripper=0.0, objects=None, held=-1)->dict:
+    "A world state dict (copies of the arrays)."
     return dict(pose=np.asarray(pose, float).copy(), gripper=float(gripper), objects=np.asarray(objects, float).copy(),
                 held=int(held))
 
+# %% ../../nbs/04_data.synthetic.ipynb #c021
 @patch
 def reset(self:SyntheticScene)->dict:
     "The world state at t=0: start pose, open gripper, objects in place, nothing held."
     return _state(self.start_pose, 0.0, self.objects, -1)
 
-# %% ../../nbs/04_data.synthetic.ipynb #c017
+# %% ../../nbs/04_data.synthetic.ipynb #c023
 @patch
 def step(self:SyntheticScene,
     state:dict,   # world state from `reset` or a previous `step`
@@ -164,7 +167,7 @@ def step(self:SyntheticScene,
         else: objs[i, :2] = pose[:2] + d / max(dist, 1e-9) * rmin
     return _state(pose, g, objs, held)
 
-# %% ../../nbs/04_data.synthetic.ipynb #c021
+# %% ../../nbs/04_data.synthetic.ipynb #c027
 def _plan(task:Task, scene:SyntheticScene, rng:np.random.Generator)->list:
     "The expert's waypoints `(xyz (3,), yaw, gripper command, steps)` for `task` in `scene`."
     i = task.obj_index; o, spec = scene.objects[i], OBJECTS[i]
@@ -183,7 +186,7 @@ def _plan(task:Task, scene:SyntheticScene, rng:np.random.Generator)->list:
     return [(o + [0, 0, h + 0.10] + jit(0.01), yaw, 0, None), (grasp, yaw, 0, None), (None, yaw, 1, 5),
             (grasp + [0, 0, 0.25 - 0.5 * h] + jit(0.01), yaw, 1, None), wait(int(rng.integers(4, 8)))]
 
-# %% ../../nbs/04_data.synthetic.ipynb #c023
+# %% ../../nbs/04_data.synthetic.ipynb #c029
 def _timing(plan:list, start:np.ndarray, min_len:int, max_len:int, speed:float)->list:
     "Steps per segment of `plan` from `start` (xyz, yaw), total length scaled into `[min_len, max_len]`."
     steps, pos, yaw = [], start[:3], start[5]
@@ -199,12 +202,13 @@ def _timing(plan:list, start:np.ndarray, min_len:int, max_len:int, speed:float)-
     if steps[-1] < 1: raise ValueError(f"cannot fit the expert's {len(plan)} segments into max_len={max_len} steps")
     return steps.astype(int).tolist()
 
-# %% ../../nbs/04_data.synthetic.ipynb #c025
+# %% ../../nbs/04_data.synthetic.ipynb #c031
 def _min_jerk(n:int)->np.ndarray:
     "(n,) progress in (0, 1] of a minimum-jerk move sampled at its n steps."
     t = np.arange(1, n + 1) / n
     return t**3 * (10 - 15 * t + 6 * t**2)
 
+# %% ../../nbs/04_data.synthetic.ipynb #c034
 def _smooth_noise(rng:np.random.Generator, n:int, dims:int, std:float, width:float=4.0)->np.ndarray:
     "(n, dims) Gaussian-filtered white noise with standard deviation `std`."
     k = np.exp(-0.5 * (np.arange(-3 * int(width), 3 * int(width) + 1) / width) ** 2)
@@ -212,7 +216,7 @@ def _smooth_noise(rng:np.random.Generator, n:int, dims:int, std:float, width:flo
     w = rng.normal(0, std, (n + len(k) - 1, dims))
     return np.stack([np.convolve(w[:, j], k, mode="valid") for j in range(dims)], axis=1)
 
-# %% ../../nbs/04_data.synthetic.ipynb #c028
+# %% ../../nbs/04_data.synthetic.ipynb #c037
 def task_success(
     task,                   # a `Task`, task name or index
     scene:SyntheticScene,   # the scene the state belongs to
@@ -227,7 +231,7 @@ def task_success(
         return bool(d[1] > 0.06 and abs(d[0]) < 0.03 and o[2] == 0)
     return bool(state["held"] == i and o[2] > 0.10)
 
-# %% ../../nbs/04_data.synthetic.ipynb #c029
+# %% ../../nbs/04_data.synthetic.ipynb #c038
 def expert_episode(
     task,                  # a `Task`, task name or index into `TASKS`
     scene:SyntheticScene,  # where it happens
@@ -261,7 +265,7 @@ def expert_episode(
             "action/cartesian_position": act[:, :6].astype(np.float32), "action/gripper_position": act[:, 6:].astype(np.float32),
             "objects": np.array(objs, np.float32), "success": task_success(task, scene, state)}
 
-# %% ../../nbs/04_data.synthetic.ipynb #c035
+# %% ../../nbs/04_data.synthetic.ipynb #c044
 def _stamp(
     img:np.ndarray,  # (N, H, W, 3) uint8, blended in place
     u, v,            # (T,) patch centres in continuous pixel coordinates (u right, v down)
@@ -284,7 +288,7 @@ def _stamp(
     r, cc, f = rows[t, i, 0], cols[t, 0, j], frame[t]
     img[f, r, cc] = (img[f, r, cc] * (1 - a) + c * a + 0.5).astype(np.uint8)
 
-# %% ../../nbs/04_data.synthetic.ipynb #c038
+# %% ../../nbs/04_data.synthetic.ipynb #c047
 def _world_offsets(du, dv, m, psi):
     "World (dx, dy) of pixel offsets (du right, dv down) in a view with `m` metres/pixel whose image-up points at yaw `psi`."
     m, c, s = [np.asarray(a, np.float32)[:, None, None] for a in (m, np.cos(psi), np.sin(psi))]
@@ -309,7 +313,7 @@ def _object_paint(spec:ObjectSpec, m, psi, angle, shadow:bool=False):
         return np.clip(0.5 - d / mm, 0, 1), np.clip(np.asarray(spec.rgb, np.float32) * shade[..., None], 0, 255)
     return paint
 
-# %% ../../nbs/04_data.synthetic.ipynb #c040
+# %% ../../nbs/04_data.synthetic.ipynb #c049
 @lru_cache(maxsize=1)
 def _texture()->tuple:
     "Shared texture levels (Hm, Wm) uint8 in [0, 64) and the table mask (Hm, Wm) bool of the map."
@@ -341,7 +345,7 @@ def background(self:SyntheticScene)->np.ndarray:
     "(Hm, Wm, 3) uint8 top-down map of the empty table of this scene."
     return self._map4()[..., :3]
 
-# %% ../../nbs/04_data.synthetic.ipynb #c042
+# %% ../../nbs/04_data.synthetic.ipynb #c051
 @patch
 def _sprite(self:SyntheticScene, i:int)->tuple:
     "Half size, alpha (K, K, 1) and premultiplied colour (K, K, 3) of object `i` with its shadow (cached)."
@@ -380,7 +384,7 @@ def table_map(self:SyntheticScene,
     "The top-down map with the objects that rest on the table (and their shadows)."
     return self._paint_map4(np.asarray(objects, float))[..., :3]
 
-# %% ../../nbs/04_data.synthetic.ipynb #c045
+# %% ../../nbs/04_data.synthetic.ipynb #c054
 EXT_EYE, EXT_TARGET, EXT_HFOV = np.array([-0.02, 0.0, 1.05]), np.array([0.60, 0.0, 0.0]), 52.0
 WRIST_ABOVE, WRIST_HFOV, WRIST_EE_ROW = 0.09, 90.0, 0.68   # wrist camera: height above the fingers (m), field of
                                                            # view (deg), image row (fraction of H) of the fingertips
@@ -411,7 +415,7 @@ def _project(P:np.ndarray, H:int, W:int)->tuple:
     q = (P - EXT_EYE) @ R.T
     return f * q[:, 0] / q[:, 2] + W / 2, f * q[:, 1] / q[:, 2] + H / 2, f / q[:, 2]
 
-# %% ../../nbs/04_data.synthetic.ipynb #c048
+# %% ../../nbs/04_data.synthetic.ipynb #c057
 def _wrist_focal(W:int)->float: return 0.5 * W / math.tan(math.radians(WRIST_HFOV / 2))
 
 def _wrist_index(pose:np.ndarray, H:int, W:int)->np.ndarray:
@@ -423,7 +427,7 @@ def _wrist_index(pose:np.ndarray, H:int, W:int)->np.ndarray:
     u0, v0 = [x.astype(np.float32)[:, None, None] for x in _map_uv(pose[:, :2])]
     return _map_index((u0 - s * a) - c * b, (v0 - c * a) + s * b)
 
-# %% ../../nbs/04_data.synthetic.ipynb #c051
+# %% ../../nbs/04_data.synthetic.ipynb #c060
 def _extent(spec:ObjectSpec)->float:
     "Radius (m) of the circle around an object's top face (for patch sizes)."
     return spec.radius * (1.42 if spec.shape == "square" else 1.0)
@@ -458,7 +462,7 @@ def _exterior_overlay(img, pose, grip, objects, lifted, angles):
     u, v, ppm = _project(pose[:, :3], H, W)
     _stamp(img, u, v, int(np.ceil(0.048 * ppm.max())) + 1, _gripper_paint(1 / ppm, zero, pose[:, 5], grip))
 
-# %% ../../nbs/04_data.synthetic.ipynb #c053
+# %% ../../nbs/04_data.synthetic.ipynb #c062
 @lru_cache(maxsize=64)
 def _finger_pixels(H:int, W:int, grip:float)->tuple:
     "Rows, columns, alpha (P, 1) and colour (P, 3) of the finger pixels in an (H, W) wrist image at opening `grip`."
@@ -489,7 +493,7 @@ def _wrist_overlay(img, pose, grip, objects, lifted, angles):
         r, c, a, colour = _finger_pixels(H, W, float(gv))
         img[t, r, c] = (img[t, r, c] * (1 - a) + colour * a + 0.5).astype(np.uint8)
 
-# %% ../../nbs/04_data.synthetic.ipynb #c055
+# %% ../../nbs/04_data.synthetic.ipynb #c064
 def _unpack(state:dict)->tuple:
     "(pose (T, 6), gripper (T,), objects (T, n, 3), batched?) of a world state or an `expert_episode` dict."
     if "observation/cartesian_position" in state:
@@ -503,6 +507,7 @@ def _unpack(state:dict)->tuple:
                          f"got {pose.shape}, {grip.shape}, {objs.shape}")
     return pose, grip.reshape(len(pose)), objs, batched
 
+# %% ../../nbs/04_data.synthetic.ipynb #c067
 def _to_rgb(words:np.ndarray, out:np.ndarray):
     "Copy RGBA pixels stored as uint32 `words` into the contiguous uint8 RGB array `out` (one long copy per channel)."
     src, dst = words.view(np.uint8).reshape(-1, 4), out.reshape(-1, 3)
@@ -532,7 +537,7 @@ def render(self:SyntheticScene,
     out = {"observation/exterior_image_1_left": ext, "observation/wrist_image_left": wr}
     return out if batched else {k: v[0] for k, v in out.items()}
 
-# %% ../../nbs/04_data.synthetic.ipynb #c065
+# %% ../../nbs/04_data.synthetic.ipynb #c077
 logger = logging.getLogger(__name__)
 
 def task_grouping(
@@ -543,9 +548,17 @@ def task_grouping(
     groups = {v: names for v, names in groups.items() if names}
     return {"ratios": {v: 1.0 for v in groups}, "tasks": groups}
 
-# %% ../../nbs/04_data.synthetic.ipynb #c067
+# %% ../../nbs/04_data.synthetic.ipynb #c079
 WORLD_FILE = "synthetic_world.json"  # how to rebuild each episode's world (seed, sizes, task and index)
 
+def _check_sizes(num_tasks:int, episodes_per_task:int, height:int, width:int, min_len:int, max_len:int):
+    "One clear error for a dataset size that cannot be generated."
+    if not 1 <= num_tasks <= len(TASKS): raise ValueError(f"num_tasks={num_tasks}: choose 1..{len(TASKS)}")
+    if episodes_per_task < 1: raise ValueError(f"episodes_per_task={episodes_per_task}: need at least 1")
+    if height < 8 or width < 8: raise ValueError(f"image size {height}x{width}: need at least 8x8 pixels")
+    if not 2 <= min_len <= max_len: raise ValueError(f"need 2 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
+
+# %% ../../nbs/04_data.synthetic.ipynb #c081
 def make_synthetic_dataset(
     out_dir,                    # folder for synthetic.hdf5, the side JSON files and dataset_config.json
     num_tasks:int=6,            # use the first `num_tasks` entries of `TASKS` (1..12)
@@ -561,10 +574,7 @@ def make_synthetic_dataset(
     jitter:Optional[float]=None,  # None: objects anywhere; else at fixed homes +- jitter (m), see `SyntheticScene.sample`
 )->Path:                        # the dataset_config.json
     "Write a multi-task synthetic ICRT dataset and return its dataset config."
-    if not 1 <= num_tasks <= len(TASKS): raise ValueError(f"num_tasks={num_tasks}: choose 1..{len(TASKS)}")
-    if episodes_per_task < 1: raise ValueError(f"episodes_per_task={episodes_per_task}: need at least 1")
-    if height < 8 or width < 8: raise ValueError(f"image size {height}x{width}: need at least 8x8 pixels")
-    if not 2 <= min_len <= max_len: raise ValueError(f"need 2 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
+    _check_sizes(num_tasks, episodes_per_task, height, width, min_len, max_len)
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     h5, tasks = out / "synthetic.hdf5", TASKS[:num_tasks]
     names, epi_len, verb_to_episode, world = [], {}, {t.name: [] for t in tasks}, {}
@@ -585,7 +595,7 @@ def make_synthetic_dataset(
     return write_dataset_files(out, [h5], [names], epi_len, verb_to_episode, DEFAULT_IMAGE_KEYS, DEFAULT_PROPRIO_KEYS,
                                DEFAULT_ACTION_KEYS, train_split=train_split, task_grouping=task_grouping(tasks))
 
-# %% ../../nbs/04_data.synthetic.ipynb #c073
+# %% ../../nbs/04_data.synthetic.ipynb #c087
 def load_world(
     dataset:Union[str, Path],  # a synthetic dataset folder or its dataset_config.json
 )->Optional[dict]:             # the world file's content, or None for a dataset that is not synthetic
@@ -598,6 +608,7 @@ def load_world(
     if missing: raise ValueError(f"{f}: missing key(s) {missing}; regenerate the dataset")
     return w
 
+# %% ../../nbs/04_data.synthetic.ipynb #c090
 def episode_world(
     world:dict,   # `load_world` output
     name:str,     # an episode of that dataset
@@ -609,7 +620,7 @@ def episode_world(
     scene = SyntheticScene.sample(rng, world["height"], world["width"], world.get("jitter"))
     return get_task(task), scene, expert_episode(task, scene, rng, world["min_len"], world["max_len"])
 
-# %% ../../nbs/04_data.synthetic.ipynb #c077
+# %% ../../nbs/04_data.synthetic.ipynb #c094
 def synth_cli(argv:list=None):
     "Console script `icrt_synth`: write a synthetic multi-task dataset."
     p = argparse.ArgumentParser(prog="icrt_synth", description="Write a synthetic multi-task ICRT dataset "
