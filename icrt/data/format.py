@@ -26,6 +26,8 @@ import numpy as np
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
+from ..config import ICRTError
+
 # %% ../../nbs/03_data.format.ipynb #c005
 logger = logging.getLogger(__name__)
 
@@ -36,9 +38,11 @@ EPISODE_FRAME_SHAPE = (180, 320, 3)  # flat buffers of episodes named "*episode*
 DEMO_FRAME_SHAPE = (84, 84, 3)       # flat buffers of episodes named "*demo*" (robomimic)
 SOURCE_SUFFIXES = (".hdf5", ".h5", ".npz")  # episode files the converter reads
 
-class DatasetError(ValueError):
+# %% ../../nbs/03_data.format.ipynb #c007
+class DatasetError(ICRTError, ValueError):
     "A problem with a dataset file or config; the one-line message names the file, episode and key."
 
+# %% ../../nbs/03_data.format.ipynb #c009
 def _where(file, episode=None, key=None)->str:
     "`file: episode 'e': key 'k'` -- the prefix of every problem message."
     s = str(file)
@@ -46,7 +50,7 @@ def _where(file, episode=None, key=None)->str:
     if key is not None: s += f": key '{key}'"
     return s
 
-# %% ../../nbs/03_data.format.ipynb #c009
+# %% ../../nbs/03_data.format.ipynb #c013
 def _key_of(ds:h5py.Dataset, episode:str)->str:
     "The key of `ds` inside its episode group (`observation/...`)."
     name = ds.name.lstrip("/")
@@ -73,7 +77,7 @@ def frame_shape(
                            "name containing neither 'episode' nor 'demo'; set ds.attrs['frame_shape'] = (H, W, 3)")
     raise DatasetError(f"{where()}: image dataset of shape {tuple(ds.shape)}; expected (T, H, W, 3) or flat (T, H*W*3)")
 
-# %% ../../nbs/03_data.format.ipynb #c013
+# %% ../../nbs/03_data.format.ipynb #c017
 def _dataset(group:h5py.Group, key:str)->h5py.Dataset:
     "`group[key]`, or a DatasetError naming file, episode and key."
     try: ds = group[key]
@@ -87,6 +91,7 @@ def _check_range(ds, episode, key, start, stop):
         raise DatasetError(f"{_where(ds.file.filename, episode, key)}: steps [{start}, {stop}) outside the "
                            f"episode's {ds.shape[0]} steps (is epi_len_mapping right? run icrt_check)")
 
+# %% ../../nbs/03_data.format.ipynb #c021
 def read_frames(
     group:h5py.Group,  # one episode group
     key:str,           # image key, e.g. "observation/exterior_image_1_left"
@@ -104,6 +109,7 @@ def read_frames(
                            f"do not hold uint8 {h}x{w}x{c} images")
     return frames.reshape(len(frames), h, w, c)
 
+# %% ../../nbs/03_data.format.ipynb #c024
 def read_lowdim(
     group:h5py.Group,  # one episode group
     key:str,           # e.g. "observation/cartesian_position"
@@ -120,7 +126,7 @@ def read_lowdim(
         raise DatasetError(f"{_where(ds.file.filename, episode, key)}: shape {tuple(ds.shape)}; expected (T,) or (T, D)")
     return x.astype(np.float32, copy=False)
 
-# %% ../../nbs/03_data.format.ipynb #c017
+# %% ../../nbs/03_data.format.ipynb #c027
 class EpisodeWriter:
     "Context manager writing episodes (one HDF5 group each) in the layout shown at the top of this notebook."
     def __init__(self,
@@ -141,7 +147,7 @@ class EpisodeWriter:
         if self.file is not None: self.file.close()
         self.file = None
 
-# %% ../../nbs/03_data.format.ipynb #c018
+# %% ../../nbs/03_data.format.ipynb #c028
 def _is_image(a:np.ndarray)->bool: return a.dtype == np.uint8 and a.ndim == 4
 
 @patch
@@ -177,7 +183,7 @@ def write(self:EpisodeWriter,
     self.lengths[name] = T
     return T
 
-# %% ../../nbs/03_data.format.ipynb #c026
+# %% ../../nbs/03_data.format.ipynb #c036
 def h5_tree(
     path,                 # an HDF5 file
     max_episodes:int=2,   # how many episode groups to show
@@ -195,7 +201,7 @@ def h5_tree(
         if len(names) > max_episodes: lines.append(f"... {len(names) - max_episodes} more episodes")
     return "\n".join(lines)
 
-# %% ../../nbs/03_data.format.ipynb #c029
+# %% ../../nbs/03_data.format.ipynb #c039
 def _dump_json(obj, path:Path):
     with open(path, "w") as f: json.dump(obj, f, indent=1); f.write("\n")
 
@@ -230,7 +236,7 @@ def write_dataset_files(
     _dump_json(cfg, out_dir/name)
     return out_dir/name
 
-# %% ../../nbs/03_data.format.ipynb #c033
+# %% ../../nbs/03_data.format.ipynb #c043
 @dataclass
 class DatasetSpec:
     "A loaded dataset config: resolved paths and merged side files."
@@ -249,7 +255,7 @@ class DatasetSpec:
     hdf5_keys_path: list = field(default_factory=list)  # [Path] the hdf5_keys JSON files (for messages)
     epi_len_path: list = field(default_factory=list)    # [Path] the epi_len_mapping JSON files (for messages)
 
-# %% ../../nbs/03_data.format.ipynb #c034
+# %% ../../nbs/03_data.format.ipynb #c044
 def _read_json(path:Path, problems:list, kind:type, what:str):
     "Parse JSON file `path` expecting a `kind`; on failure append a problem and return None."
     try: text = Path(path).read_text()
@@ -287,7 +293,7 @@ def _config_keys(cfg:dict, key:str, default:list, cfg_path:Path, problems:list)-
         problems.append(f"{cfg_path}: key '{key}': must be a non-empty list of dataset keys, got {v!r}"); return []
     return list(v)
 
-# %% ../../nbs/03_data.format.ipynb #c035
+# %% ../../nbs/03_data.format.ipynb #c045
 def _load_side_files(cfg, root, cfg_path, problems):
     "hdf5_keys lists, merged epi_len and merged verb_to_episode, each entry checked."
     keys_paths = _config_paths(cfg, "hdf5_keys", root, cfg_path, problems)
@@ -317,7 +323,7 @@ def _load_side_files(cfg, root, cfg_path, problems):
             verb_to_episode[task] = list(dict.fromkeys(verb_to_episode.get(task, []) + eps))
     return keys_paths, hdf5_keys, len_paths, epi_len, verb_to_episode
 
-# %% ../../nbs/03_data.format.ipynb #c036
+# %% ../../nbs/03_data.format.ipynb #c046
 def _load_task_grouping(cfg, root, cfg_path, verb_to_episode, problems):
     v = cfg.get("task_grouping")
     if v is None: return None
@@ -339,7 +345,7 @@ def _load_task_grouping(cfg, root, cfg_path, verb_to_episode, problems):
             if t not in verb_to_episode: problems.append(f"{src}: key 'task_grouping': group '{g}': unknown task '{t}' (not in verb_to_episode)")
     return v
 
-# %% ../../nbs/03_data.format.ipynb #c037
+# %% ../../nbs/03_data.format.ipynb #c047
 def _cross_check(spec:DatasetSpec, problems:list, verb_paths:list):
     "Fill episode_file / episode_task and report episodes that the side files disagree on."
     for i, names in enumerate(spec.hdf5_keys):
@@ -360,7 +366,7 @@ def _cross_check(spec:DatasetSpec, problems:list, verb_paths:list):
             if ep not in spec.episode_file and spec.hdf5_keys:
                 problems.append(f"{vfiles}: episode '{ep}': task '{task}' lists it but no hdf5_keys file does")
 
-# %% ../../nbs/03_data.format.ipynb #c038
+# %% ../../nbs/03_data.format.ipynb #c048
 def _collect_spec(config_path)->tuple:
     "Load a dataset config as far as possible: (DatasetSpec or None, problems)."
     problems = []
@@ -387,6 +393,9 @@ def _collect_spec(config_path)->tuple:
     _cross_check(spec, problems, _config_paths(cfg, "verb_to_episode", root, cfg_path, []))
     return spec, problems
 
+
+
+# %% ../../nbs/03_data.format.ipynb #c051
 def load_dataset_config(
     path,  # a dataset config JSON (dataset_path, hdf5_keys, epi_len_mapping_json, verb_to_episode, ...)
 )->DatasetSpec:
@@ -397,7 +406,7 @@ def load_dataset_config(
         raise DatasetError(problems[0] + more)
     return spec
 
-# %% ../../nbs/03_data.format.ipynb #c045
+# %% ../../nbs/03_data.format.ipynb #c058
 def _check_image(ds, where, ep, problems, info):
     if ds.dtype != np.uint8: problems.append(f"{where}: images are {ds.dtype}, expected uint8")
     try: fs = frame_shape(ds, ep)
@@ -424,7 +433,7 @@ def _check_lowdim(ds, where, key, problems, info):
     if "gripper" in key and d != 1: problems.append(f"{where}: gripper with {d} numbers per step; expected 1")
     info.setdefault("shape", set()).add((d,)); info.setdefault("dtype", set()).add(str(ds.dtype))
 
-# %% ../../nbs/03_data.format.ipynb #c046
+# %% ../../nbs/03_data.format.ipynb #c059
 def _check_episode(grp, h5, ep, spec, problems, key_info)->int|None:
     "Check one episode group; returns its number of steps (None when unknown)."
     steps = {}
@@ -450,7 +459,7 @@ def _check_episode(grp, h5, ep, spec, problems, key_info)->int|None:
         problems.append(f"{_where(h5, ep, ref)}: has {T} steps but epi_len_mapping says {spec.epi_len[ep]}")
     return T
 
-# %% ../../nbs/03_data.format.ipynb #c047
+# %% ../../nbs/03_data.format.ipynb #c060
 def _length_stats(lengths:list)->dict:
     if not lengths: return {}
     a = np.asarray(lengths)
@@ -488,7 +497,7 @@ def check_dataset(
                    keys={k: {a: sorted(v) for a, v in info.items()} for k, info in key_info.items()})
     return summary, problems
 
-# %% ../../nbs/03_data.format.ipynb #c057
+# %% ../../nbs/03_data.format.ipynb #c070
 def format_summary(summary:dict)->str:
     "Human-readable text of a `check_dataset` summary."
     L = summary.get("length", {})
@@ -504,6 +513,7 @@ def format_summary(summary:dict)->str:
         lines.append(f"  {k}: {shapes} {'/'.join(info.get('dtype', []))}{layout}")
     return "\n".join(lines)
 
+# %% ../../nbs/03_data.format.ipynb #c073
 def check_cli(argv:list=None):
     "Console script `icrt_check CONFIG.json`: print a summary (exit 0) or every problem (exit 1)."
     p = argparse.ArgumentParser(prog="icrt_check", description="Check an ICRT dataset config, its side JSON files and "
@@ -519,7 +529,7 @@ def check_cli(argv:list=None):
         sys.exit(1)
     print(json.dumps(summary, indent=1, default=list) if args.json else format_summary(summary))
 
-# %% ../../nbs/03_data.format.ipynb #c061
+# %% ../../nbs/03_data.format.ipynb #c077
 def _npz_header(zf:zipfile.ZipFile, key:str)->tuple:
     "(shape, dtype) of array `key` of an open .npz without loading it."
     with zf.open(key + ".npy") as fp:
@@ -544,7 +554,7 @@ def _source_headers(path:Path, keys:list)->dict:
         if k not in heads: raise DatasetError(f"{_where(path, key=k)}: missing (every episode file needs {', '.join(keys)})")
     return heads
 
-# %% ../../nbs/03_data.format.ipynb #c062
+# %% ../../nbs/03_data.format.ipynb #c078
 def _validate_source(path:Path, image_keys:list, lowdim_keys:list)->int:
     "Check keys, steps and dtypes (headers) and low-dim values of one episode file; returns its T."
     heads = _source_headers(path, image_keys + lowdim_keys)
@@ -568,7 +578,7 @@ def _load_source(path:Path, keys:list)->dict:
         with np.load(path) as z: return {k: z[k] for k in keys}
     with h5py.File(path, "r") as f: return {k: f[k][()] for k in keys}
 
-# %% ../../nbs/03_data.format.ipynb #c063
+# %% ../../nbs/03_data.format.ipynb #c079
 def _scan_source(src:Path)->dict:
     "{task: [episode files]} of a recordings folder, or a DatasetError."
     if not src.is_dir(): raise DatasetError(f"{src}: source folder not found")
@@ -589,7 +599,7 @@ def _check_out(src:Path, out:Path, overwrite:bool):
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DatasetError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
 
-# %% ../../nbs/03_data.format.ipynb #c064
+# %% ../../nbs/03_data.format.ipynb #c080
 def _swap_in(tmp:Path, out:Path):
     "Move the finished `tmp` folder to `out`, replacing what is there only now."
     if out.is_dir() and not any(out.iterdir()): out.rmdir()
@@ -598,7 +608,7 @@ def _swap_in(tmp:Path, out:Path):
         out.rename(old); tmp.rename(out); shutil.rmtree(old)
     else: tmp.rename(out)
 
-# %% ../../nbs/03_data.format.ipynb #c065
+# %% ../../nbs/03_data.format.ipynb #c081
 def convert(
     src,                        # recordings: SRC/<task>/<episode>.hdf5|.h5|.npz
     out,                        # output folder (created; replaced only with overwrite)
@@ -639,7 +649,7 @@ def convert(
     logger.info("wrote %d episodes of %d tasks to %s", len(names), len(tasks), out)
     return out/"dataset_config.json"
 
-# %% ../../nbs/03_data.format.ipynb #c071
+# %% ../../nbs/03_data.format.ipynb #c087
 def convert_cli(argv:list=None):
     "Console script `icrt_convert SRC OUT`: convert per-episode recordings into an ICRT dataset."
     p = argparse.ArgumentParser(prog="icrt_convert", description="Convert recordings (SRC/<task>/<episode>.hdf5|.h5|.npz) "
