@@ -4,9 +4,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import one_line_error
 import torch
 
-from icrt.config import REPO_CONFIGS, ConfigError, ModelConfig, PolicyConfig, SharedConfig, VisionEncoderConfig
+from icrt.config import REPO_CONFIGS, ConfigError, ICRTError, ModelConfig, PolicyConfig, SharedConfig, VisionEncoderConfig
 from icrt.geometry import absolute_to_delta, delta_to_absolute, pose_to_pos_rot6d
 from icrt.models.policy import ICRT, to_pose7
 from icrt.tiny import tiny_batch, tiny_encoder, tiny_model
@@ -214,6 +215,40 @@ def test_clear_errors(tmp_path):
     with pytest.raises(RuntimeError, match="context full"):
         x = make_batch(T=2)
         m.prompt([{"observation": x["observation"][0], "proprio": x["proprio"][0, :, 0], "action": x["action"][0, :, 0, :10]}])
+
+
+@pytest.mark.parametrize("cams", [1, 3])
+def test_other_number_of_cameras_is_a_config_error(cams):
+    "A batch or an observation with another camera count than --shared-cfg.num-cameras: one ConfigError line."
+    m = tiny_model().eval()
+    b = make_batch(N=cams)
+    with pytest.raises(ConfigError) as e: m(b)
+    one_line_error(e, f"has {cams} camera(s)", "--shared-cfg.num-cameras 2")
+    m.reset()
+    with pytest.raises(ConfigError) as e: m.get_action(b["observation"][0, 0], b["proprio"][0, 0, 0])
+    one_line_error(e, "--shared-cfg.num-cameras 2")
+
+
+def _params(tmp_path, **kw):
+    "A scratch transformer params JSON: the tiny one with `kw` changed."
+    p = tmp_path / ("params_" + "_".join(f"{k}{v}" for k, v in kw.items()) + ".json")
+    p.write_text(json.dumps({**json.loads((REPO_CONFIGS / "model_config" / "custom_transformer_tiny.json").read_text()), **kw}))
+    return str(p)
+
+
+@pytest.mark.parametrize("other", ["dim", "layers", "head"])
+def test_checkpoint_of_another_model_is_one_config_error(tmp_path, other):
+    "A checkpoint of another width, layer count or head: ConfigError (an ICRTError) in one line, naming the first key."
+    kw = {"dim": dict(scratch_llama_config=_params(tmp_path, dim=32)),
+          "layers": dict(scratch_llama_config=_params(tmp_path, n_layers=3)),
+          "head": dict(decoder_pred_head="gmm")}[other]
+    sd = tiny_model(**kw).trainable_state_dict()
+    with pytest.raises(ICRTError) as e: tiny_model().load_trainable_state_dict(sd)
+    assert isinstance(e.value, ConfigError)
+    want = {"dim": ["tensor 'transformer.layers.0.attention.wq.weight' has shape (32, 32), the model's has (64, 64) (+", "(dim, layers, head)"],
+            "layers": ["0 missing", "unexpected (e.g. ['transformer.layers.2."],
+            "head": ["tensor 'head.net.2.weight' has shape (252, 64), the model's has (40, 64)"]}[other]
+    one_line_error(e, "checkpoint does not fit the model", *want)
 
 
 # ---------------------------------------------------------------- benchmark CLI

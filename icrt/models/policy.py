@@ -196,8 +196,8 @@ def vision_features(self:ICRT, obs:Tensor)->Tensor:  # (B, T, N, 3, S, S) -> (B,
     "All vision tokens of every camera of every step, in one encoder call."
     B, T, N = obs.shape[:3]
     if N != self.num_cameras:
-        raise ValueError(f"the observation has {N} camera(s) but the model was built for --shared-cfg.num-cameras "
-                         f"{self.num_cameras}; set it to {N} or change the dataset's image_keys")
+        raise ConfigError(f"the observation has {N} camera(s) but the model was built for --shared-cfg.num-cameras "
+                          f"{self.num_cameras}; set it to {N} or change the dataset's image_keys")
     v = self.vision(obs.reshape(B * T * N, *obs.shape[3:]))  # (B*T*N, L, D)
     return v.view(B, T, N, *v.shape[1:])
 
@@ -327,17 +327,20 @@ def _alias(key:str, own:dict)->Optional[str]:
 def load_trainable_state_dict(self:ICRT, sd:dict, strict:bool=True)->tuple:  # (missing, unexpected) key lists
     "Load a (trainable or full) state dict; strict: every trainable tensor must be present and every key known."
     own = self.state_dict()
-    mapped, unexpected = {}, []
+    mapped, unexpected, shapes = {}, [], []
     for k, v in sd.items():
         a = _alias(k, own)
-        if a is None: unexpected.append(k); continue
-        if tuple(own[a].shape) != tuple(v.shape):
-            raise ValueError(f"checkpoint tensor '{k}' has shape {tuple(v.shape)}, the model's '{a}' has {tuple(own[a].shape)}")
-        mapped[a] = v
+        if a is None: unexpected.append(k)
+        elif tuple(own[a].shape) != tuple(v.shape): shapes.append((k, tuple(v.shape), tuple(own[a].shape)))
+        else: mapped[a] = v
+    if shapes:
+        (k, got, want), more = shapes[0], f" (+{len(shapes) - 1} more)" if len(shapes) > 1 else ""
+        raise ConfigError(f"checkpoint does not fit the model: tensor '{k}' has shape {got}, the model's has {want}{more}; "
+                          "build the model with the config of the run that wrote the checkpoint (dim, layers, head)")
     missing = [k for k in self.trainable_state_dict() if k not in mapped]
     if strict and (missing or unexpected):
-        raise ValueError(f"checkpoint does not fit the model: {len(missing)} missing (e.g. {missing[:3]}), "
-                         f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); same model/phase config?")
+        raise ConfigError(f"checkpoint does not fit the model: {len(missing)} missing (e.g. {missing[:3]}), "
+                          f"{len(unexpected)} unexpected (e.g. {unexpected[:3]}); same model/phase config?")
     self.load_state_dict(mapped, strict=False)
     return missing, unexpected
 
