@@ -5,10 +5,14 @@
 # %% ../nbs/22_published.ipynb #c003
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import io
+import json
+import logging
 import pickle
 import re
+import shutil
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -17,13 +21,17 @@ from typing import Optional, Union
 import torch
 import yaml
 
-from .config import ICRTError, ExperimentConfig, config_from_dict, config_to_dict
+from .checkpoint import atomic_save
+from .config import ICRTError, ExperimentConfig, config_from_dict, config_to_dict, save_config
+from .models.policy import ICRT, load_action_stats
+from .models.vision import read_vision_checkpoint
+from .train import random_frozen_state
 
 # %% auto #0
 __all__ = ['PUBLISHED_MODULE', 'PUBLISHED_CLASSES', 'CLASS_KEY', 'GROUPS', 'PUBLISHED_ONLY', 'MODEL_OPTIONS', 'PublishedError',
            'read_published_yaml', 'published_config', 'read_published_checkpoint', 'published_layout',
            'check_published_layout', 'project_key', 'model_option', 'map_published_state', 'localise', 'project_model',
-           'write_run']
+           'write_run', 'import_published', 'import_published_cli']
 
 # %% ../nbs/22_published.ipynb #c005
 class PublishedError(ICRTError, ValueError):
@@ -354,8 +362,6 @@ def localise(
              shared_cfg=R(sc, scale_action=sa, resume=None), logging_cfg=R(cfg.logging_cfg, output_dir=str(out.parent), log_name=out.name, log_dir=None))
 
 # %% ../nbs/22_published.ipynb #c052
-from .models.policy import ICRT, load_action_stats
-
 def project_model(cfg:ExperimentConfig)->ICRT:
     "This project's ICRT of a localised config, with its action statistics."
     torch.manual_seed(0)
@@ -364,12 +370,6 @@ def project_model(cfg:ExperimentConfig)->ICRT:
     return m
 
 # %% ../nbs/22_published.ipynb #c055
-import shutil
-from .checkpoint import atomic_save
-from .config import save_config
-from .models.vision import read_vision_checkpoint
-from .train import random_frozen_state
-
 def _vision_copy(cfg:ExperimentConfig, tmp:Path, out:Path)->ExperimentConfig:
     "Copy a local vision encoder beside the run, without its final norm; the config then names the copy."
     vc = cfg.model_cfg.vision_encoder_cfg
@@ -397,3 +397,77 @@ def write_run(model:ICRT, cfg:ExperimentConfig, epoch:int, out:Path, notes:list)
     finally:
         if tmp.exists(): shutil.rmtree(tmp)
     return out
+
+# %% ../nbs/22_published.ipynb #c059
+def _check_out(out:Path):
+    "Refuse an --out that already holds a run or anything else."
+    if (out / "run.yaml").exists() or any(out.glob("checkpoint-*.pth")):
+        raise PublishedError(f"--out '{out}' already holds a run (run.yaml or checkpoint-*.pth): give a new folder")
+    if out.exists() and any(out.iterdir()): raise PublishedError(f"--out '{out}' exists and is not empty: give a new folder")
+
+def _transformer_params(cfg:ExperimentConfig)->dict:
+    "The transformer's params.json (scratch config or Llama folder) as a dict."
+    pc = cfg.model_cfg.policy_cfg
+    return json.loads(Path(pc.scratch_llama_config or Path(pc.llama_ckpt_dir) / "params.json").read_text())
+
+def _base_weights(sd:dict, cfg_in:ExperimentConfig, pretrained_path:Optional[str], notes:list)->dict:
+    "Finetune: the pretrain checkpoint's llama.* tensors that the finetune checkpoint lacks (its frozen base)."
+    pp = pretrained_path or cfg_in.model_cfg.policy_cfg.pretrained_path
+    if cfg_in.model_cfg.policy_cfg.phase != "finetune": return {}
+    if not pp or not Path(pp).expanduser().is_file():
+        notes.append(f"pretrained_path '{pp}' not here: frozen transformer weights from --llama-dir only (exact only if the "
+                     "pretrain run did not train them; give --pretrained-path)"); return {}
+    pre = read_published_checkpoint(pp, "--pretrained-path")["model"]
+    return {k: v for k, v in pre.items() if k.startswith("llama.") and k not in sd}
+
+# %% ../nbs/22_published.ipynb #c060
+def _map_strict(model:ICRT, sd:dict, where:str)->dict:
+    "The published tensors under this project's names; every one used, every trainable tensor filled, else one line."
+    mapped, problems = map_published_state(sd, model.state_dict())
+    if problems:
+        opts = list(dict.fromkeys(w for _, _, w in problems if w))
+        k, a, w = problems[0]
+        raise PublishedError(f"{where}: {len(problems)} published tensors have no place of the same shape in this project's ICRT, "
+                             f"first '{k}' ({w or 'no rule'}); this project's model needs options for: {'; '.join(opts)}")
+    missing = [k for k in model.trainable_state_dict() if not k.startswith("action_") and k not in mapped]
+    if missing: raise PublishedError(f"{where}: this project's ICRT needs '{missing[0]}' (+{len(missing) - 1} more), which the published checkpoint does not hold")
+    return mapped
+
+# %% ../nbs/22_published.ipynb #c061
+def import_published(
+    run_yaml:str, checkpoint:str, out:str,    # the published run.yaml and checkpoint; the run folder to write
+    vision_encoder:Optional[str]=None, llama_dir:Optional[str]=None, scratch_llama_config:Optional[str]=None,
+    scale_action:Optional[str]=None, pretrained_path:Optional[str]=None,  # files of this machine (override the config)
+)->Path:                                      # the run folder written
+    "Turn a published ICRT run into a run folder of this project."
+    out = Path(out).expanduser().resolve(); _check_out(out)
+    y = read_published_yaml(run_yaml)
+    cfg_in, notes = published_config(y, f"--run-yaml '{run_yaml}'")
+    ck = read_published_checkpoint(checkpoint)
+    cfg = localise(cfg_in, out, vision_encoder, llama_dir, scratch_llama_config, scale_action)
+    sd, where = ck["model"], f"--checkpoint '{checkpoint}' with --run-yaml '{run_yaml}'"
+    D = sd["icrt_vision_norm.weight"].shape[0] if "icrt_vision_norm.weight" in sd else 0
+    check_published_layout(sd, published_layout(_strip(y, "ExperimentConfig", "run.yaml"), D, _transformer_params(cfg)), where)
+    sd = {**_base_weights(sd, cfg_in, pretrained_path, notes), **sd}
+    model = project_model(cfg)
+    model.load_state_dict(_map_strict(model, sd, where), strict=False)
+    return write_run(model, cfg, int(ck["epoch"] or 0), out, notes)
+
+# %% ../nbs/22_published.ipynb #c064
+def import_published_cli(argv:Optional[list]=None)->int:
+    "icrt_import_published --run-yaml R --checkpoint C [--vision-encoder V] [--llama-dir D] --out RUN_DIR"
+    ap = argparse.ArgumentParser("icrt_import_published", description="Turn a published ICRT run (run.yaml + checkpoint) into a run folder of this project.")
+    ap.add_argument("--run-yaml", required=True, help="the published run.yaml")
+    ap.add_argument("--checkpoint", required=True, help="the published checkpoint-<N>.pth")
+    ap.add_argument("--out", required=True, help="the run folder to write (must not hold a run)")
+    ap.add_argument("--vision-encoder", help="the vision encoder file (e.g. cross-mae-rtx-vitb.pth)")
+    ap.add_argument("--llama-dir", help="the Llama folder (params.json + consolidated.*.pth) of a finetune run")
+    ap.add_argument("--scratch-llama-config", help="the transformer params JSON of a pretrain run")
+    ap.add_argument("--scale-action", help="the action statistics JSON")
+    ap.add_argument("--pretrained-path", help="the published pretrain checkpoint a finetune run started from")
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try: run = import_published(a.run_yaml, a.checkpoint, a.out, a.vision_encoder, a.llama_dir, a.scratch_llama_config,
+                                a.scale_action, a.pretrained_path)
+    except ICRTError as e: print(f"icrt_import_published: error: {e}", file=sys.stderr); return 1
+    print(f"wrote {run}"); return 0
