@@ -31,7 +31,8 @@ from .train import random_frozen_state
 __all__ = ['PUBLISHED_MODULE', 'PUBLISHED_CLASSES', 'CLASS_KEY', 'GROUPS', 'PUBLISHED_ONLY', 'MODEL_OPTIONS', 'PublishedError',
            'read_published_yaml', 'published_config', 'read_published_checkpoint', 'published_layout',
            'check_published_layout', 'project_key', 'model_option', 'map_published_state', 'localise', 'project_model',
-           'write_run', 'import_published', 'import_published_cli']
+           'write_run', 'import_published', 'import_published_cli', 'published_tokens', 'published_transformer',
+           'published_reference']
 
 # %% ../nbs/22_published.ipynb #c005
 class PublishedError(ICRTError, ValueError):
@@ -471,3 +472,84 @@ def import_published_cli(argv:Optional[list]=None)->int:
                                 a.scale_action, a.pretrained_path)
     except ICRTError as e: print(f"icrt_import_published: error: {e}", file=sys.stderr); return 1
     print(f"wrote {run}"); return 0
+
+# %% ../nbs/22_published.ipynb #c067
+import torch.nn.functional as F
+from .models.llama import apply_rope, rope_angles
+
+def _lin(sd:dict, pre:str, x):  # (..., in) -> (..., out)
+    "Linear layer `pre` of a state dict, plus its published LoRA pair when present."
+    y = F.linear(x, sd[f"{pre}.weight"], sd.get(f"{pre}.bias"))
+    head, _, name = pre.rpartition(".")
+    l1 = sd.get(f"{head}.lora_{name}_l1.weight")
+    return y if l1 is None else y + F.linear(F.linear(x, l1), sd[f"{head}.lora_{name}_l2.weight"])
+
+def _mlp(sd:dict, pre:str, x): return _lin(sd, f"{pre}.fc2", F.gelu(_lin(sd, f"{pre}.fc1", x)))
+
+def _pool(sd:dict, pre:str, x, heads:int):  # (M, L, D) -> (M, out)
+    "Published attention pooling: one learned query, proj to the output width, then a pre-norm MLP residual."
+    M, L, D = x.shape
+    q = _lin(sd, f"{pre}.q", sd[f"{pre}.latent"]).expand(M, 1, D).reshape(M, 1, heads, D // heads).transpose(1, 2)
+    k, v = _lin(sd, f"{pre}.kv", x).reshape(M, L, 2, heads, D // heads).permute(2, 0, 3, 1, 4)
+    o = _lin(sd, f"{pre}.proj", F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(M, 1, D))
+    n = o.shape[-1]
+    return (o + _mlp(sd, f"{pre}.mlp", F.layer_norm(o, (n,), sd[f"{pre}.norm.weight"], sd[f"{pre}.norm.bias"], 1e-6)))[:, 0]
+
+# %% ../nbs/22_published.ipynb #c068
+def published_tokens(
+    sd:dict, p:dict,   # published state dict and plain config (separate adapters, proprio, single K/V only)
+    feats, proprio, action,  # (B, T, N, L, D) vision tokens (no final norm), (B, T, 10), (B, T, 10) model-space
+):                         # (B, 2T, dim) interleaved s_1 a_1 s_2 a_2 ...
+    "The published state and action tokens."
+    pc = p["model_cfg"]["policy_cfg"]
+    B, T, N, L, D = feats.shape
+    dim = sd["icrt_action_encoder.fc2.weight"].shape[0]
+    v = F.layer_norm(feats, (D,), sd["icrt_vision_norm.weight"], sd["icrt_vision_norm.bias"], 1e-6)
+    if pc["camera_pos_emb"]: v = v + sd["icrt_camera_pos_emb"]
+    fp = _mlp(sd, "icrt_proprio_encoder", proprio).reshape(B * T, 1, D)
+    s = torch.cat([_pool(sd, f"icrt_attn_pooling.{i}", torch.cat([v[:, :, i].reshape(B * T, L, D), fp], 1), pc["adapter_num_heads"])
+                   for i in range(N)], -1)
+    s = F.pad(s, (0, dim - s.shape[-1])).view(B, T, dim)
+    a = _mlp(sd, "icrt_action_encoder", action)
+    if pc["modality_pos_emb"]: s, a = s + sd["icrt_pos_emb_state"], a + sd["icrt_pos_emb_act"]
+    return torch.stack([s, a], 2).flatten(1, 2)
+
+# %% ../nbs/22_published.ipynb #c069
+def _rms(x, w, eps): return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
+
+def published_transformer(
+    sd:dict, h, llama:dict,  # llama.* tensors (base + the finetune biases/LoRA), (B, L, dim) tokens, params.json
+):                           # (B, L, dim) after the final norm
+    "The published Llama blocks over a whole sequence, causal from position 0."
+    B, L, dim = h.shape
+    H, eps = llama["n_heads"], llama.get("norm_eps", 1e-5)
+    cos, sin = rope_angles(dim // H, 0, L)
+    for l in range(llama["n_layers"]):
+        pre = f"llama.layers.{l}"
+        x = _rms(h, sd[f"{pre}.attention_norm.weight"], eps)
+        q, k, v = (_lin(sd, f"{pre}.attention.w{n}", x).view(B, L, H, dim // H) for n in "qkv")
+        q, k, v = apply_rope(q, cos, sin).transpose(1, 2), apply_rope(k, cos, sin).transpose(1, 2), v.transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, L, dim)
+        h = h + _lin(sd, f"{pre}.attention.wo", o)
+        x = _rms(h, sd[f"{pre}.ffn_norm.weight"], eps)
+        f = F.silu(_lin(sd, f"{pre}.feed_forward.w1", x)) * _lin(sd, f"{pre}.feed_forward.w3", x)
+        h = h + _lin(sd, f"{pre}.feed_forward.w2", f)
+    return _rms(h, sd["llama.norm.weight"], eps)
+
+# %% ../nbs/22_published.ipynb #c070
+def _gram_schmidt(a):  # (..., 10) -> (..., 10), the two rot6d rows orthonormalised as the published inference does
+    b1 = F.normalize(a[..., 3:6], dim=-1)
+    b2 = F.normalize(a[..., 6:9] - (b1 * a[..., 6:9]).sum(-1, keepdim=True) * b1, dim=-1)
+    return torch.cat([a[..., :3], b1, b2, a[..., 9:]], -1)
+
+def published_reference(
+    sd:dict, p:dict, llama:dict,  # published tensors (with the transformer's base weights), plain config, params.json
+    feats, proprio, action,       # (B, T, N, L, D) vision tokens, (B, T, 10) proprio, (B, T, 10) model-space actions
+    stats:Optional[dict]=None,    # action statistics (mean, std): outputs unscaled with them
+)->tuple:                         # ((B, T, K, 10) head output, (B, T, K, 10) model-space chunks)
+    "The published model's action chunk at every state token (teacher-forced), in fp32."
+    B, T = proprio.shape[:2]
+    out = published_transformer(sd, published_tokens(sd, p, feats, proprio, action), llama)[:, 0::2]  # (B, T, dim)
+    net = _mlp(sd, "icrt_action_decoder.mlp", out).view(B, T, p["shared_cfg"]["num_pred_steps"], -1)
+    if stats is None: return net, net
+    return net, net * torch.as_tensor(stats["std"]) + torch.as_tensor(stats["mean"])
