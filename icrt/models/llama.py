@@ -269,9 +269,8 @@ def load_meta_state_dict(
     dtype=torch.float32,  # dtype of the returned tensors
 )->dict:                  # transformer state dict (Meta key names)
     "Read and merge Meta's consolidated.*.pth shards."
+    check_llama_dir(ckpt_dir)  # params.json and at least one shard
     files = sorted(Path(ckpt_dir).glob("consolidated.*.pth"))
-    if not files: raise ConfigError(f"--model-cfg.policy-cfg.llama-ckpt-dir '{ckpt_dir}': llama_ckpt_dir without weights "
-                                    f"(params.json but no consolidated.*.pth)")
     shards = []
     for f in files:
         try: shards.append(torch.load(f, map_location="cpu", weights_only=True, mmap=True))
@@ -344,11 +343,10 @@ def load_hf_state_dict(
 )->dict:                  # transformer state dict (Meta key names)
     "Read a Hugging Face LlamaForCausalLM checkpoint into Meta names and layout."
     from safetensors import safe_open
+    check_llama_dir(ckpt_dir)  # config.json and at least one *.safetensors
     index = Path(ckpt_dir) / "model.safetensors.index.json"  # sharded save: the index lists the weight files
     files = sorted({Path(ckpt_dir) / f for f in json.loads(index.read_text())["weight_map"].values()}) if index.is_file() \
         else sorted(Path(ckpt_dir).glob("*.safetensors"))
-    if not files: raise ConfigError(f"--model-cfg.policy-cfg.llama-ckpt-dir '{ckpt_dir}': llama_ckpt_dir without weights "
-                                    f"(config.json but no *.safetensors)")
     sd = {}
     for f in files:
         with safe_open(str(f), "pt", device="cpu") as st:
@@ -397,7 +395,6 @@ def load_llama(
     fmt = check_llama_dir(ckpt_dir, weights=False)
     args = _meta_args(d) if fmt == "meta" else _hf_args(d / "config.json")  # a bad config is reported first
     if not load_weights: return Transformer(args).to(dtype)
-    check_llama_dir(ckpt_dir)
     sd = load_meta_state_dict(d, dtype) if fmt == "meta" else load_hf_state_dict(d, args, dtype)
     with torch.device("meta"): model = Transformer(args)
     _log.info("loaded %s Llama checkpoint %s: dim %d, %d layers, %d heads", fmt, d, args.dim, args.n_layers, args.n_heads)
