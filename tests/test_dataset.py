@@ -2,6 +2,7 @@
 does not hold well (bad input, the split of the published code, worker processes, the GPU path, the bench CLI) and the
 options it does not run (absolute actions and action noise, layouts, quaternions, grouping, repeats, goal conditioning)."""
 import json, subprocess, sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,6 +204,28 @@ def test_bad_inputs(tmp_path, toy):
     with pytest.raises(DatasetError, match="unknown to"): make(toy, split_file=bad)
     short = toy_dataset(tmp_path/"short", lengths=[20] * 17)
     with pytest.raises(DatasetError, match="no task has at least 4"): make(short)   # all below the 30-step minimum
+
+
+def _file_bytes(folder):
+    "Every file under `folder` with its content (to prove a refused input changed nothing)."
+    return {p: p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_epi_len_one_step_off_is_refused_up_front(tmp_path, delta):
+    "An epi_len_mapping entry one step shorter or longer than the file: one line when the dataset is built; icrt_check too."
+    cfg = toy_dataset(tmp_path/"toy", lengths=[40] * 17)
+    mapping = tmp_path/"toy"/"epi_len_mapping.json"
+    lens = json.loads(mapping.read_text()); lens["episode_5"] += delta; mapping.write_text(json.dumps(lens))
+    before = _file_bytes(tmp_path/"toy")
+    with pytest.raises(DatasetError) as e: make(cfg)
+    msg = str(e.value)
+    assert "\n" not in msg and "part1.hdf5: episode 'episode_5'" in msg and "has 40 steps but epi_len_mapping" in msg
+    assert f"says {40 + delta}" in msg and "run icrt_check" in msg
+    r = subprocess.run([sys.executable, "-c", "from icrt.data.format import check_cli; check_cli()", str(cfg)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1 and "episode 'episode_5'" in r.stderr and f"epi_len_mapping says {40 + delta}" in r.stderr
+    assert _file_bytes(tmp_path/"toy") == before
 
 
 def _published_split(cfg_dir, seed, task_names=None):

@@ -300,6 +300,11 @@ def _verify(self:SequenceDataset):
                 g = f[e]
                 for k in keys:
                     if k not in g: raise DatasetError(f"{path}: episode '{e}': key '{k}' is missing (run icrt_check)")
+                    n = g[k].shape[0] if isinstance(g[k], h5py.Dataset) and g[k].shape else None
+                    if n != spec.epi_len[e]:
+                        raise DatasetError(f"{path}: episode '{e}': key '{k}' has {n} steps but epi_len_mapping "
+                                           f"({', '.join(map(str, spec.epi_len_path))}) says {spec.epi_len[e]}; fix the "
+                                           "mapping (run icrt_check)")
 
 # %% ../../nbs/06_data.dataset.ipynb #c052
 @patch
