@@ -72,29 +72,30 @@ def _step_inputs(model:ICRT):
     dev = model.device
     return torch.randn(1, 1, N, L, D, device=dev), torch.randn(1, 1, 10, device=dev), torch.randn(1, 1, 10, device=dev)
 
+# %% ../../nbs/31_bench.inference.ipynb #c015
 def _tokens(model:ICRT, v, pro, act):  # (1, 2, dim): [previous action, new state]
     return interleave(model.action_tokens(act), model.pool_state(v, pro))  # action first, then the state
 
-# %% ../../nbs/31_bench.inference.ipynb #c015
+# %% ../../nbs/31_bench.inference.ipynb #c017
 def cached_step(model:ICRT, ctx:int, v, pro, act):
     "Adapters + transformer on 2 new tokens after `ctx` cached ones + head."
     model.pos = ctx
     h = model._feed(_tokens(model, v, pro, act))
     return model.head.predict(h[:, -1])
 
-# %% ../../nbs/31_bench.inference.ipynb #c017
+# %% ../../nbs/31_bench.inference.ipynb #c019
 def uncached_step(model:ICRT, context:torch.Tensor, v, pro, act):
     "Adapters + transformer over the whole context and the 2 new tokens + head."
     h = model.transformer(torch.cat([context, _tokens(model, v, pro, act)], dim=1))
     return model.head.predict(h[:, -1])
 
-# %% ../../nbs/31_bench.inference.ipynb #c020
+# %% ../../nbs/31_bench.inference.ipynb #c022
 def kv_cache_bytes(model:ICRT, tokens:int)->int:
     "Bytes of a KV cache holding `tokens` tokens (keys and values of every layer)."
     a = model.transformer.args
     return 2 * a.n_layers * a.kv_heads * a.head_dim * tokens * model.action_mean.element_size()
 
-# %% ../../nbs/31_bench.inference.ipynb #c022
+# %% ../../nbs/31_bench.inference.ipynb #c024
 def _round_robin(fns:dict, reps:int, device:torch.device)->dict:  # {key: [seconds per repetition]}
     "Time every function once per repetition, in turn, after one warm-up each."
     ts = {k: [] for k in fns}
@@ -105,7 +106,7 @@ def _round_robin(fns:dict, reps:int, device:torch.device)->dict:  # {key: [secon
             t = time.perf_counter(); f(); _sync(device); ts[k].append(time.perf_counter() - t)
     return ts
 
-# %% ../../nbs/31_bench.inference.ipynb #c024
+# %% ../../nbs/31_bench.inference.ipynb #c026
 @torch.no_grad()
 def bench_inference(
     model:ICRT,                             # the policy (eval mode)
@@ -146,7 +147,7 @@ def bench_inference(
             "device": str(dev), "process_peak_rss_mb": maxrss, "cached_peak_mb": peak_cached,
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "threads": torch.get_num_threads()}
 
-# %% ../../nbs/31_bench.inference.ipynb #c028
+# %% ../../nbs/31_bench.inference.ipynb #c030
 def format_table(res:dict)->str:
     "A plain-text table of `bench_inference` results."
     cols = ["context", "cached_ms", "uncached_ms", "kv_cache_mb", "uncached_peak_mb"]
@@ -160,7 +161,7 @@ def format_table(res:dict)->str:
                  + (f"   peak CUDA memory (cached steps): {res['cached_peak_mb']:.0f} MiB" if res["cached_peak_mb"] else ""))
     return "\n".join(lines)
 
-# %% ../../nbs/31_bench.inference.ipynb #c030
+# %% ../../nbs/31_bench.inference.ipynb #c032
 def bench_inference_cli(argv:Optional[list]=None)->int:
     "Console entry point `icrt_bench_inference`."
     p = argparse.ArgumentParser(prog="icrt_bench_inference", description="ICRT per-control-step latency vs context length.")
@@ -190,5 +191,5 @@ def bench_inference_cli(argv:Optional[list]=None)->int:
         return 0 if ok else 1
     return 0
 
-# %% ../../nbs/31_bench.inference.ipynb #c031
+# %% ../../nbs/31_bench.inference.ipynb #c033
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(bench_inference_cli())  # `python -m icrt.bench.inference`

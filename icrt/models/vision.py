@@ -167,11 +167,12 @@ def _json_data_config(dc:dict)->dict:
     "A plain, JSON-safe copy of a timm data config (tuples become lists)."
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in dc.items()}
 
+# %% ../../nbs/07_models.vision.ipynb #c025
 def _tuple_data_config(dc:dict)->dict:
     "Data config with tuple values, as timm returns it."
     return {k: (tuple(v) if isinstance(v, list) else v) for k, v in dc.items()}
 
-# %% ../../nbs/07_models.vision.ipynb #c025
+# %% ../../nbs/07_models.vision.ipynb #c027
 def resolve_data_config_for(model:nn.Module)->dict:
     "timm data config of `model` (input size, mean, std, interpolation, crop_pct), input size from the model itself."
     dc = dict(timm.data.resolve_model_data_config(model))
@@ -180,10 +181,10 @@ def resolve_data_config_for(model:nn.Module)->dict:
         dc["input_size"] = (dc["input_size"][0], *pe.img_size)
     return _tuple_data_config(dc)
 
-# %% ../../nbs/07_models.vision.ipynb #c028
+# %% ../../nbs/07_models.vision.ipynb #c030
 def _env_true(name:str)->bool: return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
-# %% ../../nbs/07_models.vision.ipynb #c030
+# %% ../../nbs/07_models.vision.ipynb #c032
 def _hub_cache_dir()->Path:
     "The Hugging Face hub cache, read from the environment at call time."
     if os.environ.get("HF_HUB_CACHE"): return Path(os.environ["HF_HUB_CACHE"])
@@ -209,7 +210,7 @@ def cached_pretrained_file(name:str)->Optional[Path]:
         if f.is_file(): return f
     return None
 
-# %% ../../nbs/07_models.vision.ipynb #c032
+# %% ../../nbs/07_models.vision.ipynb #c034
 def _reachable(host:str, timeout:float=2.0)->bool:
     "Whether `host:443` accepts a connection within `timeout` seconds (DNS included; never blocks longer)."
     ok = []
@@ -219,7 +220,7 @@ def _reachable(host:str, timeout:float=2.0)->bool:
     t = threading.Thread(target=probe, daemon=True); t.start(); t.join(timeout + 0.5)
     return bool(ok)
 
-# %% ../../nbs/07_models.vision.ipynb #c034
+# %% ../../nbs/07_models.vision.ipynb #c036
 def _offline_error(name:str, why:str)->ConfigError:
     return ConfigError(f"pretrained weights of timm model '{name}' are not available ({why}): pass a local checkpoint with "
                        f"--model-cfg.vision-encoder-cfg.vision-encoder /path/to/encoder.pth, or build it randomly initialised "
@@ -240,7 +241,7 @@ def create_pretrained(name:str, **kwargs)->nn.Module:
     try: return timm.create_model(name, pretrained=True, **kwargs)
     except Exception as e: raise _offline_error(name, f"download failed: {type(e).__name__}: {str(e).splitlines()[0][:160]}") from None
 
-# %% ../../nbs/07_models.vision.ipynb #c038
+# %% ../../nbs/07_models.vision.ipynb #c040
 def is_local_checkpoint(
     s:Union[str, Path],  # the --model-cfg.vision-encoder-cfg.vision-encoder value
 )->bool:                 # True: a local checkpoint file (existing or not); False: a timm model name
@@ -249,7 +250,7 @@ def is_local_checkpoint(
     p = Path(s).expanduser()
     return p.suffix in CKPT_SUFFIXES or os.sep in s or "/" in s or p.is_file()
 
-# %% ../../nbs/07_models.vision.ipynb #c040
+# %% ../../nbs/07_models.vision.ipynb #c042
 def create_encoder_model(
     name_or_path:str,         # timm model name, or local checkpoint path
     pretrained:bool=True,     # load weights (timm: pretrained weights; path: the checkpoint's)
@@ -278,7 +279,7 @@ def create_encoder_model(
     model = create_pretrained(name_or_path) if pretrained else timm.create_model(name_or_path, pretrained=False)
     return model, None, name_or_path
 
-# %% ../../nbs/07_models.vision.ipynb #c046
+# %% ../../nbs/07_models.vision.ipynb #c048
 class VisionEncoder(nn.Module):
     "A timm image encoder returning all tokens (..., L, D); frozen unless told otherwise."
     def __init__(self,
@@ -318,7 +319,7 @@ class VisionEncoder(nn.Module):
         if not self.trainable: self.model.eval()
         return self
 
-# %% ../../nbs/07_models.vision.ipynb #c049
+# %% ../../nbs/07_models.vision.ipynb #c051
 @patch
 def forward(self:VisionEncoder, images:torch.Tensor)->torch.Tensor: # (..., 3, S, S) -> (..., L, D)
     "All output tokens of each image."
@@ -330,7 +331,7 @@ def forward(self:VisionEncoder, images:torch.Tensor)->torch.Tensor: # (..., 3, S
         f = self._features(images.reshape(-1, *chw))
     return f.reshape(*lead, *f.shape[1:])
 
-# %% ../../nbs/07_models.vision.ipynb #c052
+# %% ../../nbs/07_models.vision.ipynb #c054
 def add_vision_lora(model:nn.Module, rank:int)->nn.Module:
     "Inject peft LoRA adapters of `rank` into the attention qkv/proj layers of every block of timm `model`."
     from peft import LoraConfig, inject_adapter_in_model
@@ -340,7 +341,7 @@ def add_vision_lora(model:nn.Module, rank:int)->nn.Module:
                           f"{type(model).__name__} has none")
     return inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=rank, lora_dropout=0.0, target_modules=target), model)
 
-# %% ../../nbs/07_models.vision.ipynb #c055
+# %% ../../nbs/07_models.vision.ipynb #c057
 def _merged_copy(model:nn.Module)->nn.Module:
     "A copy of `model` with every LoRA layer merged into its base weights."
     import copy
@@ -353,7 +354,7 @@ def _merged_copy(model:nn.Module)->nn.Module:
             setattr(parent, attr, mod.get_base_layer())
     return m
 
-# %% ../../nbs/07_models.vision.ipynb #c057
+# %% ../../nbs/07_models.vision.ipynb #c059
 def set_vision_trainable(enc:VisionEncoder, cfg:VisionEncoderConfig)->VisionEncoder:
     "Apply the trainability options of `cfg` to `enc` (LoRA injection included)."
     enc.freeze()
@@ -371,7 +372,7 @@ def set_vision_trainable(enc:VisionEncoder, cfg:VisionEncoderConfig)->VisionEnco
     if cfg.vision_unfreeze_all: enc.requires_grad_(True)
     return enc.train(enc.training)
 
-# %% ../../nbs/07_models.vision.ipynb #c060
+# %% ../../nbs/07_models.vision.ipynb #c062
 def build_vision_encoder(cfg:VisionEncoderConfig)->VisionEncoder:
     "The vision encoder of `cfg`: timm name or local checkpoint, frozen or partly trainable."
     model, dc, desc = create_encoder_model(cfg.vision_encoder, pretrained=not cfg.vision_nonpretrained)
