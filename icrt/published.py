@@ -326,17 +326,18 @@ def _need(path:Optional[str], flag:str, what:str, field:str)->str:
     raise PublishedError(f"{field} '{path}' does not exist here: give {what} with {flag}")
 
 def _localise_vision(vc, vision_encoder:Optional[str])->dict:
-    "The vision encoder: the flag's file, else the config's (a timm name only when it is pretrained)."
+    "The vision encoder file: the flag's, else the config's when it exists here."
     if vision_encoder is not None:
         return {"vision_encoder": _need(vision_encoder, "--vision-encoder", "the vision encoder file", "--vision-encoder"), "vision_nonpretrained": False}
     name = vc.vision_encoder
     if vc.vision_nonpretrained:
         raise PublishedError(f"model_cfg.vision_encoder_cfg.vision_encoder '{name}' was randomly initialised and is not in the "
                              "checkpoint: give the vision encoder file with --vision-encoder")
-    if ("cross-mae" in name or "/" in name or name.endswith((".pth", ".pt", ".safetensors"))) and not Path(name).expanduser().is_file():
-        raise PublishedError(f"model_cfg.vision_encoder_cfg.vision_encoder '{name}' does not exist here: give the vision encoder "
-                             "file (the released cross-mae-rtx-vitb.pth) with --vision-encoder")
-    return {}
+    if not Path(name).expanduser().is_file():
+        raise PublishedError(f"model_cfg.vision_encoder_cfg.vision_encoder '{name}' is not a file here (a timm name builds an encoder "
+                             "with its final norm, which the published policy removes): give the vision encoder file (e.g. the "
+                             "released cross-mae-rtx-vitb.pth) with --vision-encoder")
+    return {"vision_encoder": str(Path(name).expanduser()), "vision_nonpretrained": False}
 
 # %% ../nbs/22_published.ipynb #c048
 def localise(

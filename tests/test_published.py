@@ -123,3 +123,24 @@ def test_fixture_stops_at_missing_model_options(tmp_path, phase):
     assert rc == 1 and "needs options for" in err and "published attention pooling" in err, err
     if phase == "finetune": assert "finetune layout" in err, err
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("phase", ["pretrain", "finetune"])
+def test_published_reference_matches_fixture(phase):
+    """The published forward pass as written out here reproduces the published code's outputs (fp32, 1e-4): whole
+    sequence teacher-forced, and its KV-cache path after the prompt (which orthonormalises the rot6d rows)."""
+    import json
+    from icrt.config import VisionEncoderConfig
+    from icrt.models.vision import build_vision_encoder
+    from icrt.published import CLASS_KEY, _gram_schmidt, _strip, published_reference
+    io = torch.load(FIX / phase / "io.pt", weights_only=True)
+    ck = read_published_checkpoint(FIX / phase / "checkpoint-3.pth")
+    base = {k: v for k, v in read_published_checkpoint(FIX / "pretrain" / "checkpoint-3.pth")["model"].items() if k.startswith("llama.")}
+    enc = build_vision_encoder(VisionEncoderConfig(vision_encoder=str(FIX / "vision_encoder.pth")))
+    with torch.no_grad():
+        net, act = published_reference({**base, **ck["model"]}, _strip(ck["args"], "ExperimentConfig", "args"),
+                                       json.loads((FIX / "tiny_transformer.json").read_text()), enc(io["observation"]),
+                                       io["proprio"], io["action"], json.loads((FIX / "action_statistics.json").read_text()))
+    torch.testing.assert_close(net, io["teacher_forced_net"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(act, io["teacher_forced"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(_gram_schmidt(act[:, io["prompt_steps"]:]), io["cached"], atol=1e-4, rtol=0)
