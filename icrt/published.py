@@ -38,13 +38,13 @@ __all__ = ['PUBLISHED_MODULE', 'PUBLISHED_CLASSES', 'CLASS_KEY', 'GROUPS', 'PUBL
 class PublishedError(ICRTError, ValueError):
     "A published run file that cannot be imported; the message names the file and what to do."
 
-# %% ../nbs/22_published.ipynb #c007
+# %% ../nbs/22_published.ipynb #c008
 PUBLISHED_MODULE = "icrt.util.args"
 PUBLISHED_CLASSES = ("ExperimentConfig", "DatasetConfig", "ModelConfig", "PolicyConfig", "VisionEncoderConfig",
                      "OptimizerConfig", "TrainerConfig", "SharedConfig", "LoggingConfig")
 CLASS_KEY = "!class"  # the key under which a published object's class name is kept in its plain dict
 
-# %% ../nbs/22_published.ipynb #c009
+# %% ../nbs/22_published.ipynb #c010
 class _PublishedLoader(yaml.SafeLoader):
     "SafeLoader that admits the published config classes as plain dicts, and nothing else beyond safe YAML."
 
@@ -65,7 +65,7 @@ _PublishedLoader.add_multi_constructor("tag:yaml.org,2002:python/", lambda l, s,
 _PublishedLoader.add_multi_constructor("!", lambda l, s, n: _refuse(l, "!" + s, n))
 _PublishedLoader.add_constructor(None, lambda l, n: _refuse(l, n.tag, n))
 
-# %% ../nbs/22_published.ipynb #c010
+# %% ../nbs/22_published.ipynb #c011
 def read_published_yaml(path:Union[str, Path])->dict:  # the config as nested plain dicts (CLASS_KEY per object)
     "Read a published `run.yaml` without constructing anything but plain data."
     p = Path(path).expanduser()
@@ -79,7 +79,7 @@ def read_published_yaml(path:Union[str, Path])->dict:  # the config as nested pl
         raise PublishedError(f"--run-yaml '{p}' is not a published run.yaml (no !!python/object:{PUBLISHED_MODULE}.ExperimentConfig at the top)")
     return d
 
-# %% ../nbs/22_published.ipynb #c016
+# %% ../nbs/22_published.ipynb #c017
 GROUPS = {"dataset_cfg": "DatasetConfig", "model_cfg": "ModelConfig", "optimizer_cfg": "OptimizerConfig",
           "trainer_cfg": "TrainerConfig", "shared_cfg": "SharedConfig", "logging_cfg": "LoggingConfig",
           "policy_cfg": "PolicyConfig", "vision_encoder_cfg": "VisionEncoderConfig"}
@@ -92,7 +92,7 @@ def _strip(d:dict, cls:str, where:str)->dict:
         raise PublishedError(f"{where}: expected a {PUBLISHED_MODULE}.{cls}, got {got}")
     return {k: _strip(v, GROUPS[k], f"{where}.{k}") if k in GROUPS else v for k, v in d.items() if k != CLASS_KEY}
 
-# %% ../nbs/22_published.ipynb #c019
+# %% ../nbs/22_published.ipynb #c020
 def _refusals(p:dict)->list:  # [(field, value, why)] of values this project cannot reproduce
     pc, vc, sc = p["model_cfg"]["policy_cfg"], p["model_cfg"]["vision_encoder_cfg"], p["shared_cfg"]
     multi, sep = pc.get("multikv_attn_pool", False), pc.get("separate_camera_adapter", True)
@@ -113,7 +113,7 @@ def _dig(d:dict, path:str):
     for k in path.split("."): d = d.get(k, {}) if isinstance(d, dict) else None
     return d
 
-# %% ../nbs/22_published.ipynb #c021
+# %% ../nbs/22_published.ipynb #c022
 def published_config(
     d:dict,                 # read_published_yaml output (or the checkpoint's `args`)
     where:str="run.yaml",   # the file it came from, for messages
@@ -132,7 +132,7 @@ def published_config(
     except ICRTError as e: raise PublishedError(f"{where}: {e} (not a config of the published ICRT?)") from None
     return cfg, notes
 
-# %% ../nbs/22_published.ipynb #c025
+# %% ../nbs/22_published.ipynb #c026
 _SAFE_GLOBALS = {("collections", "OrderedDict"), ("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor"),
                  ("torch._utils", "_rebuild_parameter"), ("torch", "Size")}
 
@@ -160,7 +160,7 @@ class _restricted_pickle:
     @staticmethod
     def load(f, **kw): return _RestrictedUnpickler(f, **kw).load()
 
-# %% ../nbs/22_published.ipynb #c027
+# %% ../nbs/22_published.ipynb #c028
 def _plain(x):
     "Nested plain data of an unpickled `args` (stand-ins -> dicts with CLASS_KEY, tuples -> lists)."
     if isinstance(x, _Stand): return {CLASS_KEY: x.published_class, **{k: _plain(v) for k, v in x.items()}}
@@ -168,7 +168,7 @@ def _plain(x):
     if isinstance(x, (list, tuple)): return [_plain(v) for v in x]
     return x
 
-# %% ../nbs/22_published.ipynb #c028
+# %% ../nbs/22_published.ipynb #c029
 def _torch_load(p:Path):
     "weights_only=True, else the restricted unpickler (only when weights_only refused a global)."
     try:
@@ -197,7 +197,7 @@ def read_published_checkpoint(
     return {"model": dict(ck["model"]), "epoch": ck.get("epoch"), "args": _plain(ck.get("args")),
             "optimizer": ck.get("optimizer"), "scaler": ck.get("scaler")}
 
-# %% ../nbs/22_published.ipynb #c034
+# %% ../nbs/22_published.ipynb #c035
 def _ffn_hidden(dim:int, multiple_of:int)->int: return multiple_of * ((int(2 * 4 * dim / 3) + multiple_of - 1) // multiple_of)
 
 def _published_pool(pre:str, D:int, out:int, ratio:float, multikv:bool)->dict:
@@ -209,7 +209,7 @@ def _published_pool(pre:str, D:int, out:int, ratio:float, multikv:bool)->dict:
             f"{pre}proj.weight": (out, D), f"{pre}proj.bias": (out,), f"{pre}norm.weight": (out,), f"{pre}norm.bias": (out,),
             f"{pre}mlp.fc1.weight": (h, out), f"{pre}mlp.fc1.bias": (h,), f"{pre}mlp.fc2.weight": (out, h), f"{pre}mlp.fc2.bias": (out,)}
 
-# %% ../nbs/22_published.ipynb #c035
+# %% ../nbs/22_published.ipynb #c036
 def _published_icrt(p:dict, D:int, dim:int)->dict:
     "Shapes of the published `icrt_*` tensors (MLP head, 10-D proprio and actions)."
     pc, sc = p["model_cfg"]["policy_cfg"], p["shared_cfg"]
@@ -229,7 +229,7 @@ def _published_icrt(p:dict, D:int, dim:int)->dict:
             "icrt_action_decoder.mlp.fc2.weight": (K * A, 128), "icrt_action_decoder.mlp.fc2.bias": (K * A,)}
     return out
 
-# %% ../nbs/22_published.ipynb #c036
+# %% ../nbs/22_published.ipynb #c037
 def _published_llama(p:dict, llama:dict, trained_only:bool=True)->dict:
     "Shapes of the published `llama.*` tensors its phase saves (trained_only=False: every tensor of the model)."
     pc = p["model_cfg"]["policy_cfg"]
@@ -248,7 +248,7 @@ def _published_llama(p:dict, llama:dict, trained_only:bool=True)->dict:
     layer = ({} if ft and trained_only else base) | (bias | lora if ft else {}) | norms
     return {f"llama.layers.{l}.{k}": s for l in range(llama["n_layers"]) for k, s in layer.items()} | {"llama.norm.weight": (dim,)}
 
-# %% ../nbs/22_published.ipynb #c037
+# %% ../nbs/22_published.ipynb #c038
 def published_layout(p:dict, D:int, llama:dict)->dict:  # {key: shape} of the published checkpoint's `model`
     "Every tensor a published checkpoint of plain config `p` holds, with its shape."
     return _published_icrt(p, D, llama["dim"]) | _published_llama(p, llama)
@@ -263,7 +263,7 @@ def check_published_layout(sd:dict, layout:dict, where:str):
     missing = [k for k in layout if k not in sd]
     if missing: raise PublishedError(f"{where}: the checkpoint lacks '{missing[0]}' (+{len(missing) - 1} more) that the run.yaml's model has; same run?")
 
-# %% ../nbs/22_published.ipynb #c041
+# %% ../nbs/22_published.ipynb #c042
 _POOL = r"icrt_attn_pooling\.(?:(\d+)\.)?"
 _KEY_RULES = [
     (r"icrt_vision_norm\.(weight|bias)", r"vision_norm.\1"), (r"icrt_camera_pos_emb", "camera_emb"),
@@ -285,7 +285,7 @@ def project_key(k:str)->Optional[str]:  # this project's name, or None when no r
         if m: return m.expand(rep.replace("{i}", m.group(1) or "0") if "{i}" in rep else rep)
     return None
 
-# %% ../nbs/22_published.ipynb #c044
+# %% ../nbs/22_published.ipynb #c045
 MODEL_OPTIONS = [
     (r"icrt_(proprio|action)_encoder\.", "tokenisers as the published timm Mlp: hidden width = input width (10), not the output width"),
     (r"icrt_attn_pooling\.", "the published attention pooling: no residual to the query, proj to the output width, norm (eps 1e-6) and MLP at that width, no 'out' layer"),
@@ -296,7 +296,7 @@ MODEL_OPTIONS = [
 
 def model_option(k:str)->str: return next((why for pat, why in MODEL_OPTIONS if re.match(pat, k)), "")
 
-# %% ../nbs/22_published.ipynb #c045
+# %% ../nbs/22_published.ipynb #c046
 def _own_name(h:str, own:dict)->Optional[str]:
     "`h` in `own`, allowing for peft's `base_layer` wrapping of LoRA-adapted layers."
     head, _, last = h.rpartition(".")
@@ -319,7 +319,7 @@ def map_published_state(
         else: mapped[a] = v
     return mapped, problems
 
-# %% ../nbs/22_published.ipynb #c047
+# %% ../nbs/22_published.ipynb #c048
 def _need(path:Optional[str], flag:str, what:str, field:str)->str:
     "An existing file or folder, else one line naming the config field and the flag that gives it."
     if path and Path(path).expanduser().exists(): return str(Path(path).expanduser())
@@ -339,7 +339,7 @@ def _localise_vision(vc, vision_encoder:Optional[str])->dict:
                              "released cross-mae-rtx-vitb.pth) with --vision-encoder")
     return {"vision_encoder": str(Path(name).expanduser()), "vision_nonpretrained": False}
 
-# %% ../nbs/22_published.ipynb #c048
+# %% ../nbs/22_published.ipynb #c049
 def localise(
     cfg:ExperimentConfig,                 # published_config output
     out:Path,                             # the run folder to write
@@ -363,7 +363,7 @@ def localise(
     return R(cfg, model_cfg=R(mc, vision_encoder_cfg=vc, policy_cfg=R(pc, pretrained_path=None)),
              shared_cfg=R(sc, scale_action=sa, resume=None), logging_cfg=R(cfg.logging_cfg, output_dir=str(out.parent), log_name=out.name, log_dir=None))
 
-# %% ../nbs/22_published.ipynb #c052
+# %% ../nbs/22_published.ipynb #c053
 def project_model(cfg:ExperimentConfig)->ICRT:
     "This project's ICRT of a localised config, with its action statistics."
     torch.manual_seed(0)
@@ -371,7 +371,7 @@ def project_model(cfg:ExperimentConfig)->ICRT:
     if cfg.shared_cfg.scale_action: m.set_action_stats(load_action_stats(cfg.shared_cfg.scale_action))
     return m
 
-# %% ../nbs/22_published.ipynb #c055
+# %% ../nbs/22_published.ipynb #c056
 def _vision_copy(cfg:ExperimentConfig, tmp:Path, out:Path)->ExperimentConfig:
     "Copy a local vision encoder beside the run, without its final norm; the config then names the copy."
     vc = cfg.model_cfg.vision_encoder_cfg
@@ -400,7 +400,7 @@ def write_run(model:ICRT, cfg:ExperimentConfig, epoch:int, out:Path, notes:list)
         if tmp.exists(): shutil.rmtree(tmp)
     return out
 
-# %% ../nbs/22_published.ipynb #c059
+# %% ../nbs/22_published.ipynb #c060
 def _check_out(out:Path):
     "Refuse an --out that already holds a run or anything else."
     if (out / "run.yaml").exists() or any(out.glob("checkpoint-*.pth")):
@@ -422,7 +422,7 @@ def _base_weights(sd:dict, cfg_in:ExperimentConfig, pretrained_path:Optional[str
     pre = read_published_checkpoint(pp, "--pretrained-path")["model"]
     return {k: v for k, v in pre.items() if k.startswith("llama.") and k not in sd}
 
-# %% ../nbs/22_published.ipynb #c060
+# %% ../nbs/22_published.ipynb #c061
 def _map_strict(model:ICRT, sd:dict, where:str)->dict:
     "The published tensors under this project's names; every one used, every trainable tensor filled, else one line."
     mapped, problems = map_published_state(sd, model.state_dict())
@@ -435,7 +435,7 @@ def _map_strict(model:ICRT, sd:dict, where:str)->dict:
     if missing: raise PublishedError(f"{where}: this project's ICRT needs '{missing[0]}' (+{len(missing) - 1} more), which the published checkpoint does not hold")
     return mapped
 
-# %% ../nbs/22_published.ipynb #c061
+# %% ../nbs/22_published.ipynb #c062
 def import_published(
     run_yaml:str, checkpoint:str, out:str,    # the published run.yaml and checkpoint; the run folder to write
     vision_encoder:Optional[str]=None, llama_dir:Optional[str]=None, scratch_llama_config:Optional[str]=None,
@@ -455,7 +455,7 @@ def import_published(
     model.load_state_dict(_map_strict(model, sd, where), strict=False)
     return write_run(model, cfg, int(ck["epoch"] or 0), out, notes)
 
-# %% ../nbs/22_published.ipynb #c064
+# %% ../nbs/22_published.ipynb #c065
 def import_published_cli(argv:Optional[list]=None)->int:
     "icrt_import_published --run-yaml R --checkpoint C [--vision-encoder V] [--llama-dir D] --out RUN_DIR"
     ap = argparse.ArgumentParser("icrt_import_published", description="Turn a published ICRT run (run.yaml + checkpoint) into a run folder of this project.")
@@ -474,7 +474,7 @@ def import_published_cli(argv:Optional[list]=None)->int:
     except ICRTError as e: print(f"icrt_import_published: error: {e}", file=sys.stderr); return 1
     print(f"wrote {run}"); return 0
 
-# %% ../nbs/22_published.ipynb #c067
+# %% ../nbs/22_published.ipynb #c068
 import torch.nn.functional as F
 from .models.llama import apply_rope, rope_angles
 
@@ -496,7 +496,7 @@ def _pool(sd:dict, pre:str, x, heads:int):  # (M, L, D) -> (M, out)
     n = o.shape[-1]
     return (o + _mlp(sd, f"{pre}.mlp", F.layer_norm(o, (n,), sd[f"{pre}.norm.weight"], sd[f"{pre}.norm.bias"], 1e-6)))[:, 0]
 
-# %% ../nbs/22_published.ipynb #c068
+# %% ../nbs/22_published.ipynb #c069
 def published_tokens(
     sd:dict, p:dict,   # published state dict and plain config (separate adapters, proprio, single K/V only)
     feats, proprio, action,  # (B, T, N, L, D) vision tokens (no final norm), (B, T, 10), (B, T, 10) model-space
@@ -515,7 +515,7 @@ def published_tokens(
     if pc["modality_pos_emb"]: s, a = s + sd["icrt_pos_emb_state"], a + sd["icrt_pos_emb_act"]
     return torch.stack([s, a], 2).flatten(1, 2)
 
-# %% ../nbs/22_published.ipynb #c069
+# %% ../nbs/22_published.ipynb #c070
 def _rms(x, w, eps): return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
 
 def published_transformer(
@@ -537,7 +537,7 @@ def published_transformer(
         h = h + _lin(sd, f"{pre}.feed_forward.w2", f)
     return _rms(h, sd["llama.norm.weight"], eps)
 
-# %% ../nbs/22_published.ipynb #c070
+# %% ../nbs/22_published.ipynb #c071
 def _gram_schmidt(a):  # (..., 10) -> (..., 10), the two rot6d rows orthonormalised as the published inference does
     b1 = F.normalize(a[..., 3:6], dim=-1)
     b2 = F.normalize(a[..., 6:9] - (b1 * a[..., 6:9]).sum(-1, keepdim=True) * b1, dim=-1)
