@@ -400,7 +400,7 @@ def write_run(model:ICRT, cfg:ExperimentConfig, epoch:int, out:Path, notes:list)
         if tmp.exists(): shutil.rmtree(tmp)
     return out
 
-# %% ../nbs/22_published.ipynb #c060
+# %% ../nbs/22_published.ipynb #c062
 def _check_out(out:Path):
     "Refuse an --out that already holds a run or anything else."
     if (out / "run.yaml").exists() or any(out.glob("checkpoint-*.pth")):
@@ -422,7 +422,7 @@ def _base_weights(sd:dict, cfg_in:ExperimentConfig, pretrained_path:Optional[str
     pre = read_published_checkpoint(pp, "--pretrained-path")["model"]
     return {k: v for k, v in pre.items() if k.startswith("llama.") and k not in sd}
 
-# %% ../nbs/22_published.ipynb #c061
+# %% ../nbs/22_published.ipynb #c063
 def _map_strict(model:ICRT, sd:dict, where:str)->dict:
     "The published tensors under this project's names; every one used, every trainable tensor filled, else one line."
     mapped, problems = map_published_state(sd, model.state_dict())
@@ -435,7 +435,7 @@ def _map_strict(model:ICRT, sd:dict, where:str)->dict:
     if missing: raise PublishedError(f"{where}: this project's ICRT needs '{missing[0]}' (+{len(missing) - 1} more), which the published checkpoint does not hold")
     return mapped
 
-# %% ../nbs/22_published.ipynb #c062
+# %% ../nbs/22_published.ipynb #c064
 def import_published(
     run_yaml:str, checkpoint:str, out:str,    # the published run.yaml and checkpoint; the run folder to write
     vision_encoder:Optional[str]=None, llama_dir:Optional[str]=None, scratch_llama_config:Optional[str]=None,
@@ -455,7 +455,7 @@ def import_published(
     model.load_state_dict(_map_strict(model, sd, where), strict=False)
     return write_run(model, cfg, int(ck["epoch"] or 0), out, notes)
 
-# %% ../nbs/22_published.ipynb #c065
+# %% ../nbs/22_published.ipynb #c067
 def import_published_cli(argv:Optional[list]=None)->int:
     "icrt_import_published --run-yaml R --checkpoint C [--vision-encoder V] [--llama-dir D] --out RUN_DIR"
     ap = argparse.ArgumentParser("icrt_import_published", description="Turn a published ICRT run (run.yaml + checkpoint) into a run folder of this project.")
@@ -474,7 +474,7 @@ def import_published_cli(argv:Optional[list]=None)->int:
     except ICRTError as e: print(f"icrt_import_published: error: {e}", file=sys.stderr); return 1
     print(f"wrote {run}"); return 0
 
-# %% ../nbs/22_published.ipynb #c068
+# %% ../nbs/22_published.ipynb #c070
 import torch.nn.functional as F
 from .models.llama import apply_rope, rope_angles
 
@@ -496,7 +496,7 @@ def _pool(sd:dict, pre:str, x, heads:int):  # (M, L, D) -> (M, out)
     n = o.shape[-1]
     return (o + _mlp(sd, f"{pre}.mlp", F.layer_norm(o, (n,), sd[f"{pre}.norm.weight"], sd[f"{pre}.norm.bias"], 1e-6)))[:, 0]
 
-# %% ../nbs/22_published.ipynb #c069
+# %% ../nbs/22_published.ipynb #c071
 def published_tokens(
     sd:dict, p:dict,   # published state dict and plain config (separate adapters, proprio, single K/V only)
     feats, proprio, action,  # (B, T, N, L, D) vision tokens (no final norm), (B, T, 10), (B, T, 10) model-space
@@ -515,7 +515,7 @@ def published_tokens(
     if pc["modality_pos_emb"]: s, a = s + sd["icrt_pos_emb_state"], a + sd["icrt_pos_emb_act"]
     return torch.stack([s, a], 2).flatten(1, 2)
 
-# %% ../nbs/22_published.ipynb #c070
+# %% ../nbs/22_published.ipynb #c072
 def _rms(x, w, eps): return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
 
 def published_transformer(
@@ -537,7 +537,7 @@ def published_transformer(
         h = h + _lin(sd, f"{pre}.feed_forward.w2", f)
     return _rms(h, sd["llama.norm.weight"], eps)
 
-# %% ../nbs/22_published.ipynb #c071
+# %% ../nbs/22_published.ipynb #c073
 def _gram_schmidt(a):  # (..., 10) -> (..., 10), the two rot6d rows orthonormalised as the published inference does
     b1 = F.normalize(a[..., 3:6], dim=-1)
     b2 = F.normalize(a[..., 6:9] - (b1 * a[..., 6:9]).sum(-1, keepdim=True) * b1, dim=-1)
