@@ -24,8 +24,6 @@ class CheckpointError(ICRTError, RuntimeError):
     "A checkpoint that cannot be written or read; the message names the file and what to do."
 
 # %% ../nbs/02_checkpoint.ipynb #c007
-_TMP = re.compile(r"^\..+\.tmp\d+$")  # `.checkpoint-3.pth.tmp12345`: a write that never finished
-
 def atomic_save(obj, path:Union[str, Path]):
     "`torch.save` to `path` through a temporary file and a rename."
     path = Path(path); tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -40,6 +38,9 @@ def atomic_save(obj, path:Union[str, Path]):
     finally:
         if tmp.exists(): tmp.unlink()
 
+# %% ../nbs/02_checkpoint.ipynb #c009
+_TMP = re.compile(r"^\..+\.tmp\d+$")  # `.checkpoint-3.pth.tmp12345`: a write that never finished
+
 def remove_stale_temporaries(folder:Union[str, Path])->list:  # the names removed
     "Remove temporary files of checkpoint writes that were killed before they finished."
     folder = Path(folder)
@@ -48,7 +49,7 @@ def remove_stale_temporaries(folder:Union[str, Path])->list:  # the names remove
     for p in stale: p.unlink()
     return [p.name for p in stale]
 
-# %% ../nbs/02_checkpoint.ipynb #c010
+# %% ../nbs/02_checkpoint.ipynb #c012
 def load_checkpoint(
     path:Union[str, Path],  # a checkpoint file
     flag:str="checkpoint",  # the flag or argument it came from, for messages
@@ -66,7 +67,7 @@ def load_checkpoint(
     if not isinstance(ck, dict): raise CheckpointError(f"{flag}: '{path}' holds a {type(ck).__name__}, not a checkpoint dict")
     return ck
 
-# %% ../nbs/02_checkpoint.ipynb #c013
+# %% ../nbs/02_checkpoint.ipynb #c015
 def _short(keys:list, n:int=3)->str: return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 def state_dict_mismatch(
@@ -79,6 +80,7 @@ def state_dict_mismatch(
     return "; ".join(s for s in [missing and f"missing {_short(missing)}", unexpected and f"unexpected {_short(unexpected)}",
                                  shapes and f"shape mismatch {_short(shapes)}"] if s)
 
+# %% ../nbs/02_checkpoint.ipynb #c017
 def load_strict(
     model:nn.Module,   # the module to fill
     sd:dict,           # its state dict
@@ -92,7 +94,7 @@ def load_strict(
     model.load_state_dict(sd, strict=True, assign=assign)
     return model
 
-# %% ../nbs/02_checkpoint.ipynb #c016
+# %% ../nbs/02_checkpoint.ipynb #c020
 def resolve_device(
     name:str,          # cpu, cuda, cuda:N, mps or auto
     local_rank:int=0,  # this process's GPU under torchrun

@@ -22,10 +22,12 @@ __all__ = ['config_to_flags', 'free_port', 'torchrun_command', 'LaunchError', 'r
 
 # %% ../nbs/13_launch.ipynb #c006
 def _default_of(cls, f):
+    "The default value of dataclass field `f` (MISSING when it has none)."
     if f.default is not dataclasses.MISSING: return f.default
     if f.default_factory is not dataclasses.MISSING: return f.default_factory()
     return dataclasses.MISSING
 
+# %% ../nbs/13_launch.ipynb #c008
 def _value_flags(flag:str, v)->list:
     "The command-line words that set `flag` to `v`."
     if isinstance(v, bool):
@@ -34,7 +36,7 @@ def _value_flags(flag:str, v)->list:
     if isinstance(v, (list, tuple)): return [flag, *map(str, v)]
     return [flag, str(v)]
 
-# %% ../nbs/13_launch.ipynb #c007
+# %% ../nbs/13_launch.ipynb #c010
 def config_to_flags(
     cfg,            # an `ExperimentConfig` (or one of its groups)
     prefix:str="",  # dotted flag prefix of `cfg`
@@ -49,12 +51,13 @@ def config_to_flags(
         if d is dataclasses.MISSING or v != d or type(v) is not type(d): out += _value_flags(flag, v)
     return out
 
-# %% ../nbs/13_launch.ipynb #c010
+# %% ../nbs/13_launch.ipynb #c013
 def free_port()->int:
     "A TCP port on localhost that is free right now."
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
+# %% ../nbs/13_launch.ipynb #c015
 def torchrun_command(
     run:Union[ExperimentConfig, Sequence[str]],  # a config, or the training flags
     nproc_per_node:int=1,                        # processes (GPUs) on this machine
@@ -67,10 +70,11 @@ def torchrun_command(
     return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",
             f"--master_port={master_port or free_port()}", "-m", module, *flags]
 
-# %% ../nbs/13_launch.ipynb #c013
+# %% ../nbs/13_launch.ipynb #c018
 class LaunchError(ICRTError, RuntimeError):
     "A launched run exited with a non-zero status (its own one-line error is already on screen)."
 
+# %% ../nbs/13_launch.ipynb #c020
 def run_streaming(cmd:Sequence[str], env:Optional[dict]=None, cwd=None)->int:
     "Run `cmd`, copying its stdout+stderr live to ours; return its exit status."
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd)
@@ -78,7 +82,7 @@ def run_streaming(cmd:Sequence[str], env:Optional[dict]=None, cwd=None)->int:
         sys.stdout.write(chunk.decode(errors="replace")); sys.stdout.flush()
     return proc.wait()
 
-# %% ../nbs/13_launch.ipynb #c014
+# %% ../nbs/13_launch.ipynb #c022
 def launch(
     run:Union[ExperimentConfig, Sequence[str]],  # a config, or the training flags
     nproc_per_node:int=1,                        # processes (GPUs) on this machine

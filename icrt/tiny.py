@@ -89,6 +89,7 @@ def tiny_vision_encoder(
     m = tiny_vit(img_size, depth, embed_dim, num_heads=2, seed=seed)
     return save_vision_encoder(m, path, arch="vit_tiny_patch16_224")
 
+# %% ../nbs/11_tiny.ipynb #c013
 def tiny_llama(
     out_dir:Path,      # folder for params.json + consolidated.00.pth
     dim:int=64, n_layers:int=2, n_heads:int=4, multiple_of:int=32, seed:int=0,
@@ -97,7 +98,7 @@ def tiny_llama(
     torch.manual_seed(seed)
     return save_llama_checkpoint(Transformer(LlamaArgs(dim=dim, n_layers=n_layers, n_heads=n_heads, multiple_of=multiple_of)), out_dir)
 
-# %% ../nbs/11_tiny.ipynb #c012
+# %% ../nbs/11_tiny.ipynb #c015
 @dataclass
 class TinyAssets:
     "Paths of the local stand-ins."
@@ -107,6 +108,7 @@ class TinyAssets:
     llama_dir:Path
     scratch_config:str = "custom_transformer_tiny"
 
+# %% ../nbs/11_tiny.ipynb #c017
 def make_tiny_assets(
     root:Path,                 # folder to create them in
     num_tasks:int=4,           # synthetic tasks
@@ -120,7 +122,7 @@ def make_tiny_assets(
                                 width=width, seed=seed, max_len=80, train_split=0.8, progress=False)
     return TinyAssets(root, ds, tiny_vision_encoder(root/"encoder.pth"), tiny_llama(root/"llama-2-tiny"))
 
-# %% ../nbs/11_tiny.ipynb #c014
+# %% ../nbs/11_tiny.ipynb #c019
 TINY_OVERRIDES = ["--trainer-cfg.epochs", "2", "--shared-cfg.seq-length", "40", "--shared-cfg.num-pred-steps", "4",
                   "--trainer-cfg.num-workers", "0", "--trainer-cfg.accum-iter", "2", "--shared-cfg.batch-size", "2",
                   "--dataset-cfg.non-overlapping", "20", "--device", "cpu"]
@@ -144,7 +146,7 @@ def scale_down(
         out.append(f)
     return out + TINY_OVERRIDES + list(extra or [])
 
-# %% ../nbs/11_tiny.ipynb #c017
+# %% ../nbs/11_tiny.ipynb #c022
 def tiny_model(
     vision:Optional[torch.nn.Module]=None,  # a vision encoder (default: `tiny_encoder()`)
     num_cameras:int=2,                      # cameras per step
@@ -162,6 +164,7 @@ def tiny_model(
     if scale_action is not None: m.set_action_stats(load_action_stats(scale_action))
     return m
 
+# %% ../nbs/11_tiny.ipynb #c024
 def tiny_batch(
     B:int=2, T:int=6, N:int=2, K:int=4, S:int=32,  # batch, steps, cameras, chunk length, image size
     seed:int=0,
@@ -176,7 +179,7 @@ def tiny_batch(
             "action": act, "prompt_mask": (torch.arange(T) >= T // 2).float().expand(B, T).clone(),
             "weight_mask": (torch.arange(T) == T // 2).float().expand(B, T).clone()}
 
-# %% ../nbs/11_tiny.ipynb #c020
+# %% ../nbs/11_tiny.ipynb #c027
 TOY_TASKS = {"reach": 5, "push": 4, "pick": 6, "tiny": 2}  # task -> episodes
 
 def _toy_episode(i:int, T:int, H:int, W:int, quat:bool)->dict:
@@ -192,7 +195,7 @@ def _toy_episode(i:int, T:int, H:int, W:int, quat:bool)->dict:
             "observation/cartesian_position": pose[:T], "observation/gripper_position": grip[:T],
             "action/cartesian_position": pose[1:], "action/gripper_position": grip[1:]}
 
-# %% ../nbs/11_tiny.ipynb #c021
+# %% ../nbs/11_tiny.ipynb #c028
 def toy_dataset(
     out_dir:Path,                       # folder to write into
     tasks:Optional[dict]=None,          # {task: episodes} (default TOY_TASKS)
