@@ -40,7 +40,7 @@ def dataset(tmp_path):
         for t, task in enumerate(["open", "close"]):
             for i in range(2):
                 name = f"{task}_episode_{i}"
-                lens[name] = w.write(name, episode(4 + t + i, 10 * t + i, quat=t == 1))
+                lens[name] = w.write(name, episode(30 + t + i, 10 * t + i, quat=t == 1))
                 names.append(name); v2e.setdefault(task, []).append(name)
     return write_dataset_files(tmp_path, [h5], [names], lens, v2e)
 
@@ -48,11 +48,11 @@ def dataset(tmp_path):
 def test_check_good_dataset(dataset):
     r = run_cli("check_cli", dataset)
     assert r.returncode == 0, r.stderr
-    assert "tasks: 2" in r.stdout and "episodes: 4" in r.stdout and "steps: 20" in r.stdout
+    assert "tasks: 2" in r.stdout and "episodes: 4" in r.stdout and "steps: 124" in r.stdout
     assert "observation/wrist_image_left: 12x16x3 uint8 (flat)" in r.stdout
     assert "observation/cartesian_position: 6, 7 float32" in r.stdout
     r = run_cli("check_cli", dataset, "--json")
-    assert r.returncode == 0 and json.loads(r.stdout)["length"]["max"] == 6
+    assert r.returncode == 0 and json.loads(r.stdout)["length"]["max"] == 32
 
 
 def test_check_lists_every_problem(dataset):
@@ -61,9 +61,9 @@ def test_check_lists_every_problem(dataset):
         f["open_episode_1/action/cartesian_position"][1, 2] = np.nan
         del f["close_episode_0/observation/wrist_image_left"]
         del f["close_episode_1/observation/exterior_image_1_left"]
-        f.create_dataset("close_episode_1/observation/exterior_image_1_left", data=np.zeros((6, 100), np.uint8))
+        f.create_dataset("close_episode_1/observation/exterior_image_1_left", data=np.zeros((32, 100), np.uint8))
     lens = json.loads((dataset.parent / "epi_len_mapping.json").read_text())
-    lens["open_episode_0"] = 40
+    lens["open_episode_0"] = 40   # the file holds 30
     (dataset.parent / "epi_len_mapping.json").write_text(json.dumps(lens))
     r = run_cli("check_cli", dataset)
     assert r.returncode == 1
@@ -73,7 +73,7 @@ def test_check_lists_every_problem(dataset):
     assert f"{h5}: episode 'close_episode_0': key 'observation/wrist_image_left': missing" in err
     # no frame_shape attribute, "episode" in the name -> 180x320x3 expected, 100 bytes found
     assert f"{h5}: episode 'close_episode_1': key 'observation/exterior_image_1_left': flat image buffer has 100" in err
-    assert f"{h5}: episode 'open_episode_0': key 'observation/exterior_image_1_left': has 4 steps but epi_len_mapping says 40" in err
+    assert f"{h5}: episode 'open_episode_0': key 'observation/exterior_image_1_left': has 30 steps but epi_len_mapping says 40" in err
 
 
 @pytest.mark.parametrize("breakage, expected", [
@@ -88,6 +88,21 @@ def test_check_config_problems(dataset, breakage, expected):
     assert r.returncode == 1 and expected in r.stderr, r.stderr
 
 
+def test_check_fails_when_no_episode_is_usable(tmp_path):
+    "Every episode outside the 30-450 steps a training run keeps: icrt_check exits 1 saying why; nothing is changed."
+    h5, names, lens = tmp_path / "short.hdf5", [], {}
+    with EpisodeWriter(h5) as w:
+        for i in range(3):
+            names.append(f"pick_episode_{i}"); lens[names[-1]] = w.write(names[-1], episode(12 + i, i))
+    cfg = write_dataset_files(tmp_path, [h5], [names], lens, {"pick": names})
+    before = {p: p.read_bytes() for p in sorted(tmp_path.iterdir())}
+    r = run_cli("check_cli", cfg)
+    assert r.returncode == 1, r.stdout
+    assert "1 problem(s)" in r.stderr and "no episode has 30-450 steps (they have 12-14)" in r.stderr
+    assert "no run can use this dataset" in r.stderr
+    assert {p: p.read_bytes() for p in sorted(tmp_path.iterdir())} == before
+
+
 def test_check_missing_config(tmp_path):
     r = run_cli("check_cli", tmp_path / "nope.json")
     assert r.returncode == 1 and "nope.json: dataset config file not found" in r.stderr
@@ -100,7 +115,7 @@ def make_source(root, kinds=(".npz", ".hdf5"), n=2):
         task = f"task{t}"
         (root / task).mkdir(parents=True)
         for i in range(n):
-            e = eps[(task, i)] = episode(3 + i + t, 100 + 10 * t + i)
+            e = eps[(task, i)] = episode(30 + i + t, 100 + 10 * t + i)
             if ext == ".npz":
                 np.savez(root / task / f"rec_{i}.npz", **e)
             else:

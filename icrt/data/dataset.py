@@ -20,7 +20,7 @@ from fastcore.basics import patch
 
 from ..config import ConfigError, DatasetConfig, SharedConfig
 from ..geometry import absolute_to_delta, pose_vector
-from .format import DatasetError, DatasetSpec, load_dataset_config, read_frames, read_lowdim
+from .format import EPISODE_LENGTHS, DatasetError, DatasetSpec, load_dataset_config, read_frames, read_lowdim
 from .image import (AUG_RATIO, AUG_SCALE, BRIGHTNESS, CONTRAST, DEFAULT_DATA_CONFIG, _input_hw, is_wrist,
                              preprocess_batch, preprocess_frames, sample_box)
 
@@ -30,7 +30,7 @@ __all__ = ['MIN_LEN', 'MAX_LEN', 'MIN_DEMOS', 'log', 'select_episodes', 'split_e
            'make_masks', 'SequenceDataset', 'load_episode', 'DistributedSubEpochSampler']
 
 # %% ../../nbs/06_data.dataset.ipynb #c007
-MIN_LEN, MAX_LEN = 30, 450                      # episode lengths kept, in steps (both ends included)
+MIN_LEN, MAX_LEN = EPISODE_LENGTHS               # episode lengths kept, in steps (both ends included)
 MIN_DEMOS = {"train": 4, "val": 1}              # a task with fewer episodes in the split is dropped
 
 log = logging.getLogger(__name__)
