@@ -114,12 +114,13 @@ def test_missing_vision_encoder_named(tmp_path):
 
 
 @pytest.mark.parametrize("phase", ["pretrain", "finetune"])
-def test_fixture_stops_at_missing_model_options(tmp_path, phase):
+def test_fixture_stops_at_missing_model_options(tmp_path, phase, capsys):
     """Today this project's ICRT lacks the published tokeniser, pooling, head (and finetune LoRA/bias) variants: the
     import stops at the strict mapping, names them, and writes nothing. When the model options exist, this test
     becomes the exactness check against the fixture's outputs (io.pt, 1e-4 in fp32)."""
-    rc, err = _cli("--run-yaml", str(FIX / phase / "run.yaml"), "--checkpoint", str(FIX / phase / "checkpoint-3.pth"),
-                   "--out", str(tmp_path / "out"), *FILES)
+    rc = import_published_cli(["--run-yaml", str(FIX / phase / "run.yaml"), "--checkpoint", str(FIX / phase / "checkpoint-3.pth"),
+                               "--out", str(tmp_path / "out"), *FILES])
+    err = capsys.readouterr().err
     assert rc == 1 and "needs options for" in err and "published attention pooling" in err, err
     if phase == "finetune": assert "finetune layout" in err, err
     assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
