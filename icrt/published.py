@@ -19,10 +19,12 @@ from pathlib import Path
 from typing import Optional, Union
 
 import torch
+import torch.nn.functional as F
 import yaml
 
 from .checkpoint import atomic_save
 from .config import ICRTError, ExperimentConfig, config_from_dict, config_to_dict, save_config
+from .models.llama import apply_rope, rope_angles
 from .models.policy import ICRT, load_action_stats
 from .models.vision import read_vision_checkpoint
 from .train import random_frozen_state
@@ -475,9 +477,6 @@ def import_published_cli(argv:Optional[list]=None)->int:
     print(f"wrote {run}"); return 0
 
 # %% ../nbs/22_published.ipynb #c070
-import torch.nn.functional as F
-from .models.llama import apply_rope, rope_angles
-
 def _lin(sd:dict, pre:str, x):  # (..., in) -> (..., out)
     "Linear layer `pre` of a state dict, plus its published LoRA pair when present."
     y = F.linear(x, sd[f"{pre}.weight"], sd.get(f"{pre}.bias"))
