@@ -145,3 +145,12 @@ def test_published_reference_matches_fixture(phase):
     torch.testing.assert_close(net, io["teacher_forced_net"], atol=1e-4, rtol=0)
     torch.testing.assert_close(act, io["teacher_forced"], atol=1e-4, rtol=0)
     torch.testing.assert_close(_gram_schmidt(act[:, io["prompt_steps"]:]), io["cached"], atol=1e-4, rtol=0)
+
+
+def test_missing_llama_folder_named(tmp_path):
+    "The finetune run names /tmp/fixture/llama, which does not exist here: --llama-dir is asked for, nothing written."
+    with pytest.raises(PublishedError, match=r"model_cfg\.policy_cfg\.llama_ckpt_dir '/tmp/fixture/llama' does not exist here: give .* --llama-dir") as e:
+        import_published(FIX / "finetune" / "run.yaml", FIX / "finetune" / "checkpoint-3.pth", tmp_path / "out",
+                         vision_encoder=str(FIX / "vision_encoder.pth"))
+    _one_line(e)
+    assert not (tmp_path / "out").exists()
