@@ -2,11 +2,11 @@
 import subprocess
 import sys
 
-from icrt.data.synthetic import make_synthetic_dataset
+from icrt.tiny import toy_dataset
 
 
 def test_bench_train_cli(tmp_path):
-    ds = make_synthetic_dataset(tmp_path / "data", num_tasks=2, episodes_per_task=5, height=32, width=48, max_len=50, progress=False)
+    ds = toy_dataset(tmp_path / "toy")
     p = subprocess.run([sys.executable, "-m", "icrt.bench.train", "--config", "tiny", "--data", str(ds), "--steps", "3",
                         "--warmup", "1", "--num-workers", "0", "--device", "cpu", "--json", str(tmp_path / "r.json")],
                        capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})

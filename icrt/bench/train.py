@@ -78,15 +78,13 @@ class UtilSampler:
 
 # %% ../../nbs/32_bench.train.ipynb #c010
 def _sync(d:torch.device):
+    "Wait for the work queued on `d`, so that a clock read afterwards includes it."
     if d.type == "cuda": torch.cuda.synchronize(d)
 
-def bench_train(
-    cfg:ExperimentConfig,  # from `bench_config`
-    steps:int=200,         # timed iterations
-    warmup:int=5,          # untimed iterations first
-)->dict:
-    "Train `steps` iterations of `cfg`; return throughput, memory, utilisation and the bottleneck."
-    dev = resolve_device(cfg.device); torch.manual_seed(0)
+# %% ../../nbs/32_bench.train.ipynb #c013
+def _bench_parts(cfg:ExperimentConfig, dev:torch.device)->tuple:  # (encoder, dataset, sampler, loader, model, optimizer)
+    "The benchmarked run's encoder, training split, sampler, loader, policy (in training mode) and optimiser."
+    torch.manual_seed(0)
     enc = build_vision_encoder(cfg.model_cfg.vision_encoder_cfg)
     ds = SequenceDataset(cfg.dataset_cfg, cfg.shared_cfg, split="train", data_config=enc.data_config)
     model = build_model(cfg, dev, vision_encoder=enc); model.train()
@@ -95,6 +93,17 @@ def bench_train(
     sampler = DistributedSubEpochSampler(ds, 1, 0, 1, 0)
     loader = DataLoader(ds, batch_size=cfg.shared_cfg.batch_size, sampler=sampler, num_workers=nw, drop_last=True,
                         pin_memory=dev.type == "cuda", persistent_workers=False, prefetch_factor=4 if nw else None)
+    return enc, ds, sampler, loader, model, opt
+
+# %% ../../nbs/32_bench.train.ipynb #c015
+def bench_train(
+    cfg:ExperimentConfig,  # from `bench_config`
+    steps:int=200,         # timed iterations
+    warmup:int=5,          # untimed iterations first
+)->dict:
+    "Train `steps` iterations of `cfg`; return throughput, memory, utilisation and the bottleneck."
+    dev = resolve_device(cfg.device)
+    enc, ds, sampler, loader, model, opt = _bench_parts(cfg, dev)
     if dev.type == "cuda": torch.cuda.reset_peak_memory_stats(dev)
     wait = comp = 0.0; epoch = 0; it = iter(loader)
     with UtilSampler(dev) as util:
@@ -111,16 +120,16 @@ def bench_train(
             t2 = time.perf_counter()
             if i == warmup: util.samples.clear()
             if i >= warmup: wait += t1 - t0; comp += t2 - t1
-    total, bs = wait + comp, cfg.shared_cfg.batch_size
+    total, bs, nw = wait + comp, cfg.shared_cfg.batch_size, cfg.trainer_cfg.num_workers
     return {"device": str(dev), "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
             "gpu_preprocess": cfg.dataset_cfg.gpu_preprocess, "num_workers": nw, "batch_size": bs,
             "seq_length": cfg.shared_cfg.seq_length, "steps": steps, "samples_per_s": steps * bs / total,
             "step_ms": 1000 * comp / steps, "data_wait_ms": 1000 * wait / steps, "data_wait_share": wait / total,
             "peak_gpu_mem_gib": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
             "gpu_util_pct": util.mean, "bottleneck": "loader" if wait / total > 0.2 else "model",
-            "final_loss": float(loss)}
+            "final_loss": loss.item()}
 
-# %% ../../nbs/32_bench.train.ipynb #c014
+# %% ../../nbs/32_bench.train.ipynb #c019
 def format_rows(rows:list)->str:
     "A markdown table of `bench_train` results."
     head = "| gpu_preprocess | workers | samples/s | step ms | data wait ms | wait share | peak GPU GiB | GPU util % | bottleneck |"
@@ -132,7 +141,7 @@ def format_rows(rows:list)->str:
                    f"{f(r['gpu_util_pct'], 0)} | {r['bottleneck']} |")
     return "\n".join(out)
 
-# %% ../../nbs/32_bench.train.ipynb #c016
+# %% ../../nbs/32_bench.train.ipynb #c022
 def _bench_modes(a:argparse.Namespace)->list:
     "`bench_train` rows of every `--gpu-preprocess` mode asked for by the parsed flags `a`."
     data = a.data
@@ -142,7 +151,7 @@ def _bench_modes(a:argparse.Namespace)->list:
     return [bench_train(bench_config(data, a.config, a.device, a.num_workers, g, a.seq_length, a.batch_size), a.steps, a.warmup)
             for g in modes]
 
-# %% ../../nbs/32_bench.train.ipynb #c018
+# %% ../../nbs/32_bench.train.ipynb #c024
 def bench_train_cli(argv:Optional[list]=None)->int:
     "Console entry point `icrt_bench_train`."
     p = argparse.ArgumentParser(prog="icrt_bench_train", description="ICRT training throughput and bottleneck.")
@@ -165,5 +174,5 @@ def bench_train_cli(argv:Optional[list]=None)->int:
     if a.json: a.json.write_text(json.dumps(rows, indent=1))
     return 0
 
-# %% ../../nbs/32_bench.train.ipynb #c020
+# %% ../../nbs/32_bench.train.ipynb #c026
 if __name__ == "__main__" and "__file__" in globals(): raise SystemExit(bench_train_cli())  # `python -m icrt.bench.train`
