@@ -462,11 +462,13 @@ def _check_episode(grp, h5, ep, spec, problems, key_info)->int|None:
 
 # %% ../../nbs/03_data.format.ipynb #c060
 def _length_stats(lengths:list)->dict:
+    "min, max, mean, median of the episode lengths, and how many are outside the 30-450 steps a run keeps."
     if not lengths: return {}
     a = np.asarray(lengths)
     return dict(min=int(a.min()), max=int(a.max()), mean=round(float(a.mean()), 1), median=float(np.median(a)),
                 outside_30_450=int(((a < EPISODE_LENGTHS[0]) | (a > EPISODE_LENGTHS[1])).sum()))
 
+# %% ../../nbs/03_data.format.ipynb #c063
 def check_dataset(
     config_path,            # a dataset config JSON
     max_episodes:int=None,  # check only the first N episodes (all when None)
@@ -503,7 +505,7 @@ def check_dataset(
                         "record or convert longer episodes (or split long ones)")
     return summary, problems
 
-# %% ../../nbs/03_data.format.ipynb #c072
+# %% ../../nbs/03_data.format.ipynb #c075
 def format_summary(summary:dict)->str:
     "Human-readable text of a `check_dataset` summary."
     L = summary.get("length", {})
@@ -519,7 +521,7 @@ def format_summary(summary:dict)->str:
         lines.append(f"  {k}: {shapes} {'/'.join(info.get('dtype', []))}{layout}")
     return "\n".join(lines)
 
-# %% ../../nbs/03_data.format.ipynb #c075
+# %% ../../nbs/03_data.format.ipynb #c078
 def check_cli(argv:list=None):
     "Console script `icrt_check CONFIG.json`: print a summary (exit 0) or every problem (exit 1)."
     p = argparse.ArgumentParser(prog="icrt_check", description="Check an ICRT dataset config, its side JSON files and "
@@ -535,7 +537,7 @@ def check_cli(argv:list=None):
         sys.exit(1)
     print(json.dumps(summary, indent=1, default=list) if args.json else format_summary(summary))
 
-# %% ../../nbs/03_data.format.ipynb #c079
+# %% ../../nbs/03_data.format.ipynb #c082
 def _npz_header(zf:zipfile.ZipFile, key:str)->tuple:
     "(shape, dtype) of array `key` of an open .npz without loading it."
     with zf.open(key + ".npy") as fp:
@@ -544,6 +546,7 @@ def _npz_header(zf:zipfile.ZipFile, key:str)->tuple:
         shape, _, dtype = read(fp)
     return tuple(shape), np.dtype(dtype)
 
+# %% ../../nbs/03_data.format.ipynb #c085
 def _source_headers(path:Path, keys:list)->dict:
     "{key: (shape, dtype)} of an episode file, or a DatasetError naming the file and the missing key."
     try:
@@ -560,7 +563,7 @@ def _source_headers(path:Path, keys:list)->dict:
         if k not in heads: raise DatasetError(f"{_where(path, key=k)}: missing (every episode file needs {', '.join(keys)})")
     return heads
 
-# %% ../../nbs/03_data.format.ipynb #c080
+# %% ../../nbs/03_data.format.ipynb #c087
 def _validate_source(path:Path, image_keys:list, lowdim_keys:list)->int:
     "Check keys, steps and dtypes (headers) and low-dim values of one episode file; returns its T."
     heads = _source_headers(path, image_keys + lowdim_keys)
@@ -578,13 +581,14 @@ def _validate_source(path:Path, image_keys:list, lowdim_keys:list)->int:
         if bad.any(): raise DatasetError(f"{_where(path, key=k)}: NaN/inf at steps {np.unique(np.nonzero(bad)[0])[:5].tolist()}")
     return T
 
+# %% ../../nbs/03_data.format.ipynb #c089
 def _load_source(path:Path, keys:list)->dict:
     "All `keys` of one episode file as arrays."
     if path.suffix == ".npz":
         with np.load(path) as z: return {k: z[k] for k in keys}
     with h5py.File(path, "r") as f: return {k: f[k][()] for k in keys}
 
-# %% ../../nbs/03_data.format.ipynb #c081
+# %% ../../nbs/03_data.format.ipynb #c091
 def _scan_source(src:Path)->dict:
     "{task: [episode files]} of a recordings folder, or a DatasetError."
     if not src.is_dir(): raise DatasetError(f"{src}: source folder not found")
@@ -597,6 +601,7 @@ def _scan_source(src:Path)->dict:
         found[d.name] = files
     return found
 
+# %% ../../nbs/03_data.format.ipynb #c094
 def _check_out(src:Path, out:Path, overwrite:bool):
     s, o = src.resolve(), out.resolve()
     if o == s or s in o.parents or o in s.parents:
@@ -605,7 +610,7 @@ def _check_out(src:Path, out:Path, overwrite:bool):
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DatasetError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
 
-# %% ../../nbs/03_data.format.ipynb #c082
+# %% ../../nbs/03_data.format.ipynb #c096
 def _swap_in(tmp:Path, out:Path):
     "Move the finished `tmp` folder to `out`, replacing what is there only now."
     if out.is_dir() and not any(out.iterdir()): out.rmdir()
@@ -614,7 +619,7 @@ def _swap_in(tmp:Path, out:Path):
         out.rename(old); tmp.rename(out); shutil.rmtree(old)
     else: tmp.rename(out)
 
-# %% ../../nbs/03_data.format.ipynb #c083
+# %% ../../nbs/03_data.format.ipynb #c097
 def convert(
     src,                        # recordings: SRC/<task>/<episode>.hdf5|.h5|.npz
     out,                        # output folder (created; replaced only with overwrite)
@@ -655,7 +660,7 @@ def convert(
     logger.info("wrote %d episodes of %d tasks to %s", len(names), len(tasks), out)
     return out/"dataset_config.json"
 
-# %% ../../nbs/03_data.format.ipynb #c089
+# %% ../../nbs/03_data.format.ipynb #c103
 def convert_cli(argv:list=None):
     "Console script `icrt_convert SRC OUT`: convert per-episode recordings into an ICRT dataset."
     p = argparse.ArgumentParser(prog="icrt_convert", description="Convert recordings (SRC/<task>/<episode>.hdf5|.h5|.npz) "
