@@ -295,12 +295,14 @@ def _world_offsets(du, dv, m, psi):
     xl, yl = -dv * m, -du * m                     # image up -> local x, image left -> local y
     return c * xl - s * yl, s * xl + c * yl
 
+# %% ../../nbs/04_data.synthetic.ipynb #c050
 def _sdf(dx, dy, shape:str, radius, angle):
     "Signed distance (m) to a disc or a square (half width `radius`, turned by `angle`) centred at the origin."
     if shape == "disc": return np.sqrt(dx * dx + dy * dy) - radius
     c, s = [np.asarray(a, np.float32)[..., None, None] for a in (np.cos(angle), np.sin(angle))]
     return np.maximum(np.abs(c * dx + s * dy), np.abs(-s * dx + c * dy)) - radius
 
+# %% ../../nbs/04_data.synthetic.ipynb #c053
 def _object_paint(spec:ObjectSpec, m, psi, angle, shadow:bool=False):
     "A `_stamp` painter of object `spec` (shaded top face with a dark rim), or of its soft shadow."
     def paint(du, dv):
@@ -313,7 +315,7 @@ def _object_paint(spec:ObjectSpec, m, psi, angle, shadow:bool=False):
         return np.clip(0.5 - d / mm, 0, 1), np.clip(np.asarray(spec.rgb, np.float32) * shade[..., None], 0, 255)
     return paint
 
-# %% ../../nbs/04_data.synthetic.ipynb #c049
+# %% ../../nbs/04_data.synthetic.ipynb #c056
 @lru_cache(maxsize=1)
 def _texture()->tuple:
     "Shared texture levels (Hm, Wm) uint8 in [0, 64) and the table mask (Hm, Wm) bool of the map."
@@ -345,7 +347,7 @@ def background(self:SyntheticScene)->np.ndarray:
     "(Hm, Wm, 3) uint8 top-down map of the empty table of this scene."
     return self._map4()[..., :3]
 
-# %% ../../nbs/04_data.synthetic.ipynb #c051
+# %% ../../nbs/04_data.synthetic.ipynb #c058
 @patch
 def _sprite(self:SyntheticScene, i:int)->tuple:
     "Half size, alpha (K, K, 1) and premultiplied colour (K, K, 3) of object `i` with its shadow (cached)."
@@ -384,7 +386,7 @@ def table_map(self:SyntheticScene,
     "The top-down map with the objects that rest on the table (and their shadows)."
     return self._paint_map4(np.asarray(objects, float))[..., :3]
 
-# %% ../../nbs/04_data.synthetic.ipynb #c054
+# %% ../../nbs/04_data.synthetic.ipynb #c061
 EXT_EYE, EXT_TARGET, EXT_HFOV = np.array([-0.02, 0.0, 1.05]), np.array([0.60, 0.0, 0.0]), 52.0
 WRIST_ABOVE, WRIST_HFOV, WRIST_EE_ROW = 0.09, 90.0, 0.68   # wrist camera: height above the fingers (m), field of
                                                            # view (deg), image row (fraction of H) of the fingertips
@@ -415,9 +417,12 @@ def _project(P:np.ndarray, H:int, W:int)->tuple:
     q = (P - EXT_EYE) @ R.T
     return f * q[:, 0] / q[:, 2] + W / 2, f * q[:, 1] / q[:, 2] + H / 2, f / q[:, 2]
 
-# %% ../../nbs/04_data.synthetic.ipynb #c057
-def _wrist_focal(W:int)->float: return 0.5 * W / math.tan(math.radians(WRIST_HFOV / 2))
+# %% ../../nbs/04_data.synthetic.ipynb #c064
+def _wrist_focal(W:int)->float:
+    "Focal length (pixels) of the wrist camera at image width `W`."
+    return 0.5 * W / math.tan(math.radians(WRIST_HFOV / 2))
 
+# %% ../../nbs/04_data.synthetic.ipynb #c066
 def _wrist_index(pose:np.ndarray, H:int, W:int)->np.ndarray:
     "(T, H, W) flat map index seen by the wrist camera at end-effector poses (T, 6)."
     a = (WRIST_EE_ROW * H - (np.arange(H, dtype=np.float32) + 0.5))[None, :, None]   # pixels above the fingertips
@@ -427,7 +432,7 @@ def _wrist_index(pose:np.ndarray, H:int, W:int)->np.ndarray:
     u0, v0 = [x.astype(np.float32)[:, None, None] for x in _map_uv(pose[:, :2])]
     return _map_index((u0 - s * a) - c * b, (v0 - c * a) + s * b)
 
-# %% ../../nbs/04_data.synthetic.ipynb #c060
+# %% ../../nbs/04_data.synthetic.ipynb #c069
 def _extent(spec:ObjectSpec)->float:
     "Radius (m) of the circle around an object's top face (for patch sizes)."
     return spec.radius * (1.42 if spec.shape == "square" else 1.0)
@@ -462,7 +467,7 @@ def _exterior_overlay(img, pose, grip, objects, lifted, angles):
     u, v, ppm = _project(pose[:, :3], H, W)
     _stamp(img, u, v, int(np.ceil(0.048 * ppm.max())) + 1, _gripper_paint(1 / ppm, zero, pose[:, 5], grip))
 
-# %% ../../nbs/04_data.synthetic.ipynb #c062
+# %% ../../nbs/04_data.synthetic.ipynb #c071
 @lru_cache(maxsize=64)
 def _finger_pixels(H:int, W:int, grip:float)->tuple:
     "Rows, columns, alpha (P, 1) and colour (P, 3) of the finger pixels in an (H, W) wrist image at opening `grip`."
@@ -493,7 +498,7 @@ def _wrist_overlay(img, pose, grip, objects, lifted, angles):
         r, c, a, colour = _finger_pixels(H, W, float(gv))
         img[t, r, c] = (img[t, r, c] * (1 - a) + colour * a + 0.5).astype(np.uint8)
 
-# %% ../../nbs/04_data.synthetic.ipynb #c064
+# %% ../../nbs/04_data.synthetic.ipynb #c073
 def _unpack(state:dict)->tuple:
     "(pose (T, 6), gripper (T,), objects (T, n, 3), batched?) of a world state or an `expert_episode` dict."
     if "observation/cartesian_position" in state:
@@ -507,7 +512,7 @@ def _unpack(state:dict)->tuple:
                          f"got {pose.shape}, {grip.shape}, {objs.shape}")
     return pose, grip.reshape(len(pose)), objs, batched
 
-# %% ../../nbs/04_data.synthetic.ipynb #c067
+# %% ../../nbs/04_data.synthetic.ipynb #c076
 def _to_rgb(words:np.ndarray, out:np.ndarray):
     "Copy RGBA pixels stored as uint32 `words` into the contiguous uint8 RGB array `out` (one long copy per channel)."
     src, dst = words.view(np.uint8).reshape(-1, 4), out.reshape(-1, 3)
@@ -537,7 +542,7 @@ def render(self:SyntheticScene,
     out = {"observation/exterior_image_1_left": ext, "observation/wrist_image_left": wr}
     return out if batched else {k: v[0] for k, v in out.items()}
 
-# %% ../../nbs/04_data.synthetic.ipynb #c077
+# %% ../../nbs/04_data.synthetic.ipynb #c086
 logger = logging.getLogger(__name__)
 
 def task_grouping(
@@ -548,7 +553,7 @@ def task_grouping(
     groups = {v: names for v, names in groups.items() if names}
     return {"ratios": {v: 1.0 for v in groups}, "tasks": groups}
 
-# %% ../../nbs/04_data.synthetic.ipynb #c079
+# %% ../../nbs/04_data.synthetic.ipynb #c088
 WORLD_FILE = "synthetic_world.json"  # how to rebuild each episode's world (seed, sizes, task and index)
 
 def _check_sizes(num_tasks:int, episodes_per_task:int, height:int, width:int, min_len:int, max_len:int):
@@ -558,7 +563,7 @@ def _check_sizes(num_tasks:int, episodes_per_task:int, height:int, width:int, mi
     if height < 8 or width < 8: raise ValueError(f"image size {height}x{width}: need at least 8x8 pixels")
     if not 2 <= min_len <= max_len: raise ValueError(f"need 2 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
 
-# %% ../../nbs/04_data.synthetic.ipynb #c081
+# %% ../../nbs/04_data.synthetic.ipynb #c090
 def make_synthetic_dataset(
     out_dir,                    # folder for synthetic.hdf5, the side JSON files and dataset_config.json
     num_tasks:int=6,            # use the first `num_tasks` entries of `TASKS` (1..12)
@@ -595,7 +600,7 @@ def make_synthetic_dataset(
     return write_dataset_files(out, [h5], [names], epi_len, verb_to_episode, DEFAULT_IMAGE_KEYS, DEFAULT_PROPRIO_KEYS,
                                DEFAULT_ACTION_KEYS, train_split=train_split, task_grouping=task_grouping(tasks))
 
-# %% ../../nbs/04_data.synthetic.ipynb #c087
+# %% ../../nbs/04_data.synthetic.ipynb #c096
 def load_world(
     dataset:Union[str, Path],  # a synthetic dataset folder or its dataset_config.json
 )->Optional[dict]:             # the world file's content, or None for a dataset that is not synthetic
@@ -608,7 +613,7 @@ def load_world(
     if missing: raise ValueError(f"{f}: missing key(s) {missing}; regenerate the dataset")
     return w
 
-# %% ../../nbs/04_data.synthetic.ipynb #c090
+# %% ../../nbs/04_data.synthetic.ipynb #c099
 def episode_world(
     world:dict,   # `load_world` output
     name:str,     # an episode of that dataset
@@ -620,7 +625,7 @@ def episode_world(
     scene = SyntheticScene.sample(rng, world["height"], world["width"], world.get("jitter"))
     return get_task(task), scene, expert_episode(task, scene, rng, world["min_len"], world["max_len"])
 
-# %% ../../nbs/04_data.synthetic.ipynb #c094
+# %% ../../nbs/04_data.synthetic.ipynb #c103
 def synth_cli(argv:list=None):
     "Console script `icrt_synth`: write a synthetic multi-task dataset."
     p = argparse.ArgumentParser(prog="icrt_synth", description="Write a synthetic multi-task ICRT dataset "
