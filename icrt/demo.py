@@ -19,12 +19,12 @@ from typing import Optional, Union
 import torch
 from matplotlib.figure import Figure
 
-from .config import ConfigError, parse_args
+from .config import ConfigError, ICRTError, parse_args
 from .data.format import DatasetError
 from .data.synthetic import make_synthetic_dataset
 from .eval import evaluate_run, report_markdown
 from .tiny import tiny_vision_encoder
-from .train import TrainingError, train
+from .train import train
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,10 @@ def epochs_for(
     return max(1, int(round(minutes * DEMO["epochs_per_minute"])))
 
 # %% ../nbs/19_demo.ipynb #c013
-class DemoError(RuntimeError):
+class DemoError(ICRTError, ValueError):
     "The demo cannot run as asked; the message says why and what to do."
 
+# %% ../nbs/19_demo.ipynb #c014
 def _ratio(same, wrong)->float: return wrong / same if same > 0 else math.inf
 
 def gap_summary(
@@ -97,7 +98,7 @@ def gap_summary(
     line += f" (target >= {target:g} in each): {'TARGET MET' if ok else 'TARGET NOT MET'}"
     return dict(same_mm=same, wrong_mm=wrong, ratio=ratio, closed_loop=cl, target=target, ok=ok, line=line)
 
-# %% ../nbs/19_demo.ipynb #c016
+# %% ../nbs/19_demo.ipynb #c017
 def _per_task(report:dict, same_key:str="teacher_forced", wrong_key:str="wrong_prompt")->dict:
     "{task: (same mm, wrong mm)}, step-weighted over the report's episodes that have both."
     acc = {}
@@ -108,6 +109,7 @@ def _per_task(report:dict, same_key:str="teacher_forced", wrong_key:str="wrong_p
         a[0] += s["trans_mm"] * s["steps"]; a[1] += w["trans_mm"] * w["steps"]; a[2] += s["steps"]
     return {t: (a[0] / a[2], a[1] / a[2]) for t, a in sorted(acc.items()) if a[2]}
 
+# %% ../nbs/19_demo.ipynb #c019
 def gap_figure(
     report:dict,   # an `evaluate_run` report
     title:str="",
@@ -126,7 +128,7 @@ def gap_figure(
         ax.legend(fontsize=8)
     return fig
 
-# %% ../nbs/19_demo.ipynb #c019
+# %% ../nbs/19_demo.ipynb #c022
 def _data(out:Path, seed:int, episodes_per_task:int)->Path:
     "The demo's synthetic dataset in `out/data` (made once, kept for later runs)."
     dj = out/"data"/"dataset_config.json"
@@ -136,13 +138,14 @@ def _data(out:Path, seed:int, episodes_per_task:int)->Path:
                                   max_len=DEMO["max_len"], train_split=DEMO["train_split"], progress=False,
                                   jitter=DEMO["jitter"])
 
+# %% ../nbs/19_demo.ipynb #c023
 def _check_out(out:Path):
     "Refuse to mix a new demo into a folder that holds a finished one, or into a file."
     if out.exists() and not out.is_dir(): raise DemoError(f"--out '{out}' is a file; give a folder")
     if any((out/"run").glob("checkpoint-*.pth")):
         raise DemoError(f"--out '{out}' already holds a demo run ({out/'run'}); give another --out or delete that folder")
 
-# %% ../nbs/19_demo.ipynb #c020
+# %% ../nbs/19_demo.ipynb #c025
 def run_demo(
     out:Union[str, Path],          # output folder (created)
     minutes:float=10.0,            # training budget, see `epochs_for`
@@ -161,6 +164,7 @@ def run_demo(
     try: return _run(out, epochs, minutes, seed, eps, eval_episodes, target, threads)
     finally: torch.set_num_threads(before)
 
+# %% ../nbs/19_demo.ipynb #c028
 def _run(out, epochs, minutes, seed, eps, eval_episodes, target, threads)->dict:
     "The body of `run_demo`."
     out.mkdir(parents=True, exist_ok=True); t0 = time.time()
@@ -180,7 +184,7 @@ def _run(out, epochs, minutes, seed, eps, eval_episodes, target, threads)->dict:
     (out/"demo_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
-# %% ../nbs/19_demo.ipynb #c022
+# %% ../nbs/19_demo.ipynb #c030
 def demo_cli(argv:Optional[list]=None):
     "Entry point of `icrt_demo`."
     ap = argparse.ArgumentParser(prog="icrt_demo", description="Train a small ICRT on synthetic data on the CPU and "
@@ -195,13 +199,13 @@ def demo_cli(argv:Optional[list]=None):
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try: s = run_demo(a.out, a.minutes, a.seed, a.episodes_per_task, a.eval_episodes, threads=a.threads)
-    except (DemoError, ConfigError, DatasetError, TrainingError) as e:
-        sys.stderr.write(f"icrt_demo: error: {e}\n"); sys.exit(1)
+    except (ICRTError, DatasetError) as e:  # every user error of the library (InferenceError, EvalError, ... included)
+        sys.stderr.write(f"icrt_demo: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n"); sys.exit(1)
     sys.stdout.write((Path(s["report"]).with_suffix(".md")).read_text())
     print(f"\noutputs in {Path(a.out)}: run {s['run_dir']}, report {s['report']}, figures {Path(s['report']).parent/'figures'}")
     print(f"time: data {s['seconds']['data']:.0f} s, training {s['seconds']['train']:.0f} s ({s['epochs']} epochs), "
           f"evaluation {s['seconds']['eval']:.0f} s")
     print(s["summary"])
 
-# %% ../nbs/19_demo.ipynb #c030
+# %% ../nbs/19_demo.ipynb #c038
 if __name__ == "__main__" and "__file__" in globals(): demo_cli()  # `python -m icrt.demo` (not when this notebook runs)

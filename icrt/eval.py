@@ -10,35 +10,37 @@ import io
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Optional, Union
 
 import numpy as np
+from fastcore.basics import patch
 from matplotlib.figure import Figure
 
-from .config import ConfigError
+from .config import ICRTError
 from .data.dataset import MIN_LEN, MAX_LEN, load_episode, select_episodes
 from .data.format import DatasetError, load_dataset_config
 from .data.synthetic import episode_world, load_world
+from .sim.core import rollout
 from .sim.synthetic import SyntheticSim
-from .geometry import chunk_actions, euler_to_matrix, pos_rot6d_to_pose, rot6d_to_matrix
-from .inference import (ICRTPolicy, InferenceError, find_checkpoint, load_run_config, pose_vector, run_keys)
-from .train import TrainingError
+from .geometry import chunk_actions, euler_to_matrix, pose_vector, rot6d_to_matrix, to_pose7
+from .inference import ICRTPolicy, find_run
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'DIM_NAMES', 'USER_ERRORS', 'EvalError', 'action_errors', 'summarize', 'concat_errors', 'task_episodes',
-           'heldout_episodes', 'choose_prompts', 'teacher_forced', 'open_loop', 'closed_loop', 'as_pose7',
-           'trajectory_figure', 'chunk_error_figure', 'evaluate_episode', 'evaluate_run', 'report_markdown', 'eval_cli',
-           'EpisodeBrowser']
+__all__ = ['log', 'DIM_NAMES', 'EvalError', 'action_errors', 'summarize', 'concat_errors', 'task_episodes', 'heldout_episodes',
+           'choose_prompts', 'teacher_forced', 'open_loop', 'closed_loop', 'trajectory_figure', 'chunk_error_figure',
+           'evaluate_episode', 'evaluate_run', 'report_markdown', 'eval_cli', 'EpisodeBrowser']
 
 # %% ../nbs/18_eval.ipynb #c006
-class EvalError(InferenceError):
+class EvalError(ICRTError, ValueError):
     "An evaluation input that cannot be used (run, dataset, split); the message says which and what to do."
 
+# %% ../nbs/18_eval.ipynb #c007
 def action_errors(
     pred:np.ndarray,   # (..., 7) predicted absolute xyz, Euler XYZ, gripper
     true:np.ndarray,   # (..., 10) recorded absolute xyz, rot6d, gripper
@@ -51,8 +53,9 @@ def action_errors(
     rot = np.degrees(np.arccos(np.clip(cos, -1, 1)))
     return {"trans_mm": trans, "rot_deg": rot, "grip_ok": (pred[..., 6] > 0.5) == (true[..., 9] > 0.5)}
 
-# %% ../nbs/18_eval.ipynb #c010
+# %% ../nbs/18_eval.ipynb #c011
 def _f(x)->Optional[float]:
+    "A plain float, or None for NaN/inf (valid JSON)."
     x = float(x); return x if math.isfinite(x) else None
 
 def summarize(errs:dict)->dict:
@@ -62,21 +65,25 @@ def summarize(errs:dict)->dict:
     return {"steps": int(len(t)), "trans_mm": _f(t.mean()), "trans_mm_median": _f(np.median(t)), "rot_deg": _f(r.mean()),
             "rot_deg_median": _f(np.median(r)), "gripper_acc": _f(g.mean())}
 
+# %% ../nbs/18_eval.ipynb #c013
 def concat_errors(errs:list)->dict:
     "Join per-episode `action_errors` dicts step-wise."
     return {k: np.concatenate([np.asarray(e[k]).reshape(-1) for e in errs]) if errs else np.zeros(0) for k in ("trans_mm", "rot_deg", "grip_ok")}
 
-# %% ../nbs/18_eval.ipynb #c013
+# %% ../nbs/18_eval.ipynb #c016
 def task_episodes(spec)->list:
     "Episodes of 30-450 steps that belong to a task (only those can be prompted, as in training)."
     return [e for e in select_episodes(spec) if spec.episode_task.get(e) is not None]
 
+# %% ../nbs/18_eval.ipynb #c017
 def _split_file(run_dir:Path, name:str)->Optional[list]:
+    "The episode list of a run's `<name>_split.json` (None when missing or not a list)."
     p = run_dir/f"{name}_split.json"
     try: v = json.loads(p.read_text())
     except (OSError, json.JSONDecodeError): return None
     return v if isinstance(v, list) else None
 
+# %% ../nbs/18_eval.ipynb #c019
 def _round_robin(names:list, task_of:dict)->list:
     "Interleave the episodes of each task: t1e1 t2e1 t3e1 t1e2 ..."
     by = {}
@@ -85,6 +92,7 @@ def _round_robin(names:list, task_of:dict)->list:
     while any(queues): out += [q.pop(0) for q in queues if q]
     return out
 
+# %% ../nbs/18_eval.ipynb #c021
 def heldout_episodes(
     run_dir:Path,           # the run folder (its train/val split files)
     spec,                   # DatasetSpec of the evaluated dataset
@@ -109,7 +117,7 @@ def heldout_episodes(
     names = _round_robin(names, spec.episode_task)
     return names[:n] if n is not None else names
 
-# %% ../nbs/18_eval.ipynb #c015
+# %% ../nbs/18_eval.ipynb #c023
 def choose_prompts(
     spec,                        # DatasetSpec
     episode:str,                 # the episode being evaluated
@@ -133,7 +141,7 @@ def choose_prompts(
     if not cands: return t, []
     return t, [cands[i] for i in rng.choice(len(cands), size=min(k, len(cands)), replace=False)]
 
-# %% ../nbs/18_eval.ipynb #c017
+# %% ../nbs/18_eval.ipynb #c027
 def teacher_forced(
     policy:ICRTPolicy,
     x:dict,         # episode_inputs of the evaluated episode
@@ -148,6 +156,7 @@ def teacher_forced(
         chunks.append(policy.last_chunk.copy())
     return np.stack(firsts), np.stack(chunks)
 
+# %% ../nbs/18_eval.ipynb #c031
 def open_loop(
     policy:ICRTPolicy,
     x:dict,         # episode_inputs of the evaluated episode
@@ -159,29 +168,24 @@ def open_loop(
     policy.reset()
     return np.stack(out)
 
+# %% ../nbs/18_eval.ipynb #c035
 def closed_loop(
     policy:ICRTPolicy,
-    sim,                   # `icrt.data.synthetic.SyntheticSim` (or any object with reset/step and a `success` flag)
+    sim,                   # a simulator of the step protocol (`icrt.sim.core`), e.g. `SyntheticSim`
     prompts:list,          # episode_inputs of the prompts
-    steps:int,             # control steps to run
-)->tuple:                  # ((steps, 7) executed actions, success: bool)
+    steps:int,             # control steps to run (all of them: success does not stop the rollout)
+)->tuple:                  # ((steps, 7) executed actions, success at any step: bool)
     "Run the policy in a simulator, its own actions moving the world: nothing recorded is fed back."
     policy.reset(); policy.prompt(prompts)
-    o, out = sim.reset(), []
-    for _ in range(steps):
-        a = policy.act(o); out.append(a); o = sim.step(a)
+    r = rollout(sim, policy, max_steps=steps, min_len=steps)
     policy.reset()
-    return np.stack(out), bool(sim.success)
+    return r["actions"], r["success"]
 
-# %% ../nbs/18_eval.ipynb #c019
+# %% ../nbs/18_eval.ipynb #c039
 DIM_NAMES = ["x (m)", "y (m)", "z (m)", "roll (rad)", "pitch (rad)", "yaw (rad)", "gripper"]
 
-def as_pose7(a10:np.ndarray)->np.ndarray:  # (T, 10) -> (T, 7)
-    "xyz, rot6d, gripper -> xyz, Euler XYZ, gripper."
-    a10 = np.asarray(a10, np.float64)
-    return np.concatenate([pos_rot6d_to_pose(a10[..., :9]), a10[..., 9:]], -1)
-
 def _unwrap(a7:np.ndarray)->np.ndarray:
+    "Euler angles unwrapped along the steps (no jumps of 2π)."
     a7 = np.array(a7, np.float64); a7[:, 3:6] = np.unwrap(a7[:, 3:6], axis=0); return a7
 
 def _near(p7:np.ndarray, ref7:np.ndarray, ref_unwrapped:np.ndarray)->np.ndarray:
@@ -200,7 +204,7 @@ def trajectory_figure(
     "Recorded vs predicted actions, one panel per dimension (angles drawn on the recorded angle's branch)."
     fig = Figure(figsize=(11, 7), layout="constrained")
     axs = fig.subplots(4, 2, sharex=True).reshape(-1)
-    raw = as_pose7(true10); tr = _unwrap(raw)
+    raw = to_pose7(np.asarray(true10, np.float64)); tr = _unwrap(raw)
     styles = ["-", "--", ":", "-."]
     for i, ax in enumerate(axs[:7]):
         ax.plot(tr[:, i], "k-", lw=2, label="recorded")
@@ -213,6 +217,7 @@ def trajectory_figure(
     fig.suptitle(title, fontsize=10)
     return fig
 
+# %% ../nbs/18_eval.ipynb #c042
 def chunk_error_figure(
     offsets:dict,   # {label: {"trans_mm": [K], "rot_deg": [K]}}
 )->Figure:
@@ -227,13 +232,14 @@ def chunk_error_figure(
     ax1.legend(fontsize=8)
     return fig
 
-# %% ../nbs/18_eval.ipynb #c022
+# %% ../nbs/18_eval.ipynb #c045
 def _chunk_offsets(chunks:np.ndarray, true10:np.ndarray)->dict:
     "Errors per chunk offset: chunk t, entry k against the recorded action of step t+k (last step repeated)."
     e = action_errors(chunks, chunk_actions(true10, chunks.shape[1]))     # each (T, K)
     return {"trans_mm": [_f(v) for v in e["trans_mm"].mean(0)], "rot_deg": [_f(v) for v in e["rot_deg"].mean(0)],
             "gripper_acc": [_f(v) for v in e["grip_ok"].mean(0)]}, e
 
+# %% ../nbs/18_eval.ipynb #c047
 def _open_loop_offsets(errs:dict, K:int)->dict:
     "Errors of open-loop steps grouped by their offset inside the executed chunk (t mod K)."
     T = len(errs["trans_mm"]); off = np.arange(T) % K
@@ -241,7 +247,7 @@ def _open_loop_offsets(errs:dict, K:int)->dict:
     return {"trans_mm": [m(errs["trans_mm"], k) for k in range(K)], "rot_deg": [m(errs["rot_deg"], k) for k in range(K)],
             "gripper_acc": [m(errs["grip_ok"].astype(float), k) for k in range(K)]}
 
-# %% ../nbs/18_eval.ipynb #c023
+# %% ../nbs/18_eval.ipynb #c049
 class _Inputs:
     "Model inputs of episodes, converted once and kept for the few most recent ones."
     def __init__(self, policy:ICRTPolicy, spec, size:int=8): self.policy, self.spec, self.size, self.d = policy, spec, size, {}
@@ -251,6 +257,7 @@ class _Inputs:
             self.d[name] = self.policy.inputs(load_episode(self.spec, name))
         return self.d[name]
 
+# %% ../nbs/18_eval.ipynb #c051
 def evaluate_episode(
     policy:ICRTPolicy, spec, name:str, rng:np.random.Generator, num_prompts:int=1, inputs=None, pool=None,
     world:Optional[dict]=None,   # `load_world` of a synthetic dataset: also run closed loop from the episode's start
@@ -285,7 +292,7 @@ def evaluate_episode(
             rec[key] = {**summarize(e), "success": ok}; rec["_arrays"][key] = acts
     return rec
 
-# %% ../nbs/18_eval.ipynb #c025
+# %% ../nbs/18_eval.ipynb #c053
 def _check_keys(spec, keys:dict, dataset_json):
     "The evaluated dataset must use the run's camera, proprio and action keys."
     for k in ("image_keys", "proprio_keys", "action_keys"):
@@ -293,6 +300,7 @@ def _check_keys(spec, keys:dict, dataset_json):
             raise EvalError(f"{dataset_json}: {k} {list(getattr(spec, k))} differ from the run's {list(keys[k])}; "
                             "evaluate on data recorded with the same cameras and keys")
 
+# %% ../nbs/18_eval.ipynb #c055
 def _ratio(a, b)->Optional[float]:
     if a is None or b is None: return None
     if b == 0: return None if a == 0 else float("inf")
@@ -305,7 +313,7 @@ def _gap(same:dict, wrong:dict)->dict:
          "gripper_err": _ratio(err(wrong), err(same))}
     return {k: (_f(v) if v is not None and math.isfinite(v) else (None if v is None else "inf")) for k, v in r.items()}
 
-# %% ../nbs/18_eval.ipynb #c026
+# %% ../nbs/18_eval.ipynb #c057
 def _mean_lists(lists:list, weights:list)->list:
     "Step-weighted mean of per-episode offset lists."
     out = []
@@ -318,7 +326,16 @@ def _offsets(recs:list, key:str)->dict:
     w = [r["length"] for r in recs]
     return {m: _mean_lists([r[key][m] for r in recs], w) for m in ("trans_mm", "rot_deg", "gripper_acc")}
 
-# %% ../nbs/18_eval.ipynb #c027
+# %% ../nbs/18_eval.ipynb #c059
+def _out_folder(out:Path)->Path:
+    "Create out/figures; a one-line EvalError when the folder cannot be made or written."
+    try: (out/"figures").mkdir(parents=True, exist_ok=True)
+    except OSError as e: raise EvalError(f"--out: cannot create '{out/'figures'}' ({e.strerror or e}); give a writable folder") from None
+    for d in (out, out/"figures"):
+        if not os.access(d, os.W_OK): raise EvalError(f"--out: '{d}' is not writable; give a writable folder")
+    return out
+
+# %% ../nbs/18_eval.ipynb #c061
 def evaluate_run(
     run_dir:Union[str, Path],                   # output_dir/log_name of a training run
     dataset_json:Union[str, Path, None]=None,   # dataset config to evaluate on (default: the run's)
@@ -334,12 +351,13 @@ def evaluate_run(
 )->dict:                                        # the report (also written as report.json)
     "Offline evaluation of a run: action errors teacher-forced, open-loop and (synthetic data) closed-loop, in-context gap, plots, report files."
     run_dir = Path(run_dir).expanduser()
-    cfg = load_run_config(run_dir); ck = find_checkpoint(run_dir, checkpoint); keys = run_keys(cfg)
     if num_prompts < 1: raise EvalError(f"--num-prompts must be >= 1, got {num_prompts}")
-    dj = Path(dataset_json or cfg.dataset_cfg.dataset_json).expanduser()
+    if split not in ("val", "train", "all"): raise EvalError(f"--split must be val, train or all, got '{split}'")
+    run = find_run(run_dir, checkpoint)  # the run's config, checkpoint and keys, read once (from_run takes them)
+    dj = Path(dataset_json or run.cfg.dataset_cfg.dataset_json).expanduser()
     if not dj.is_file():
         raise EvalError(f"dataset config '{dj}' does not exist" + ("" if dataset_json else " (the run's; pass --dataset-json)"))
-    spec = load_dataset_config(dj); _check_keys(spec, keys, dj)
+    spec = load_dataset_config(dj); _check_keys(spec, run.keys, dj)
     try: world = load_world(dj) if closed_loop else None
     except ValueError as e: raise EvalError(f"{e} (or pass --no-closed-loop)") from None
     warnings = []
@@ -347,13 +365,13 @@ def evaluate_run(
     unknown = [e for e in names if e not in spec.episode_file]
     if unknown: raise EvalError(f"{dj}: unknown episode(s) {unknown[:3]}")
     if not names: raise EvalError(f"{dj}: no episode of {MIN_LEN}-{MAX_LEN} steps to evaluate in split '{split}'")
-    out = Path(out).expanduser() if out is not None else run_dir/"eval"
-    (out/"figures").mkdir(parents=True, exist_ok=True)
-    policy = ICRTPolicy.from_run(run_dir, ck, device=device)
-    return _evaluate(policy, spec, names, out, dict(run_dir=str(run_dir), checkpoint=str(ck), dataset_json=str(dj), split=split,
-                     num_prompts=num_prompts, seed=seed, device=str(policy.device)), warnings, seed, num_prompts, max_figures, world)
+    out = _out_folder(Path(out).expanduser() if out is not None else run_dir/"eval")
+    policy = ICRTPolicy.from_run(run, device=device)
+    meta = dict(run_dir=str(run_dir), checkpoint=str(policy.checkpoint), dataset_json=str(dj), split=split,
+                num_prompts=num_prompts, seed=seed, device=str(policy.device))
+    return _evaluate(policy, spec, names, out, meta, warnings, seed, num_prompts, max_figures, world)
 
-# %% ../nbs/18_eval.ipynb #c028
+# %% ../nbs/18_eval.ipynb #c062
 _DEFS = {
     "teacher_forced": "context = recorded observations and recorded executed actions; first action of the chunk predicted "
                       "at every step vs the recorded action of that step",
@@ -390,7 +408,7 @@ def _evaluate(policy, spec, names, out, meta, warnings, seed, num_prompts, max_f
     (out/"report.md").write_text(report_markdown(rep))
     return rep
 
-# %% ../nbs/18_eval.ipynb #c029
+# %% ../nbs/18_eval.ipynb #c063
 def _write_figures(recs, out:Path, max_figures:int, K:int)->dict:
     "Trajectory figures of the first episodes and the chunk-offset figure; {name: path}."
     figs = {}
@@ -405,11 +423,13 @@ def _write_figures(recs, out:Path, max_figures:int, K:int)->dict:
     figs["chunk_errors"] = str(p)
     return figs
 
+# %% ../nbs/18_eval.ipynb #c064
 def _compare(recs:list, same:str, wrong:str)->dict:
     "Errors pooled over `recs` with a same-task prompt (`_errors[same]`) and a wrong one (`_errors[wrong]`), and their ratios."
     s, w = (summarize(concat_errors([r["_errors"][k] for r in recs])) for k in (same, wrong))
     return {"same": s, "wrong": w, "ratio": _gap(s, w)}
 
+# %% ../nbs/18_eval.ipynb #c065
 def _report(recs, meta, warnings, figs, seconds, K)->dict:
     "The JSON report: settings, overall and per-episode numbers, figure paths."
     errs = lambda k: concat_errors([r["_errors"][k] for r in recs if k in r["_errors"]])
@@ -434,7 +454,7 @@ def _report(recs, meta, warnings, figs, seconds, K)->dict:
     if not gap_recs: rep["warnings"] = warnings + ["in-context gap not measured: the dataset has a single task"]
     return rep
 
-# %% ../nbs/18_eval.ipynb #c031
+# %% ../nbs/18_eval.ipynb #c067
 def _fmt(v, nd=1)->str: return "–" if v is None else (v if isinstance(v, str) else f"{v:.{nd}f}")
 
 def report_markdown(rep:dict)->str:
@@ -468,9 +488,7 @@ def report_markdown(rep:dict)->str:
     if rep["warnings"]: L += ["", "Warnings:"] + [f"- {w}" for w in rep["warnings"]]
     return "\n".join(L) + "\n"
 
-# %% ../nbs/18_eval.ipynb #c043
-USER_ERRORS = (InferenceError, ConfigError, DatasetError, TrainingError)
-
+# %% ../nbs/18_eval.ipynb #c076
 def eval_cli(argv:Optional[list]=None):
     "Entry point of `icrt_eval`."
     ap = argparse.ArgumentParser(prog="icrt_eval", description="Offline evaluation of a trained ICRT run on held-out episodes.")
@@ -490,20 +508,20 @@ def eval_cli(argv:Optional[list]=None):
     try:
         rep = evaluate_run(a.run_dir, a.dataset_json, a.split, a.episodes, a.out, a.checkpoint, a.num_prompts, a.seed,
                            a.device, a.max_figures, not a.no_closed_loop)
-    except USER_ERRORS as e:
-        sys.stderr.write(f"icrt_eval: error: {e}\n"); sys.exit(1)
+    except (ICRTError, DatasetError) as e:
+        sys.stderr.write(f"icrt_eval: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n"); sys.exit(1)
     sys.stdout.write(report_markdown(rep))
 
 if __name__ == "__main__" and "__file__" in globals(): eval_cli()  # `python -m icrt.eval` (not when this notebook runs)
 
-# %% ../nbs/18_eval.ipynb #c046
+# %% ../nbs/18_eval.ipynb #c079
 class EpisodeBrowser:
     "An ipywidgets viewer of one episode: camera frames, a step slider, actions and predictions with a cursor."
     def __init__(self,
                  episode:dict,                  # load_episode output, or raw {key: (T, ...)}
                  predictions=None,              # (T, 7) absolute xyz/Euler/gripper, or {label: (T, 7)}
                  image_keys:Optional[list]=None,   # cameras to show (default: all of the episode's)
-                 action_keys:Optional[list]=None,  # raw episodes only (default: SPEC §2 names)
+                 action_keys:Optional[list]=None,  # raw episodes only (default: action/cartesian_position, action/gripper_position)
                 ):
         import ipywidgets as W
         from icrt.data.format import DEFAULT_ACTION_KEYS
@@ -525,18 +543,20 @@ class EpisodeBrowser:
         self.slider.observe(lambda ch: self.show(ch["new"]), names="value")
         self.show(0)
 
-    def show(self, t:int):
-        "Display step `t`."
-        from PIL import Image as PILImage
-        t = int(np.clip(t, 0, self.T - 1))
-        for k, im in self.images.items():
-            b = io.BytesIO(); PILImage.fromarray(np.asarray(self.frames[k][t])).save(b, format="png"); im.value = b.getvalue()
-        b = io.BytesIO()
-        trajectory_figure(self.actions, self.predictions, f"step {t}", cursor=t).savefig(b, format="png", dpi=60)
-        self.plot.value = b.getvalue()
-        if self.slider.value != t: self.slider.value = t
-        self.step = t
-
     def _ipython_display_(self):
         from IPython.display import display
         display(self.widget)
+
+# %% ../nbs/18_eval.ipynb #c081
+@patch
+def show(self:EpisodeBrowser, t:int):
+    "Display step `t`."
+    from PIL import Image as PILImage
+    t = int(np.clip(t, 0, self.T - 1))
+    for k, im in self.images.items():
+        b = io.BytesIO(); PILImage.fromarray(np.asarray(self.frames[k][t])).save(b, format="png"); im.value = b.getvalue()
+    b = io.BytesIO()
+    trajectory_figure(self.actions, self.predictions, f"step {t}", cursor=t).savefig(b, format="png", dpi=60)
+    self.plot.value = b.getvalue()
+    if self.slider.value != t: self.slider.value = t
+    self.step = t

@@ -5,11 +5,10 @@
 # %% ../nbs/14_inference.ipynb #c003
 from __future__ import annotations
 
-import json
 import logging
 import re
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional, Union
 
@@ -17,23 +16,26 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 
-from .config import ExperimentConfig, load_config
-from .data.dataset import DEFAULT_DATA_CONFIG, preprocess_frames, sample_box
-from .data.format import DEFAULT_ACTION_KEYS, DEFAULT_IMAGE_KEYS, DEFAULT_PROPRIO_KEYS
-from .geometry import absolute_to_delta, pose_to_pos_rot6d
-from .models.policy import ICRT, to_pose7
-from .train import load_checkpoint, resolve_device
+from .checkpoint import load_checkpoint, resolve_device
+from .config import ConfigError, ExperimentConfig, ICRTError, load_config
+from .data.format import (DEFAULT_ACTION_KEYS, DEFAULT_IMAGE_KEYS, DEFAULT_PROPRIO_KEYS, DatasetError,
+                              load_dataset_config)
+from .data.image import DEFAULT_DATA_CONFIG, preprocess_frames, sample_box
+from .geometry import absolute_to_delta, pose_vector, to_pose7
+from .models.policy import ICRT
+from .models.vision import is_local_checkpoint
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'InferenceError', 'find_checkpoint', 'load_run_config', 'run_keys', 'preprocess_images', 'pose_vector',
+__all__ = ['log', 'InferenceError', 'find_checkpoint', 'load_run_config', 'run_keys', 'RunFiles', 'find_run', 'preprocess_images',
            'model_actions', 'episode_inputs', 'ICRTPolicy']
 
 # %% ../nbs/14_inference.ipynb #c006
-class InferenceError(ValueError):
+class InferenceError(ICRTError, ValueError):
     "A run folder, checkpoint or input that cannot be used; the message says which and what to do."
 
+# %% ../nbs/14_inference.ipynb #c008
 _CKPT = re.compile(r"checkpoint-(\d+)\.pth$")
 
 def find_checkpoint(
@@ -43,49 +45,96 @@ def find_checkpoint(
     "The checkpoint to load: `checkpoint` if given, else the highest-numbered `checkpoint-<N>.pth` of `run_dir`."
     if checkpoint is not None:
         p = Path(checkpoint).expanduser()
-        if not p.is_file(): raise InferenceError(f"--checkpoint: no such file '{p}'")
+        if not p.is_file(): raise InferenceError(f"checkpoint: no such file '{p}'")
         return p
     found = sorted((int(m.group(1)), p) for p in Path(run_dir).glob("checkpoint-*.pth") if (m := _CKPT.search(p.name)))
-    if not found: raise InferenceError(f"run folder '{run_dir}' holds no checkpoint-<N>.pth; train it first or pass --checkpoint")
+    if not found: raise InferenceError(f"run folder '{run_dir}' holds no checkpoint-<N>.pth; train it first or give a checkpoint file")
     return found[-1][1]
 
-# %% ../nbs/14_inference.ipynb #c008
+# %% ../nbs/14_inference.ipynb #c011
 def load_run_config(run_dir:Union[str, Path])->ExperimentConfig:
     "The `ExperimentConfig` of a run folder (its `run.yaml`)."
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir(): raise InferenceError(f"run folder '{run_dir}' does not exist")
     if not (run_dir/"run.yaml").is_file():
         raise InferenceError(f"'{run_dir}' is not a run folder: it has no run.yaml (point at output_dir/log_name of a training run)")
-    return load_config(run_dir/"run.yaml")
+    try: return load_config(run_dir/"run.yaml")
+    except ConfigError as e: raise InferenceError(f"run_dir: {re.sub(r'^--load-config:? ', '', str(e))}") from None
 
+# %% ../nbs/14_inference.ipynb #c013
 def _encoder_path(cfg:ExperimentConfig, run_dir:Path)->ExperimentConfig:
     "Point a local vision-encoder file that moved at its copy beside the run."
     vc = cfg.model_cfg.vision_encoder_cfg; enc = vc.vision_encoder
-    looks_local = enc.endswith((".pth", ".pt", ".bin", ".ckpt", ".safetensors")) or "/" in enc
-    if not looks_local or Path(enc).expanduser().is_file(): return cfg
+    if not is_local_checkpoint(enc) or Path(enc).expanduser().is_file(): return cfg
     for cand in (run_dir/enc, run_dir/Path(enc).name):
         if cand.is_file():
             return replace(cfg, model_cfg=replace(cfg.model_cfg, vision_encoder_cfg=replace(vc, vision_encoder=str(cand))))
     raise InferenceError(f"the run's vision encoder '{enc}' (model_cfg.vision_encoder_cfg.vision_encoder in run.yaml) is "
                          f"missing; copy it back there or beside the run folder '{run_dir}'")
 
-# %% ../nbs/14_inference.ipynb #c010
+# %% ../nbs/14_inference.ipynb #c015
 def run_keys(cfg:ExperimentConfig)->dict:
     "{'image_keys', 'proprio_keys', 'action_keys'} of the run's dataset config (defaults when it is gone)."
     keys = {"image_keys": list(DEFAULT_IMAGE_KEYS), "proprio_keys": list(DEFAULT_PROPRIO_KEYS), "action_keys": list(DEFAULT_ACTION_KEYS)}
     p = Path(str(cfg.dataset_cfg.dataset_json)).expanduser()
-    try: d = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        log.warning(f"dataset config '{p}' of the run cannot be read: assuming the default key names {keys['image_keys']}")
-        d = {}
+    try: spec = load_dataset_config(p)
+    except (ICRTError, DatasetError, OSError) as e:
+        log.warning(f"dataset config '{p}' of the run cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                    f"assuming the default key names {keys['image_keys']}")
+        spec = None
     for k in keys:
-        if isinstance(d.get(k), list) and d[k]: keys[k] = [str(x) for x in d[k]]
+        if spec is not None and getattr(spec, k): keys[k] = [str(x) for x in getattr(spec, k)]
     n = cfg.shared_cfg.num_cameras
     if len(keys["image_keys"]) != n:
         raise InferenceError(f"the run was trained with --shared-cfg.num-cameras {n} but its camera keys are {keys['image_keys']}")
     return keys
 
-# %% ../nbs/14_inference.ipynb #c012
+# %% ../nbs/14_inference.ipynb #c017
+@dataclass
+class RunFiles:
+    "A training run's pieces: its folder, configuration, checkpoint and key names."
+    run_dir:Path
+    cfg:ExperimentConfig
+    checkpoint:Path
+    keys:dict
+
+def find_run(
+    run_dir:Union[str, Path],                  # output_dir/log_name of a training run
+    checkpoint:Union[str, Path, None]=None,    # default: the run's latest checkpoint-<N>.pth
+)->RunFiles:
+    "Read a run folder's run.yaml and key names and find its checkpoint (nothing is built or loaded)."
+    run_dir = Path(run_dir).expanduser()
+    cfg = load_run_config(run_dir)
+    return RunFiles(run_dir, cfg, find_checkpoint(run_dir, checkpoint), run_keys(cfg))
+
+# %% ../nbs/14_inference.ipynb #c023
+def _finite(a:np.ndarray, key:str, where:str):
+    "Refuse NaN/inf in `a`, naming the key and (for (T, d) arrays) the steps that hold them."
+    bad = ~np.isfinite(a)
+    if bad.any():
+        at = f" at step(s) {np.unique(np.nonzero(bad)[0])[:5].tolist()}" if a.ndim > 1 else ""
+        raise InferenceError(f"{where}: '{key}' holds NaN/inf{at}; nothing was added to the context — give finite values")
+
+_WIDTHS = {"pose": ((6, 7), "a pose must be xyz + Euler XYZ (6 numbers) or xyz + quaternion wxyz (7)"),
+           "gripper": ((1,), "a gripper must be 1 number"), "vector": ((10,), "must be 10 numbers (xyz, rot6d, gripper)")}
+
+def _numbers(
+    x,                 # the value under `key`
+    key:str,           # its name, for messages
+    where:str,         # "act (step 3)", "prompt episode 0", ...
+    kind:str,          # "pose", "gripper" or "vector" (see _WIDTHS)
+    per_step:bool=False,  # x is (T, d) (an episode) rather than (d,) (one observation)
+)->np.ndarray:         # (d,) or (T, d) float64, finite
+    "A key's numbers as float64 of the right width, all finite; else a one-line InferenceError."
+    try: a = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError): raise InferenceError(f"{where}: '{key}' must be numbers, got {type(x).__name__} {str(x)[:40]!r}") from None
+    a = a.reshape(len(a), -1) if per_step and a.ndim else a.reshape(-1)
+    widths, rule = _WIDTHS[kind]
+    if a.shape[-1] not in widths: raise InferenceError(f"{where}: '{key}': {rule}, got {a.shape[-1]}")
+    _finite(a, key, where)
+    return a
+
+# %% ../nbs/14_inference.ipynb #c026
 def _as_frames(x, key:str)->np.ndarray:  # -> (T, H, W, 3) uint8
     "Frames of one camera as a uint8 array: an array, or a list of arrays / PIL images."
     if isinstance(x, torch.Tensor): x = x.cpu().numpy()
@@ -95,8 +144,10 @@ def _as_frames(x, key:str)->np.ndarray:  # -> (T, H, W, 3) uint8
     if x.ndim == 3: x = x[None]
     if x.ndim != 4 or x.shape[-1] != 3 or x.dtype != np.uint8:
         raise InferenceError(f"camera '{key}': expected uint8 frames (H, W, 3) or (T, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+    if x.shape[1] == 0 or x.shape[2] == 0: raise InferenceError(f"camera '{key}': empty frame of shape {tuple(x.shape[1:])}")
     return x
 
+# %% ../nbs/14_inference.ipynb #c029
 def preprocess_images(
     frames:list,        # per camera: uint8 (T, H, W, 3)
     data_config:dict,   # the vision encoder's timm data config
@@ -111,19 +162,7 @@ def preprocess_images(
         out.append(preprocess_frames(torch.from_numpy(np.require(f, requirements=["C", "W"])), box, color, dc))
     return torch.stack(out, 1)
 
-# %% ../nbs/14_inference.ipynb #c014
-def pose_vector(
-    pose,     # (..., 6) xyz + Euler XYZ or (..., 7) xyz + quaternion wxyz
-    *rest,    # (..., d) more columns (the gripper)
-)->np.ndarray:  # (..., 9 + d) float64
-    "xyz + 6-D rotation (+ the other columns) of raw poses."
-    pose = np.asarray(pose, dtype=np.float64)
-    if pose.shape[-1] not in (6, 7):
-        raise InferenceError(f"a pose must be xyz + Euler XYZ (6 numbers) or xyz + quaternion wxyz (7), got shape {pose.shape}")
-    parts = [np.asarray(r, dtype=np.float64).reshape(*pose.shape[:-1], -1) for r in rest]
-    return np.concatenate([pose_to_pos_rot6d(pose)] + parts, -1)
-
-# %% ../nbs/14_inference.ipynb #c017
+# %% ../nbs/14_inference.ipynb #c034
 def model_actions(
     actions:np.ndarray,   # (..., 10) absolute xyz, rot6d, gripper
     proprio:np.ndarray,   # (..., 10) the proprio of the same steps
@@ -134,36 +173,39 @@ def model_actions(
     if use_delta: actions = np.concatenate([absolute_to_delta(proprio[..., :9], actions[..., :9]), actions[..., 9:]], -1)
     return actions.astype(np.float32)
 
-# %% ../nbs/14_inference.ipynb #c020
+# %% ../nbs/14_inference.ipynb #c037
+def _episode_arrays(episode:dict, keys:dict, where:str)->tuple:  # ([(T, H, W, 3)] per camera, (T, 10), (T, 10)) float64
+    "Frames, proprio and absolute actions of a load_episode-style or raw episode, checked."
+    if "frames" in episode:
+        fr = episode["frames"]
+        missing = [k for k in keys["image_keys"] if k not in fr]
+        if missing: raise InferenceError(f"{where}: no frames for camera(s) {missing} (have {sorted(fr)})")
+        return ([_as_frames(fr[k], k) for k in keys["image_keys"]], _numbers(episode["proprio"], "proprio", where, "vector", True),
+                _numbers(episode["actions"], "actions", where, "vector", True))
+    need = keys["image_keys"] + keys["proprio_keys"] + keys["action_keys"]
+    missing = [k for k in need if k not in episode]
+    if missing: raise InferenceError(f"{where}: missing key(s) {missing} (have {sorted(episode)})")
+    vec = lambda ks: pose_vector(*[_numbers(episode[k], k, where, kind, True) for k, kind in zip(ks, ("pose", "gripper"))])
+    return [_as_frames(episode[k], k) for k in keys["image_keys"]], vec(keys["proprio_keys"]), vec(keys["action_keys"])
+
 def episode_inputs(
     episode:dict,        # load_episode output, or raw {key: (T, ...)} under the run's key names
     keys:dict,           # run_keys(cfg)
     data_config:dict,    # the vision encoder's data config
     use_delta:bool=True, # the run's use_delta_action
     skip:int=1,          # 2 when the run used skip_step
+    where:str="episode", # for messages
 )->dict:  # observation (T,N,3,S,S) float32, proprio (T,10), action (T,10) model space, abs_action (T,10)
     "Model inputs of one whole episode, exactly as the training loader builds them (without augmentation)."
-    if "frames" in episode:
-        fr = episode["frames"]
-        missing = [k for k in keys["image_keys"] if k not in fr]
-        if missing: raise InferenceError(f"episode: no frames for camera(s) {missing} (have {sorted(fr)})")
-        frames = [_as_frames(fr[k], k) for k in keys["image_keys"]]
-        prop, act = np.asarray(episode["proprio"], np.float64), np.asarray(episode["actions"], np.float64)
-    else:
-        need = keys["image_keys"] + keys["proprio_keys"] + keys["action_keys"]
-        missing = [k for k in need if k not in episode]
-        if missing: raise InferenceError(f"episode: missing key(s) {missing} (have {sorted(episode)})")
-        frames = [_as_frames(episode[k], k) for k in keys["image_keys"]]
-        prop = pose_vector(*[episode[k] for k in keys["proprio_keys"]])
-        act = pose_vector(*[episode[k] for k in keys["action_keys"]])
+    frames, prop, act = _episode_arrays(episode, keys, where)
     T = len(act)
     if len(prop) != T or any(len(f) != T for f in frames):
-        raise InferenceError(f"episode: frames, proprio and actions differ in length ({[len(f) for f in frames]}, {len(prop)}, {T})")
+        raise InferenceError(f"{where}: frames, proprio and actions differ in length ({[len(f) for f in frames]}, {len(prop)}, {T})")
     if skip > 1: frames, prop, act = [f[::skip] for f in frames], prop[::skip], act[::skip]
     return {"observation": preprocess_images(frames, data_config), "proprio": torch.from_numpy(prop.astype(np.float32)),
             "action": torch.from_numpy(model_actions(act, prop, use_delta)), "abs_action": torch.from_numpy(act.astype(np.float32))}
 
-# %% ../nbs/14_inference.ipynb #c022
+# %% ../nbs/14_inference.ipynb #c041
 class ICRTPolicy:
     "A trained ICRT as a robot policy: raw demonstrations in, absolute xyz + Euler XYZ + gripper actions out."
     def __init__(self,
@@ -192,54 +234,57 @@ class ICRTPolicy:
         return (f"ICRTPolicy({self.checkpoint or 'in-memory model'}, cameras={self.image_keys}, "
                 f"K={self.num_pred_steps}, delta={self.use_delta}, device={self.device})")
 
-# %% ../nbs/14_inference.ipynb #c024
+    def reset(self,
+              action_exec_horizon:Optional[int]=None,  # replan every h steps (None: every step)
+              temporal_ensemble:bool=False,            # blend the chunks' predictions for the current step
+              max_len:Optional[int]=None,              # context length in tokens (default: the transformer's)
+             ):
+        "Start a new episode: empty the context and the step timings."
+        self.model.reset(action_exec_horizon=action_exec_horizon, temporal_ensemble=temporal_ensemble, max_len=max_len)
+        self._prev_proprio, self.step_times, self.t = None, [], 0
+
+# %% ../nbs/14_inference.ipynb #c043
 @patch(cls_method=True)
 def from_run(cls:ICRTPolicy,
-              run_dir:Union[str, Path],               # output_dir/log_name of a training run
+              run_dir:Union[str, Path, RunFiles],     # output_dir/log_name of a training run (or its find_run)
               checkpoint:Union[str, Path, None]=None, # default: the run's latest checkpoint-<N>.pth
               device:str="cpu",                       # cpu, cuda, cuda:N or auto
               **reset_kw,                              # passed to reset (action_exec_horizon, temporal_ensemble, ...)
              )->ICRTPolicy:
     "Rebuild the policy of a run folder from its run.yaml and a checkpoint."
-    run_dir = Path(run_dir).expanduser()
-    cfg = load_run_config(run_dir)
-    ck_path = find_checkpoint(run_dir, checkpoint)
-    keys = run_keys(cfg)
-    cfg = _encoder_path(cfg, run_dir)
-    ck = load_checkpoint(ck_path, "--checkpoint")
-    if not isinstance(ck, dict) or "model" not in ck: raise InferenceError(f"'{ck_path}' is not an ICRT training checkpoint (no 'model')")
-    dev = resolve_device(device)
-    built = replace(cfg, shared_cfg=replace(cfg.shared_cfg, scale_action=None))  # statistics come from the checkpoint
-    model = ICRT.from_config(built)
+    run = run_dir if isinstance(run_dir, RunFiles) else find_run(run_dir, checkpoint)
+    run_dir, ck_path, keys = run.run_dir, run.checkpoint, run.keys
+    cfg = _encoder_path(run.cfg, run_dir)
+    ck = load_checkpoint(ck_path, "checkpoint")
+    if "model" not in ck: raise InferenceError(f"checkpoint: '{ck_path}' is not an ICRT training checkpoint (no 'model')")
+    try: dev = resolve_device(device)
+    except ConfigError as e: raise InferenceError(str(e).replace("--device", "device", 1)) from None
+    model = ICRT.from_config(cfg)
     try: model.load_trainable_state_dict(ck["model"], strict=True)
-    except ValueError as e: raise InferenceError(f"'{ck_path}' does not fit the model of {run_dir/'run.yaml'}: {e}") from None
+    except ValueError as e: raise InferenceError(f"checkpoint: '{ck_path}' does not fit the model of {run_dir/'run.yaml'}: {e}") from None
     return cls(model.to(dev), cfg, keys, ck_path, **reset_kw)
 
-# %% ../nbs/14_inference.ipynb #c026
+# %% ../nbs/14_inference.ipynb #c048
 @patch
-def reset(self:ICRTPolicy,
-           action_exec_horizon:Optional[int]=None,  # replan every h steps (None: every step)
-           temporal_ensemble:bool=False,            # blend the chunks' predictions for the current step
-           max_len:Optional[int]=None,              # context length in tokens (default: the transformer's)
-          ):
-    "Start a new episode: empty the context and the step timings."
-    self.model.reset(action_exec_horizon=action_exec_horizon, temporal_ensemble=temporal_ensemble, max_len=max_len)
-    self._prev_proprio, self.step_times, self.t = None, [], 0
+def inputs(self:ICRTPolicy,
+           episode:dict,          # raw, load_episode-style, or already converted (episode_inputs output)
+           where:str="episode",   # for messages
+          )->dict:                # episode_inputs output
+    "Model inputs of an episode, all finite."
+    if isinstance(episode.get("observation"), torch.Tensor) and episode["observation"].ndim == 5:
+        for k in ("proprio", "action"): _finite(episode[k].detach().cpu().numpy(), k, where)
+        return episode
+    return episode_inputs(episode, self.keys, self.data_config, self.use_delta, self.skip, where)
 
-@patch
-def inputs(self:ICRTPolicy, episode:dict)->dict:
-    "Model inputs of an episode (raw, load_episode-style, or already converted)."
-    if isinstance(episode.get("observation"), torch.Tensor) and episode["observation"].ndim == 5: return episode
-    return episode_inputs(episode, self.keys, self.data_config, self.use_delta, self.skip)
-
+# %% ../nbs/14_inference.ipynb #c051
 @patch
 def prompt(self:ICRTPolicy, episodes:list):
     "Put demonstrations (raw or load_episode dicts) into the context, in order."
     if isinstance(episodes, dict): episodes = [episodes]
     if self.t: raise InferenceError("prompt: the episode has started; call reset() first")
-    self.model.prompt([self.inputs(e) for e in episodes])
+    self.model.prompt([self.inputs(e, f"prompt episode {i}") for i, e in enumerate(episodes)])
 
-# %% ../nbs/14_inference.ipynb #c028
+# %% ../nbs/14_inference.ipynb #c054
 @patch
 def step(self:ICRTPolicy,
           observation:torch.Tensor,          # (N, 3, S, S) normalised images
@@ -248,10 +293,11 @@ def step(self:ICRTPolicy,
          )->np.ndarray:                      # (7,) absolute xyz, Euler XYZ, gripper
     "One control step on ready tensors."
     t0 = time.perf_counter()
-    proprio = np.asarray(proprio, np.float64)
+    proprio = _numbers(proprio, "proprio", f"step {self.t}", "vector")
     prev = None
     if executed is not None and self.t > 0:
-        prev = torch.from_numpy(model_actions(np.asarray(executed, np.float64), self._prev_proprio, self.use_delta))
+        ex = _numbers(executed, "executed", f"step {self.t}", "vector")
+        prev = torch.from_numpy(model_actions(ex, self._prev_proprio, self.use_delta))
     out = self.model.get_action(observation, torch.from_numpy(proprio.astype(np.float32)), prev_action=prev)
     self.last_chunk = to_pose7(self.model.last_abs_chunk).cpu().numpy()           # (K, 7) latest absolute chunk
     a = (out[0] if out.ndim == 2 else out).cpu().numpy().astype(np.float64)         # (7,)
@@ -259,17 +305,21 @@ def step(self:ICRTPolicy,
     self.step_times.append(time.perf_counter() - t0)
     return a
 
-# %% ../nbs/14_inference.ipynb #c030
+# %% ../nbs/14_inference.ipynb #c057
 @patch
-def observation_inputs(self:ICRTPolicy, observation:dict)->tuple:  # ((N, 3, S, S) float32, (10,) float64)
+def observation_inputs(self:ICRTPolicy,
+                       observation:dict,   # {camera key: uint8 (H, W, 3), pose key: (6,)|(7,), gripper key: (1,)}
+                      )->tuple:            # ((N, 3, S, S) float32, (10,) float64)
     "Model inputs of one raw observation dict."
     need = self.image_keys + self.keys["proprio_keys"]
     missing = [k for k in need if k not in observation]
     if missing: raise InferenceError(f"act: observation lacks key(s) {missing} (have {sorted(observation)})")
+    where = f"act (step {self.t})"
+    pose, grip = (_numbers(observation[k], k, where, kind) for k, kind in zip(self.keys["proprio_keys"], ("pose", "gripper")))
     frames = [_as_frames(observation[k], k)[:1] for k in self.image_keys]
-    obs = preprocess_images(frames, self.data_config)[0]
-    return obs, pose_vector(*[np.asarray(observation[k]).reshape(-1) for k in self.keys["proprio_keys"]])
+    return preprocess_images(frames, self.data_config)[0], pose_vector(pose, grip)
 
+# %% ../nbs/14_inference.ipynb #c060
 @patch
 def act(self:ICRTPolicy,
          observation:dict,                   # {camera key: uint8 (H, W, 3), pose key: (6,)|(7,), gripper key: (1,)}
@@ -277,10 +327,17 @@ def act(self:ICRTPolicy,
         )->np.ndarray:                       # (7,) absolute xyz, Euler XYZ, gripper
     "One control step from a raw observation."
     obs, prop = self.observation_inputs(observation)
-    ex = None if executed_action is None else pose_vector(np.asarray(executed_action, np.float64)[:-1],
-                                                        np.asarray(executed_action, np.float64)[-1:])
+    ex = None
+    if executed_action is not None:
+        where = f"act (step {self.t})"
+        try: e = np.asarray(executed_action, np.float64).reshape(-1)
+        except (TypeError, ValueError): raise InferenceError(f"{where}: 'executed_action' must be numbers") from None
+        if len(e) not in (7, 8):
+            raise InferenceError(f"{where}: 'executed_action' must be a pose (6 or 7 numbers) and the gripper, got {len(e)} numbers")
+        ex = pose_vector(_numbers(e[:-1], "executed_action", where, "pose"), _numbers(e[-1:], "executed_action", where, "gripper"))
     return self.step(obs.to(self.device), prop, ex)
 
+# %% ../nbs/14_inference.ipynb #c063
 @patch(as_prop=True)
 def control_rate(self:ICRTPolicy)->float:
     "Control steps per second, measured over the `step`/`act` calls since the last reset."

@@ -68,6 +68,21 @@ def test_demo_bad_minutes(tmp_path):
     assert p.returncode == 1 and "--minutes must be > 0" in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.parametrize("err", ["InferenceError", "EvalError", "CheckpointError"])
+def test_demo_reports_every_library_error_in_one_line(monkeypatch, capsys, tmp_path, err):
+    "icrt_demo catches ICRTError: errors of inference and evaluation are one line too."
+    import icrt.demo
+    from icrt.checkpoint import CheckpointError
+    from icrt.eval import EvalError
+    from icrt.inference import InferenceError
+    cls = {"InferenceError": InferenceError, "EvalError": EvalError, "CheckpointError": CheckpointError}[err]
+    def boom(*a, **k): raise cls(f"{err}: something the user can fix")
+    monkeypatch.setattr(icrt.demo, "run_demo", boom)
+    with pytest.raises(SystemExit) as e: icrt.demo.demo_cli(["--out", str(tmp_path / "x")])
+    out = capsys.readouterr().err
+    assert e.value.code == 1 and out.strip().splitlines() == [f"icrt_demo: error: {err}: something the user can fix"]
+
+
 @pytest.mark.slow
 def test_full_demo_shows_in_context_learning(tmp_path):
     "The default demo: with a same-task prompt the held-out action error is at most half the wrong-task one (teacher-forced and closed loop)."

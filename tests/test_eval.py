@@ -118,3 +118,20 @@ def test_single_task_dataset_has_no_gap_but_still_evaluates(run_dir, assets, tmp
     rep = evaluate_run(run_dir, dataset_json=one, split="all", episodes=2, out=tmp_path / "e")
     assert rep["in_context_gap"]["ratio"] is None and any("single task" in w for w in rep["warnings"])
     assert {e["task"] for e in rep["episodes"]} == {task}
+
+
+def test_unwritable_output_folder_is_one_line(run_dir, tmp_path):
+    "An output folder that cannot be created or written: one line, exit 1, before any evaluation."
+    f = tmp_path / "file"; f.write_text("x")
+    p = icrt_eval(run_dir, "--episodes", 1, "--out", f / "eval")
+    assert p.returncode == 1 and "Traceback" not in p.stderr, p.stderr[-2000:]
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--out: cannot create" in lines[0], p.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_output_folder_is_one_line(run_dir, tmp_path):
+    ro = tmp_path / "ro"; ro.mkdir(); ro.chmod(0o500)
+    try: p = icrt_eval(run_dir, "--episodes", 1, "--out", ro / "eval")
+    finally: ro.chmod(0o700)
+    assert p.returncode == 1 and len(p.stderr.strip().splitlines()) == 1 and "--out" in p.stderr, p.stderr

@@ -17,7 +17,8 @@ from icrt.geometry import euler_to_matrix, matrix_to_quat
 from icrt.inference import ICRTPolicy, InferenceError
 from conftest import FAST
 from icrt.tiny import recipe_flags, scale_down
-from icrt.train import load_checkpoint, train
+from icrt.checkpoint import load_checkpoint
+from icrt.train import train
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -164,3 +165,79 @@ def test_bad_inputs_fail_clearly(run_dir, assets, tmp_path, policy):
     with pytest.raises(InferenceError, match="uint8"): policy.act(obs)
     obs.update({k: np.zeros((48, 64, 3), np.uint8) for k in spec.image_keys}); obs[spec.proprio_keys[0]] = np.zeros(5)
     with pytest.raises(InferenceError, match="pose must be"): policy.act(obs)
+
+
+def _observation(spec, ep, t):
+    return {**{k: ep[k][t] for k in spec.image_keys}, **{k: ep[k][t] for k in spec.proprio_keys}}
+
+
+@pytest.mark.parametrize("key,bad", [("observation/cartesian_position", np.nan), ("observation/cartesian_position", np.inf),
+                                     ("observation/gripper_position", np.nan), ("executed_action", -np.inf)])
+def test_non_finite_input_is_refused_and_the_policy_keeps_working(policy, assets, key, bad):
+    "NaN/inf in the pose, the gripper or executed_action: an InferenceError naming key and step, before the context; the next valid act equals a fresh policy's."
+    spec = load_dataset_config(assets.dataset_json)
+    eps = spec.verb_to_episode[sorted(spec.verb_to_episode)[0]]
+    demo, ep = load_episode(spec, eps[0]), raw_episode(spec, eps[1])
+    prev = lambda t: np.concatenate([ep[k][t - 1] for k in spec.action_keys])
+    def fresh(): policy.reset(); policy.prompt([demo])
+    fresh(); ref = [policy.act(_observation(spec, ep, 0)), policy.act(_observation(spec, ep, 1), prev(1)),
+                    policy.act(_observation(spec, ep, 2), prev(2))]
+    fresh(); got = [policy.act(_observation(spec, ep, 0)), policy.act(_observation(spec, ep, 1), prev(1))]
+    obs, ex = _observation(spec, ep, 2), prev(2)
+    if key == "executed_action": ex = ex.copy(); ex[1] = bad
+    else: obs[key] = np.array(obs[key], np.float64); obs[key][-1] = bad
+    with pytest.raises(InferenceError) as e: policy.act(obs, ex)
+    assert key in str(e.value) and "step 2" in str(e.value) and "\n" not in str(e.value), e.value
+    assert policy.t == 2
+    got.append(policy.act(_observation(spec, ep, 2), prev(2)))
+    np.testing.assert_array_equal(np.stack(got), np.stack(ref))
+    assert np.isfinite(np.stack(got)).all()
+
+
+def test_prompt_with_non_finite_demo_is_refused(policy, assets):
+    spec = load_dataset_config(assets.dataset_json)
+    eps = sorted(spec.epi_len)
+    good, bad = raw_episode(spec, eps[0]), raw_episode(spec, eps[1])
+    bad["observation/gripper_position"] = bad["observation/gripper_position"].astype(np.float64)
+    bad["observation/gripper_position"][4, 0] = np.nan
+    policy.reset()
+    with pytest.raises(InferenceError, match=r"prompt episode 1: 'observation/gripper_position' holds NaN/inf at step\(s\) \[4\]"):
+        policy.prompt([good, bad])
+    ld = load_episode(spec, eps[1]); ld["actions"] = np.array(ld["actions"]); ld["actions"][3, 0] = np.inf
+    with pytest.raises(InferenceError, match="prompt episode 0: 'actions' holds NaN/inf"): policy.prompt([ld])
+    x = policy.inputs(load_episode(spec, eps[0])); x = {**x, "proprio": x["proprio"].clone()}; x["proprio"][0, 0] = float("nan")
+    with pytest.raises(InferenceError, match="'proprio' holds NaN/inf"): policy.prompt([x])
+    # nothing reached the context: prompting the good demo now acts like a fresh policy
+    obs = _observation(spec, good, 0)
+    policy.prompt([good]); a = policy.act(obs)
+    policy.reset(); policy.prompt([good]); np.testing.assert_array_equal(policy.act(obs), a)
+    policy.reset()
+
+
+def test_act_bad_shapes_and_types_name_the_key(policy, assets):
+    spec = load_dataset_config(assets.dataset_json)
+    ep = raw_episode(spec, sorted(spec.epi_len)[0])
+    policy.reset()
+    def refused(obs, match, ex=None):
+        with pytest.raises(InferenceError, match=match) as e: policy.act(obs, ex)
+        assert "\n" not in str(e.value)
+    refused({**_observation(spec, ep, 0), "observation/gripper_position": np.array([0.1, 0.9])},
+            "'observation/gripper_position': a gripper must be 1 number, got 2")
+    refused({**_observation(spec, ep, 0), "observation/cartesian_position": "0 0 0 0 0 0"},
+            "'observation/cartesian_position' must be numbers")
+    refused({**_observation(spec, ep, 0), spec.image_keys[0]: np.zeros((0, 0, 3), np.uint8)},
+            f"camera '{spec.image_keys[0]}': empty frame")
+    refused(_observation(spec, ep, 0), "'executed_action' must be a pose", ex=np.zeros(9))
+    assert policy.t == 0
+
+
+def test_from_run_errors_name_arguments_not_cli_flags(run_dir, tmp_path):
+    bad = tmp_path / "bad"; bad.mkdir(); (bad / "run.yaml").write_text("a: [1")
+    for call in (lambda: ICRTPolicy.from_run(bad), lambda: ICRTPolicy.from_run(run_dir, checkpoint=tmp_path / "x.pth"),
+                 lambda: ICRTPolicy.from_run(tmp_path / "empty_run")):
+        with pytest.raises(InferenceError) as e: call()
+        assert "--load-config" not in str(e.value) and "--checkpoint" not in str(e.value), e.value
+    junk = tmp_path / "junk.pth"; junk.write_bytes(b"not a checkpoint")
+    from icrt.config import ICRTError
+    with pytest.raises(ICRTError) as e: ICRTPolicy.from_run(run_dir, checkpoint=junk)
+    assert "--checkpoint" not in str(e.value) and "checkpoint" in str(e.value)

@@ -8,36 +8,38 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import platform
 import shutil
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
-import yaml
 
-from ..config import (ConfigError, DatasetConfig, ExperimentConfig, LoggingConfig, ModelConfig, OptimizerConfig,
+from ..config import (DatasetConfig, ExperimentConfig, ICRTError, LoggingConfig, ModelConfig, OptimizerConfig,
                          PolicyConfig, SharedConfig, TrainerConfig, VisionEncoderConfig, config_to_dict, validate_config)
-from ..inference import ICRTPolicy, InferenceError
+from ..data.format import DatasetError
+from ..inference import ICRTPolicy
 from ..sim.metaworld import (DEFAULT_CAMERAS, SUITES, evaluate_closed_loop, generate_metaworld_dataset, get_task,
                                 wilson_interval)
 from ..tiny import tiny_vision_encoder
-from ..train import USER_ERRORS, train
+from ..train import train
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PRESETS', 'CONDITIONS', 'resolve_preset', 'bench_config', 'window_length', 'stage_generate', 'stage_train',
-           'SimPolicy', 'stage_evaluate', 'report_table', 'plot_loss', 'limits_paragraph', 'machine_info',
-           'param_counts', 'write_report', 'bench_metaworld', 'bench_metaworld_cli']
+__all__ = ['log', 'PRESETS', 'CONDITIONS', 'BenchError', 'resolve_preset', 'bench_config', 'window_length', 'stage_generate',
+           'stage_train', 'SimPolicy', 'stage_evaluate', 'report_table', 'plot_loss', 'limits_paragraph',
+           'machine_info', 'param_counts', 'write_report', 'bench_metaworld', 'bench_metaworld_cli']
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c006
+class BenchError(ICRTError, ValueError):
+    "A benchmark request that cannot run (preset, task, output folder, reused data); the message says what to do."
+
+# %% ../../nbs/33_bench.metaworld.ipynb #c007
 PRESETS = {
     "smoke": dict(tasks=["reach-goal-0", "reach-goal-3"], episodes_per_task=5, image_size=32, num_procs=1,
                   encoder=dict(depth=1, embed_dim=32), train_encoder=False,
@@ -62,21 +64,21 @@ def resolve_preset(
     **overrides,                  # any other preset entry; None values are ignored
 )->dict:                          # the preset with `tasks` resolved and checked
     "The preset `preset` with overrides applied; raises a one-line ValueError on a bad name."
-    if preset not in PRESETS: raise ValueError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
+    if preset not in PRESETS: raise BenchError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
     p = dict(PRESETS[preset], preset=preset, **{k: v for k, v in overrides.items() if v is not None})
     if tasks: p["tasks"] = list(tasks)
     elif suite is not None:
-        if suite not in SUITES: raise ValueError(f"--suite {suite!r}: choose one of {', '.join(sorted(SUITES))}")
+        if suite not in SUITES: raise BenchError(f"--suite {suite!r}: choose one of {', '.join(sorted(SUITES))}")
         p["tasks"] = list(SUITES[suite])
     elif "tasks" not in p: p["tasks"] = list(SUITES[p["suite"]])
-    if len(set(p["tasks"])) < len(p["tasks"]): raise ValueError(f"--tasks {p['tasks']}: a task is listed twice")
+    if len(set(p["tasks"])) < len(p["tasks"]): raise BenchError(f"--tasks {p['tasks']}: a task is listed twice")
     for t in p["tasks"]: get_task(t)  # unknown names fail here, before any work
     for k in ("episodes_per_task", "seeds", "image_size", "max_steps"):
-        if int(p[k]) < 1: raise ValueError(f"{k}={p[k]}: must be at least 1")
-    if p["minutes"] is not None and not p["minutes"] > 0: raise ValueError(f"--minutes {p['minutes']}: must be > 0")
+        if int(p[k]) < 1: raise BenchError(f"{k}={p[k]}: must be at least 1")
+    if p["minutes"] is not None and not p["minutes"] > 0: raise BenchError(f"--minutes {p['minutes']}: must be > 0")
     return p
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c010
+# %% ../../nbs/33_bench.metaworld.ipynb #c011
 def _write_model_assets(p:dict, out:Path)->tuple:
     "Write the preset's vision encoder / transformer params into `out`; return (encoder, nonpretrained, transformer)."
     enc, nonpre = p.get("vision_encoder"), False
@@ -113,7 +115,7 @@ def bench_config(
         LoggingConfig(output_dir=str(out / "train"), log_name=log_name), device=device)
     return validate_config(cfg)
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c012
+# %% ../../nbs/33_bench.metaworld.ipynb #c013
 def window_length(
     data_dir:Path,       # the generated dataset folder
     trajectories:int=2,  # trajectories a window must hold (prompt + the one that follows)
@@ -122,30 +124,32 @@ def window_length(
     meta = json.loads((Path(data_dir) / "metaworld_meta.json").read_text())
     return max(16, trajectories * max(m["length"] for m in meta["episodes"].values()))
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c014
+# %% ../../nbs/33_bench.metaworld.ipynb #c015
 def _read_log(run_dir:Path)->list:
     "The per-epoch JSON lines of a run's log.txt."
     f = Path(run_dir) / "log.txt"
     return [json.loads(l) for l in f.read_text().splitlines() if l.strip()] if f.is_file() else []
 
+# %% ../../nbs/33_bench.metaworld.ipynb #c017
 def stage_generate(p:dict, out:Path, skip:bool=False)->Path:
     "Record the dataset into out/data (or check the one there with `skip`); return its dataset config."
     data = out / "data"
     if skip:
         cfg = data / "dataset_config.json"
         if not cfg.is_file() or not (data / "metaworld_meta.json").is_file():
-            raise FileNotFoundError(f"--skip-generate: '{cfg}' or its metaworld_meta.json is missing; run once without --skip-generate")
+            raise BenchError(f"--skip-generate: '{cfg}' or its metaworld_meta.json is missing; run once without --skip-generate")
         meta = json.loads((data / "metaworld_meta.json").read_text())
         missing = [t for t in p["tasks"] if t not in meta["tasks"]]
-        if missing: raise ValueError(f"--skip-generate: the dataset in '{data}' has no episodes of {missing}; drop --skip-generate")
+        if missing: raise BenchError(f"--skip-generate: the dataset in '{data}' has no episodes of {missing}; drop --skip-generate")
         if meta["image_size"] != p["image_size"]:
-            raise ValueError(f"--skip-generate: the dataset in '{data}' is {meta['image_size']} px, the preset wants {p['image_size']}")
+            raise BenchError(f"--skip-generate: the dataset in '{data}' is {meta['image_size']} px, the preset wants {p['image_size']}")
         return cfg
     if data.exists(): shutil.rmtree(data)
     return generate_metaworld_dataset(data, tasks=p["tasks"], episodes_per_task=p["episodes_per_task"],
                                       image_size=p["image_size"], seed=0, num_procs=min(p["num_procs"], os.cpu_count() or 1),
                                       min_len=p["min_len"])
 
+# %% ../../nbs/33_bench.metaworld.ipynb #c020
 def stage_train(p:dict, out:Path, dataset_json:Path, device:str="auto")->tuple:
     "Train through `icrt.train.train`; return (run folder, config, info dict)."
     if (out / "train").exists(): shutil.rmtree(out / "train")
@@ -166,8 +170,9 @@ def stage_train(p:dict, out:Path, dataset_json:Path, device:str="auto")->tuple:
     info["epoch_loop_s"] = sum(r["time_s"] for r in _read_log(run_dir))  # compare with budget_s: the machine's load can change
     return run_dir, cfg, info
 
+# %% ../../nbs/33_bench.metaworld.ipynb #c022
 class SimPolicy:
-    "An `ICRTPolicy` fed `MetaWorldSim` observations, with a context just long enough for prompt + rollout."
+    "An `ICRTPolicy` with a context just long enough for prompt + rollout."
     def __init__(self,
         policy:ICRTPolicy,  # the loaded run
         max_steps:int,      # rollout step budget (sizes the context)
@@ -178,11 +183,9 @@ class SimPolicy:
         self.policy.reset(max_len=2 * steps + 16)  # 2 tokens (state, action) per step; the 4096 default is ~20x slower on a CPU
         self.policy.prompt(episodes)
     def act(self, observation:dict)->np.ndarray:  # (7,) absolute xyz, Euler XYZ, gripper
-        o = dict(observation)
-        for k in self.policy.keys["proprio_keys"]:
-            if k not in o and k.rsplit("/", 1)[-1] in o: o[k] = o[k.rsplit("/", 1)[-1]]
-        return self.policy.act(o)
+        return self.policy.act(observation)
 
+# %% ../../nbs/33_bench.metaworld.ipynb #c024
 def stage_evaluate(p:dict, out:Path, run_dir:Path, device:str="auto")->dict:
     "Closed-loop evaluation of the trained run (plus wrong-prompt control and expert) into out/eval."
     if (out / "eval").exists(): shutil.rmtree(out / "eval")
@@ -200,7 +203,7 @@ def stage_evaluate(p:dict, out:Path, run_dir:Path, device:str="auto")->dict:
     res["params"] = param_counts(policy.model)
     return res
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c016
+# %% ../../nbs/33_bench.metaworld.ipynb #c026
 CONDITIONS = [("policy", "ICRT, same-task prompt"), ("wrong_prompt", "ICRT, wrong-task prompt"), ("expert", "scripted expert")]
 
 def _pool(results:dict, cond:str)->Optional[dict]:
@@ -210,6 +213,7 @@ def _pool(results:dict, cond:str)->Optional[dict]:
     return dict(successes=s, n=n, rate=s / n, ci95=list(wilson_interval(s, n)),
                 mean_length=float(np.mean([l for r in rs for l in r["length"]])))
 
+# %% ../../nbs/33_bench.metaworld.ipynb #c028
 def report_table(
     results:dict,   # evaluate_closed_loop(...)["tasks"]
     k_prompt:int,   # prompt size, for the labels
@@ -228,7 +232,7 @@ def report_table(
                         f"| {x['mean_length']:.1f} |")
     return "\n".join(rows)
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c020
+# %% ../../nbs/33_bench.metaworld.ipynb #c032
 def plot_loss(run_dir:Path, path:Path)->Optional[Path]:
     "Train (and validation) loss per epoch as a PNG; None when the log is empty."
     rows = _read_log(run_dir)
@@ -244,7 +248,7 @@ def plot_loss(run_dir:Path, path:Path)->Optional[Path]:
     fig.savefig(path, dpi=100); plt.close(fig)
     return Path(path)
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c022
+# %% ../../nbs/33_bench.metaworld.ipynb #c034
 def limits_paragraph(facts:dict)->str:
     "What the measurements say limits the result (one paragraph built from `facts`)."
     pol, wp, ex = facts["policy"], facts.get("wrong_prompt"), facts["expert"]
@@ -281,7 +285,7 @@ def limits_paragraph(facts:dict)->str:
         s.append(f"With {facts['n_rollouts_per_task']} rollout(s) per task the intervals are wide; the rates are indicative only.")
     return " ".join(s)
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c025
+# %% ../../nbs/33_bench.metaworld.ipynb #c037
 def machine_info()->dict:
     "nproc, CPU model, GPU name (if any), Python/torch versions."
     cpu = platform.processor() or ""
@@ -293,12 +297,25 @@ def machine_info()->dict:
     return dict(nproc=os.cpu_count(), cpu_model=cpu, gpu=gpu, python=platform.python_version(), torch=torch.__version__,
                 platform=platform.platform())
 
+# %% ../../nbs/33_bench.metaworld.ipynb #c039
 def param_counts(model:torch.nn.Module)->tuple:
     "(trainable, total) parameter counts of a model as built for its run (frozen parts have requires_grad False)."
     ps = list(model.parameters())
     return int(sum(p.numel() for p in ps if p.requires_grad)), int(sum(p.numel() for p in ps))
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c027
+# %% ../../nbs/33_bench.metaworld.ipynb #c042
+def _facts(p:dict, ev:dict, pooled:dict, rows:list, meta:dict, times:dict, train_info:dict)->dict:
+    "The measured facts `limits_paragraph` reads."
+    trainable, total = ev["params"]
+    return dict(policy=pooled["policy"], wrong_prompt=pooled["wrong_prompt"], expert=pooled["expert"],
+                trainable_params=trainable, total_params=total, epochs=train_info["epochs"],
+                train_minutes=times["train_s"] / 60, train_episodes=len(meta["episodes"]),
+                episodes_per_task=p["episodes_per_task"], image_size=p["image_size"],
+                losses=[r["train_loss"] for r in rows], val_loss=rows[-1].get("val_loss") if rows else None,
+                max_steps=p["max_steps"], n_rollouts_per_task=p["seeds"], budget_s=train_info.get("budget_s"),
+                calib_epoch_s=train_info.get("epoch_s"), mean_epoch_s=float(np.mean([r["time_s"] for r in rows])) if rows else 0.)
+
+# %% ../../nbs/33_bench.metaworld.ipynb #c044
 def write_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:dict, times:dict, train_info:dict)->dict:
     "Write out/report.md, out/report.json and the loss curve; return the report dict."
     rows = _read_log(run_dir)
@@ -306,13 +323,7 @@ def write_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:dict, 
     meta = json.loads((out / "data" / "metaworld_meta.json").read_text())
     trainable, total = ev["params"]
     pooled = {c: _pool(ev["tasks"], c) for c, _ in CONDITIONS}
-    facts = dict(policy=pooled["policy"], wrong_prompt=pooled["wrong_prompt"], expert=pooled["expert"],
-                 trainable_params=trainable, total_params=total, epochs=train_info["epochs"],
-                 train_minutes=times["train_s"] / 60, train_episodes=len(meta["episodes"]),
-                 episodes_per_task=p["episodes_per_task"], image_size=p["image_size"],
-                 losses=[r["train_loss"] for r in rows], val_loss=rows[-1].get("val_loss") if rows else None,
-                 max_steps=p["max_steps"], n_rollouts_per_task=p["seeds"], budget_s=train_info.get("budget_s"),
-                 calib_epoch_s=train_info.get("epoch_s"), mean_epoch_s=float(np.mean([r["time_s"] for r in rows])) if rows else 0.)
+    facts = _facts(p, ev, pooled, rows, meta, times, train_info)
     table = report_table(ev["tasks"], p["k_prompt"])
     paragraph = limits_paragraph(facts)
     mach = machine_info()
@@ -337,11 +348,13 @@ def write_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:dict, 
     (out / "report.json").write_text(json.dumps(rep, indent=1, default=float) + "\n")
     return rep
 
+# %% ../../nbs/33_bench.metaworld.ipynb #c046
 def _check_out(out:Path):
     "The output folder must be a folder (or creatable)."
     for q in [out, *out.parents]:
-        if q.exists() and not q.is_dir(): raise ValueError(f"--out: '{q}' is a file, not a folder; choose another output folder")
+        if q.exists() and not q.is_dir(): raise BenchError(f"--out: '{q}' is a file, not a folder; choose another output folder")
 
+# %% ../../nbs/33_bench.metaworld.ipynb #c048
 def bench_metaworld(
     out,                          # output folder (data/, train/, eval/, report.md, report.json)
     preset:str="cpu",             # "smoke", "cpu" or "gpu"
@@ -357,7 +370,7 @@ def bench_metaworld(
     out = Path(out).expanduser(); _check_out(out)
     p = resolve_preset(preset, tasks, suite, minutes=minutes, vision_encoder=vision_encoder, **overrides)
     if vision_encoder is not None and not Path(vision_encoder).expanduser().is_file():
-        raise FileNotFoundError(f"--vision-encoder: no such file '{vision_encoder}'")
+        raise BenchError(f"--vision-encoder: no such file '{vision_encoder}'")
     out.mkdir(parents=True, exist_ok=True)
     times, t = {}, time.time()
     ds = stage_generate(p, out, skip_generate); times["generate_s"] = time.time() - t; t = time.time()
@@ -368,7 +381,7 @@ def bench_metaworld(
     (out / "report.json").write_text(json.dumps(rep, indent=1, default=float) + "\n")
     return rep
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c034
+# %% ../../nbs/33_bench.metaworld.ipynb #c055
 def bench_metaworld_cli(argv:Optional[list]=None):
     "Console script `icrt_bench_metaworld`: generate -> train -> evaluate -> report on Meta-World."
     ap = argparse.ArgumentParser(prog="icrt_bench_metaworld", description="Record Meta-World expert demonstrations, train "
@@ -391,7 +404,7 @@ def bench_metaworld_cli(argv:Optional[list]=None):
     try:
         rep = bench_metaworld(a.out, a.preset, a.tasks, a.suite, a.device, a.minutes, a.skip_generate, a.vision_encoder,
                               episodes_per_task=a.episodes_per_task, seeds=a.seeds, k_prompt=a.k_prompt)
-    except (*USER_ERRORS, ValueError, FileNotFoundError, ImportError) as e:
+    except (ICRTError, DatasetError, ImportError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         sys.stderr.write(f"icrt_bench_metaworld: error: {msg}\n"); sys.exit(1)
     print(rep["table"]); print(); print(rep["limits"])

@@ -5,9 +5,8 @@
 # %% auto #0
 __all__ = ['logger', 'MT_TASKS', 'GOAL_REGIONS', 'GOAL_HALFWIDTH', 'SUITES', 'FIXED_EULER', 'DEFAULT_CAMERAS', 'TRAIN_STREAM',
            'EVAL_STREAM', 'PROMPT_STREAM', 'SimTask', 'get_task', 'mw_action_to_target', 'target_to_mw_action',
-           'MetaWorldSim', 'ExpertPolicy', 'ReplayPolicy', 'rollout', 'record_demo', 'generate_metaworld_dataset',
-           'load_raw_episode', 'replay_dataset', 'wilson_interval', 'save_gif', 'results_table', 'evaluate_closed_loop',
-           'gen_cli']
+           'MetaWorldSim', 'record_demo', 'generate_metaworld_dataset', 'load_raw_episode', 'replay_dataset',
+           'wilson_interval', 'save_gif', 'results_table', 'evaluate_closed_loop', 'gen_cli']
 
 # %% ../../nbs/17_sim.metaworld.ipynb #c003
 import os
@@ -19,17 +18,21 @@ import logging
 import math
 import multiprocessing as mp
 import pickle
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import h5py
 import numpy as np
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 
+from ..config import ICRTError
 from ..data.format import (DEFAULT_ACTION_KEYS, DEFAULT_IMAGE_KEYS, DEFAULT_PROPRIO_KEYS, EpisodeWriter,
                               load_dataset_config, read_frames, read_lowdim, write_dataset_files)
+from .core import ExpertPolicy, ReplayPolicy, SimError, rollout
 
 try:
     import mujoco
@@ -88,7 +91,7 @@ def get_task(
         for k, c in enumerate(centres):
             if name == _goal_task_name(env_name, k):
                 return SimTask(name, env_name, tuple(c), GOAL_HALFWIDTH[env_name], hide_goal=True)
-    raise ValueError(f"unknown task {name!r}: use a Meta-World v3 env name (e.g. 'reach-v3') or one of "
+    raise SimError(f"unknown task {name!r}: use a Meta-World v3 env name (e.g. 'reach-v3') or one of "
                      f"{SUITES['goal'] + SUITES['goal-push']}")
 
 # %% ../../nbs/17_sim.metaworld.ipynb #c012
@@ -104,6 +107,7 @@ def mw_action_to_target(
     return np.concatenate([np.asarray(hand_pos, dtype=np.float64) + a[:3] * action_scale, FIXED_EULER,
                            [(a[3] + 1.0) / 2.0]])
 
+# %% ../../nbs/17_sim.metaworld.ipynb #c015
 def target_to_mw_action(
     target:np.ndarray,     # (7,) absolute xyz + Euler XYZ (ignored) + gripper 0..1
     hand_pos:np.ndarray,   # (3,) current hand position
@@ -111,11 +115,11 @@ def target_to_mw_action(
 )->np.ndarray:             # (4,) Meta-World action, clipped to [-1, 1]
     "The Meta-World action that moves the hand toward an absolute ICRT target (inverse of `mw_action_to_target`)."
     target = np.asarray(target, dtype=np.float64).reshape(-1)
-    if target.shape != (7,): raise ValueError(f"policy action has shape {target.shape}; expected (7,) xyz + Euler XYZ + gripper")
+    if target.shape != (7,): raise SimError(f"policy action has shape {target.shape}; expected (7,) xyz + Euler XYZ + gripper")
     xyz = (target[:3] - np.asarray(hand_pos, dtype=np.float64)) / action_scale
     return np.clip(np.concatenate([xyz, [2.0 * target[6] - 1.0]]), -1.0, 1.0).astype(np.float32)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c016
+# %% ../../nbs/17_sim.metaworld.ipynb #c019
 DEFAULT_CAMERAS = {"observation/exterior_image_1_left": "corner2", "observation/wrist_image_left": "gripperPOV"}
 
 class MetaWorldSim:
@@ -128,13 +132,13 @@ class MetaWorldSim:
     ):
         _require()
         self.task = task if isinstance(task, SimTask) else get_task(task)
-        if int(image_size) < 8: raise ValueError(f"image_size={image_size}: use at least 8 pixels")
+        if int(image_size) < 8: raise SimError(f"image_size={image_size}: use at least 8 pixels")
         self.image_size, self.cameras = int(image_size), dict(cameras or DEFAULT_CAMERAS)
         cls = ALL_V3_ENVIRONMENTS[self.task.env_name]
         self.env = cls()
         names = [self.env.model.camera(i).name for i in range(self.env.model.ncam)]
         for k, cam in self.cameras.items():
-            if cam not in names: raise ValueError(f"camera {cam!r} for {k!r} not in {self.task.env_name}; cameras: {names}")
+            if cam not in names: raise SimError(f"camera {cam!r} for {k!r} not in {self.task.env_name}; cameras: {names}")
         if self.task.hide_goal: self.env.model.site_rgba[self.env.model.site("goal").id, 3] = 0.0
         if not antialias: self.env.model.vis.quality.offsamples = 0
         try: self.renderer = mujoco.Renderer(self.env.model, self.image_size, self.image_size)
@@ -143,23 +147,26 @@ class MetaWorldSim:
                                "`apt-get install libosmesa6` and set MUJOCO_GL=osmesa before anything imports mujoco") from e
         for flag in (mujoco.mjtRndFlag.mjRND_SHADOW, mujoco.mjtRndFlag.mjRND_REFLECTION, mujoco.mjtRndFlag.mjRND_SKYBOX):
             self.renderer.scene.flags[flag] = 0
-        self.policy = ENV_POLICY_MAP[self.task.env_name]()  # the scripted expert (used by ExpertPolicy)
+        self.policy = ENV_POLICY_MAP[self.task.env_name]()  # the scripted expert (see `expert_action`)
         self.mw_obs, self.rand_vec = None, None
     @property
     def max_path_length(self)->int: return int(self.env.max_path_length)
     @property
     def action_scale(self)->float: return float(self.env.action_scale)
-    def close(self):
-        "Free the renderer and the environment (idempotent)."
-        r = getattr(self, "renderer", None)
-        if r is not None:  # free MuJoCo's GL objects in *this* renderer's context: mujoco's Renderer.close frees them
-            if r._gl_context is not None and r._mjr_context is not None:  # in whatever context is current, which
-                r._gl_context.make_current(); r._mjr_context.free(); r._mjr_context = None  # breaks other renderers
-            r.close(); self.renderer = None
-        if getattr(self, "env", None) is not None: self.env.close(); self.env = None
     def __del__(self): self.close()
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c018
+# %% ../../nbs/17_sim.metaworld.ipynb #c020
+@patch
+def close(self:MetaWorldSim):
+    "Free the renderer and the environment (idempotent)."
+    r = getattr(self, "renderer", None)
+    if r is not None:  # free MuJoCo's GL objects in *this* renderer's context: mujoco's Renderer.close frees them
+        if r._gl_context is not None and r._mjr_context is not None:  # in whatever context is current, which
+            r._gl_context.make_current(); r._mjr_context.free(); r._mjr_context = None  # breaks other renderers
+        r.close(); self.renderer = None
+    if getattr(self, "env", None) is not None: self.env.close(); self.env = None
+
+# %% ../../nbs/17_sim.metaworld.ipynb #c023
 TRAIN_STREAM, EVAL_STREAM, PROMPT_STREAM = 0, 1, 2  # first element of an initial-state key
 
 def _rng(key)->np.random.Generator: return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
@@ -185,30 +192,33 @@ def sample_initial_state(self:MetaWorldSim,
         else: raise RuntimeError(f"{self.task.name}: no object position {margin:.2f} m from goal region {c}")
     return rv
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c020
+# %% ../../nbs/17_sim.metaworld.ipynb #c025
 @patch
 def observe(self:MetaWorldSim)->dict:
-    "Current frames {image key: (H, W, 3) uint8} + cartesian_position (6,) + gripper_position (1,)."
+    "Current frames {image key: (H, W, 3) uint8} + observation/cartesian_position (6,) + observation/gripper_position (1,)."
     obs = {}
     for key, cam in self.cameras.items():
         self.renderer.update_scene(self.env.data, camera=cam)
         obs[key] = np.ascontiguousarray(self.renderer.render()[::-1, ::-1])  # Meta-World cameras are upside down
-    obs["cartesian_position"] = np.concatenate([self.mw_obs[:3], FIXED_EULER])
-    obs["gripper_position"] = np.array([1.0 - self.mw_obs[3]])
+    obs[DEFAULT_PROPRIO_KEYS[0]] = np.concatenate([self.mw_obs[:3], FIXED_EULER])
+    obs[DEFAULT_PROPRIO_KEYS[1]] = np.array([1.0 - self.mw_obs[3]])
     return obs
 
+# %% ../../nbs/17_sim.metaworld.ipynb #c027
 @patch
 def reset(self:MetaWorldSim,
-    rand_vec:np.ndarray,   # initial state from `sample_initial_state`
-)->dict:                   # first observation
-    "Put the environment in the initial state `rand_vec`."
+    init:Optional[np.ndarray]=None,   # initial state (`rand_vec`) from `sample_initial_state`
+)->dict:                              # first observation
+    "Put the environment in the initial state `init`."
+    if init is None: init = self.rand_vec if self.rand_vec is not None else self.sample_initial_state((EVAL_STREAM, 0))
     kwargs = dict(ML1_ARGS_KWARGS[self.task.env_name]["kwargs"]); kwargs.pop("task_id", None)
-    kwargs.update(rand_vec=np.asarray(rand_vec, dtype=np.float64), env_cls=type(self.env), partially_observable=False)
+    kwargs.update(rand_vec=np.asarray(init, dtype=np.float64), env_cls=type(self.env), partially_observable=False)
     self.env.set_task(_MWTask(env_name=self.task.env_name, data=pickle.dumps(kwargs)))
     self.mw_obs, _ = self.env.reset()
-    self.rand_vec = np.asarray(rand_vec, dtype=np.float64)
+    self.rand_vec = np.asarray(init, dtype=np.float64)
     return self.observe()
 
+# %% ../../nbs/17_sim.metaworld.ipynb #c029
 @patch
 def step(self:MetaWorldSim,
     target:np.ndarray,     # (7,) absolute xyz + Euler XYZ + gripper, what a policy's `act` returns
@@ -218,70 +228,14 @@ def step(self:MetaWorldSim,
     self.mw_obs, _, _, _, info = self.env.step(action)
     return self.observe(), bool(info["success"])
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c028
-class ExpertPolicy:
-    "Meta-World's scripted expert behind the ICRT policy interface (reads the state through a `MetaWorldSim`)."
-    def __init__(self, sim:MetaWorldSim): self.sim = sim
-    def reset(self): pass
-    def prompt(self, episodes:list): pass
-    def act(self, observation:dict)->np.ndarray:  # (7,)
-        a = self.sim.policy.get_action(self.sim.mw_obs)
-        return mw_action_to_target(a, self.sim.mw_obs[:3], self.sim.action_scale)
+# %% ../../nbs/17_sim.metaworld.ipynb #c031
+@patch
+def expert_action(self:MetaWorldSim)->np.ndarray:  # (7,)
+    "The scripted expert's absolute target for the current state."
+    a = self.policy.get_action(self.mw_obs)
+    return mw_action_to_target(a, self.mw_obs[:3], self.action_scale)
 
-class ReplayPolicy:
-    "Replays the absolute targets of a recorded episode (holding the last one past its end)."
-    def __init__(self, episode:dict):  # needs "action/cartesian_position" (T, 6) and "action/gripper_position" (T, 1)
-        self.targets = np.concatenate([np.asarray(episode["action/cartesian_position"], dtype=np.float64),
-                                       np.asarray(episode["action/gripper_position"], dtype=np.float64).reshape(-1, 1)], 1)
-        self.t = 0
-    def reset(self): self.t = 0
-    def prompt(self, episodes:list): pass
-    def act(self, observation:dict)->np.ndarray:  # (7,)
-        target = self.targets[min(self.t, len(self.targets) - 1)]; self.t += 1
-        return target
-
-# %% ../../nbs/17_sim.metaworld.ipynb #c030
-def _to_episode(steps:list, image_keys:list)->dict:
-    "Stack per-step (observation, target) pairs into the on-disk episode dict."
-    obs, tg = [s[0] for s in steps], np.stack([s[1] for s in steps])  # tg: (T, 7)
-    ep = {k: np.stack([o[k] for o in obs]) for k in image_keys}       # (T, H, W, 3) uint8
-    ep["observation/cartesian_position"] = np.stack([o["cartesian_position"] for o in obs]).astype(np.float32)
-    ep["observation/gripper_position"] = np.stack([o["gripper_position"] for o in obs]).astype(np.float32)
-    ep["action/cartesian_position"] = tg[:, :6].astype(np.float32)
-    ep["action/gripper_position"] = tg[:, 6:].astype(np.float32)
-    return ep
-
-def rollout(
-    sim:MetaWorldSim,         # the environment handle
-    policy,                   # object with act(observation) -> (7,); reset/prompt are the caller's business
-    rand_vec:np.ndarray,      # initial state
-    max_steps:int=None,       # step budget; None: the env's max_path_length
-    extra_steps:int=0,        # steps to keep going after the first success
-    min_len:int=0,            # never stop before this many steps (unless max_steps)
-    record:bool=False,        # keep the observations and targets
-)->dict:                      # success, success_step (first successful step or None), length, episode (dict or None)
-    "Run `policy` from `rand_vec` until success (+ `extra_steps`) or `max_steps`."
-    max_steps = sim.max_path_length if max_steps is None else min(int(max_steps), sim.max_path_length)
-    obs, steps, success_step, stop = sim.reset(rand_vec), [], None, max_steps
-    t = -1
-    for t in range(max_steps):
-        target = np.asarray(policy.act(obs), dtype=np.float64)
-        if record: steps.append((obs, target))
-        obs, success = sim.step(target)
-        if success and success_step is None:
-            success_step, stop = t, min(max(t + 1 + extra_steps, min_len), max_steps)
-        if t + 1 >= stop: break
-    return dict(success=success_step is not None, success_step=success_step, length=t + 1,
-                episode=_to_episode(steps, list(sim.cameras)) if record else None)
-
-# %% ../../nbs/17_sim.metaworld.ipynb #c034
-_WORKER_SIMS = {}  # per process: (task, image_size, cameras) -> MetaWorldSim
-
-def _worker_sim(task:str, image_size:int, cameras:dict)->MetaWorldSim:
-    key = (task, image_size, tuple(sorted(cameras.items())))
-    if key not in _WORKER_SIMS: _WORKER_SIMS[key] = MetaWorldSim(task, image_size, cameras)
-    return _WORKER_SIMS[key]
-
+# %% ../../nbs/17_sim.metaworld.ipynb #c041
 def record_demo(
     sim:MetaWorldSim,     # environment handle
     key:tuple,            # initial-state key
@@ -294,6 +248,15 @@ def record_demo(
     res["rand_vec"] = rv
     return res
 
+# %% ../../nbs/17_sim.metaworld.ipynb #c044
+_WORKER_SIMS = {}  # per process: (task, image_size, cameras) -> MetaWorldSim
+
+def _worker_sim(task:str, image_size:int, cameras:dict)->MetaWorldSim:
+    "This process's simulator of a task (made on first use)."
+    key = (task, image_size, tuple(sorted(cameras.items())))
+    if key not in _WORKER_SIMS: _WORKER_SIMS[key] = MetaWorldSim(task, image_size, cameras)
+    return _WORKER_SIMS[key]
+
 def _gen_job(job:tuple)->tuple:
     "Pool job: (task, attempt, seed, image_size, cameras, extra_steps, min_len) -> (task, attempt, result or None)."
     task, attempt, seed, image_size, cameras, extra_steps, min_len = job
@@ -301,19 +264,21 @@ def _gen_job(job:tuple)->tuple:
     res = record_demo(_worker_sim(task, image_size, cameras), (TRAIN_STREAM, seed, attempt), extra_steps, min_len)
     return task, attempt, (res if res["success"] else None)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c035
-def _check_gen_args(suite, tasks, episodes_per_task, image_size, num_procs):
+# %% ../../nbs/17_sim.metaworld.ipynb #c045
+def _check_gen_args(suite, tasks, episodes_per_task, image_size, num_procs)->list:
+    "The task list of a generation request, after checking every argument (SimError naming the bad one)."
     if tasks is None:
-        if suite not in SUITES: raise ValueError(f"suite={suite!r}: use one of {sorted(SUITES)} or pass tasks=[...]")
+        if suite not in SUITES: raise SimError(f"suite={suite!r}: use one of {sorted(SUITES)} or pass tasks=[...]")
         tasks = SUITES[suite]
     tasks = [tasks] if isinstance(tasks, str) else list(tasks)
-    if not tasks: raise ValueError("tasks=[]: give at least one task")
-    if len(set(tasks)) < len(tasks): raise ValueError(f"tasks={tasks}: a task is listed twice")
+    if not tasks: raise SimError("tasks=[]: give at least one task")
+    if len(set(tasks)) < len(tasks): raise SimError(f"tasks={tasks}: a task is listed twice")
     for t in tasks: get_task(t)
     for name, v, lo in [("episodes_per_task", episodes_per_task, 1), ("image_size", image_size, 8), ("num_procs", num_procs, 1)]:
-        if int(v) < lo: raise ValueError(f"{name}={v}: must be at least {lo}")
+        if int(v) < lo: raise SimError(f"{name}={v}: must be at least {lo}")
     return tasks
 
+# %% ../../nbs/17_sim.metaworld.ipynb #c047
 def _worker_init():
     "Pool initializer: one llvmpipe render thread per worker (the workers already use the cores)."
     os.environ.setdefault("LP_NUM_THREADS", "1")
@@ -323,7 +288,34 @@ def _job_results(jobs:list, pool):
     if pool is None: return map(_gen_job, jobs)
     return pool.imap_unordered(_gen_job, jobs)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c036
+# %% ../../nbs/17_sim.metaworld.ipynb #c049
+def _record_episodes(
+    writers:dict,          # {task: open EpisodeWriter}
+    pool,                  # a process pool, or None to run inline
+    job_args:tuple,        # (seed, image_size, cameras, extra_steps, min_len) of every job
+    episodes_per_task:int,
+    max_attempts:int,
+)->tuple:                  # ({task: {attempt: name}}, {task: attempts}, {name: meta}, frames)
+    "Record successful expert episodes of every task into its writer."
+    tasks, seed = list(writers), job_args[0]
+    done, tried, meta, frames = {t: {} for t in tasks}, {t: 0 for t in tasks}, {}, 0
+    with tqdm(total=episodes_per_task * len(tasks), desc="meta-world demos", unit="ep") as bar:
+        while True:
+            jobs = []
+            for t in tasks:
+                need = min(episodes_per_task - len(done[t]), max_attempts - tried[t])
+                jobs += [(t, tried[t] + i, *job_args) for i in range(need)]; tried[t] += need
+            if not jobs: return done, tried, meta, frames
+            for t, attempt, res in _job_results(jobs, pool):
+                if res is None: bar.set_postfix_str(f"expert failed {t} #{attempt}"); continue
+                name = f"{t}_episode_{attempt}"
+                writers[t].write(name, res["episode"])
+                done[t][attempt] = name; frames += res["length"] * len(job_args[2])
+                meta[name] = dict(task=t, env_name=get_task(t).env_name, key=[TRAIN_STREAM, seed, attempt],
+                                  rand_vec=res["rand_vec"].tolist(), success_step=res["success_step"], length=res["length"])
+                bar.update(1)
+
+# %% ../../nbs/17_sim.metaworld.ipynb #c051
 def generate_metaworld_dataset(
     out_dir,                     # output folder (created)
     suite:str="mt",              # "mt", "goal" or "goal-push" (see SUITES); ignored when `tasks` is given
@@ -345,29 +337,12 @@ def generate_metaworld_dataset(
     cameras, out_dir = dict(cameras or DEFAULT_CAMERAS), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     max_attempts = 3 * episodes_per_task + 5 if max_attempts is None else int(max_attempts)
-    files = {t: out_dir / f"{t}.hdf5" for t in tasks}
-    done, tried, meta, t0, frames = {t: {} for t in tasks}, {t: 0 for t in tasks}, {}, time.time(), 0
-    writers, pool = {}, None
+    files, writers, pool, t0 = {t: out_dir / f"{t}.hdf5" for t in tasks}, {}, None, time.time()
     try:
         for t in tasks: writers[t] = EpisodeWriter(files[t], image_layout=image_layout).__enter__()
         if num_procs > 1: pool = mp.get_context("spawn").Pool(num_procs, initializer=_worker_init)
-        with tqdm(total=episodes_per_task * len(tasks), desc="meta-world demos", unit="ep") as bar:
-            while True:
-                jobs = []
-                for t in tasks:
-                    need = min(episodes_per_task - len(done[t]), max_attempts - tried[t])
-                    jobs += [(t, tried[t] + i, seed, image_size, cameras, extra_steps, min_len) for i in range(need)]
-                    tried[t] += need
-                if not jobs: break
-                for t, attempt, res in _job_results(jobs, pool):
-                    if res is None: bar.set_postfix_str(f"expert failed {t} #{attempt}"); continue
-                    name = f"{t}_episode_{attempt}"
-                    writers[t].write(name, res["episode"])
-                    done[t][attempt] = name; frames += res["length"] * len(cameras)
-                    meta[name] = dict(task=t, env_name=get_task(t).env_name, key=[TRAIN_STREAM, seed, attempt],
-                                      rand_vec=res["rand_vec"].tolist(), success_step=res["success_step"],
-                                      length=res["length"])
-                    bar.update(1)
+        done, tried, meta, frames = _record_episodes(writers, pool, (seed, image_size, cameras, extra_steps, min_len),
+                                                     episodes_per_task, max_attempts)
     finally:
         if pool is not None: pool.close(); pool.join()
         for w in writers.values(): w.close()
@@ -375,20 +350,27 @@ def generate_metaworld_dataset(
         if not done[t]: raise RuntimeError(f"task {t!r}: the scripted expert failed all {tried[t]} attempts; drop the task")
         if len(done[t]) < episodes_per_task:
             logger.warning(f"task {t!r}: only {len(done[t])} of {episodes_per_task} episodes after {tried[t]} attempts")
+    settings = dict(suite=suite if tasks == SUITES.get(suite) else None, tasks=tasks, image_size=image_size, cameras=cameras,
+                    seed=seed, extra_steps=extra_steps, min_len=min_len)
+    return _write_outputs(out_dir, files, done, meta, frames, t0, settings, train_split)
+
+# %% ../../nbs/17_sim.metaworld.ipynb #c053
+def _write_outputs(out_dir:Path, files:dict, done:dict, meta:dict, frames:int, t0:float, settings:dict,
+                   train_split:float)->Path:
+    "Write the dataset config and metaworld_meta.json of the recorded episodes; return the config."
+    tasks = settings["tasks"]
     episodes = [[done[t][a] for a in sorted(done[t])] for t in tasks]
     epi_len = {n: meta[n]["length"] for eps in episodes for n in eps}
-    cfg = write_dataset_files(out_dir, [files[t] for t in tasks], episodes, epi_len,
-                              {t: eps for t, eps in zip(tasks, episodes)}, list(cameras), DEFAULT_PROPRIO_KEYS,
-                              DEFAULT_ACTION_KEYS, train_split=train_split)
+    cfg = write_dataset_files(out_dir, [files[t] for t in tasks], episodes, epi_len, dict(zip(tasks, episodes)),
+                              list(settings["cameras"]), DEFAULT_PROPRIO_KEYS, DEFAULT_ACTION_KEYS, train_split=train_split)
     secs = time.time() - t0
-    info = dict(suite=suite if tasks == SUITES.get(suite) else None, tasks=tasks, image_size=image_size, cameras=cameras,
-                seed=seed, extra_steps=extra_steps, min_len=min_len, euler="fixed (0, 0, 0)", action_scale=0.01,
-                gripper="0 open .. 1 closed", frames_per_second=frames / secs, seconds=secs, episodes=meta)
+    info = dict(settings, euler="fixed (0, 0, 0)", action_scale=0.01, gripper="0 open .. 1 closed",
+                frames_per_second=frames / secs, seconds=secs, episodes=meta)
     (out_dir / "metaworld_meta.json").write_text(json.dumps(info, indent=1) + "\n")
     logger.info(f"{len(epi_len)} episodes, {frames} frames in {secs:.1f} s ({frames / secs:.0f} frames/s)")
     return cfg
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c040
+# %% ../../nbs/17_sim.metaworld.ipynb #c057
 def load_raw_episode(
     spec,           # DatasetSpec (load_dataset_config) or a dataset config path
     episode:str,    # episode name
@@ -403,6 +385,7 @@ def load_raw_episode(
         ep.update({k: read_lowdim(g, k, 0, T) for k in spec.proprio_keys + spec.action_keys})
     return ep
 
+# %% ../../nbs/17_sim.metaworld.ipynb #c059
 def replay_dataset(
     config,                # dataset config written by generate_metaworld_dataset
     episodes:list=None,    # episode names; default all
@@ -424,7 +407,7 @@ def replay_dataset(
     for s in sims.values(): s.close()
     return out
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c043
+# %% ../../nbs/17_sim.metaworld.ipynb #c062
 def wilson_interval(
     successes:int,   # number of successes
     n:int,           # number of trials
@@ -436,13 +419,14 @@ def wilson_interval(
     centre, half = p + z2 / (2 * n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
     return (max(0.0, (centre - half) / (1 + z2 / n)), min(1.0, (centre + half) / (1 + z2 / n)))
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c046
+# %% ../../nbs/17_sim.metaworld.ipynb #c065
 def _rate(rs:list)->dict:
     s, n = sum(r["success"] for r in rs), len(rs)
     return dict(successes=s, n=n, rate=s / n if n else float("nan"), ci95=wilson_interval(s, n),
                 mean_length=float(np.mean([r["length"] for r in rs])) if n else float("nan"),
                 success=[r["success"] for r in rs], length=[r["length"] for r in rs])
 
+# %% ../../nbs/17_sim.metaworld.ipynb #c067
 def save_gif(
     episode:dict,      # rollout episode dict (frames per image key)
     path,              # output .gif
@@ -456,7 +440,7 @@ def save_gif(
     ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
     return Path(path)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c047
+# %% ../../nbs/17_sim.metaworld.ipynb #c069
 def _cell(r:dict)->str:
     if r is None: return "–"
     lo, hi = r["ci95"]
@@ -474,7 +458,45 @@ def results_table(
                     f"| {r['policy']['mean_length']:.0f} |")
     return "\n".join(rows)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c048
+# %% ../../nbs/17_sim.metaworld.ipynb #c071
+class _Prompts:
+    "Fresh expert demonstrations per (task, seed), from initial states (PROMPT_STREAM, seed, j), recorded once."
+    def __init__(self, sims:dict, k:int, extra_steps:int, min_len:int):
+        self.sims, self.k, self.extra_steps, self.min_len, self.demos = sims, k, extra_steps, min_len, {}
+    def __call__(self, t:str, seed:int)->list:
+        "`k` successful demos of task `t` (a failed one is replaced by the next j)."
+        if (t, seed) not in self.demos:
+            got, j = [], 0
+            while len(got) < self.k:
+                if j >= 5 * self.k + 5: raise RuntimeError(f"task {t!r}: expert failed to record {self.k} prompt demos")
+                r = record_demo(self.sims[t], (PROMPT_STREAM, seed, j), self.extra_steps, self.min_len); j += 1
+                if r["success"]: got.append(r["episode"])
+            self.demos[(t, seed)] = got
+        return self.demos[(t, seed)]
+
+# %% ../../nbs/17_sim.metaworld.ipynb #c073
+def _score_task(sim:MetaWorldSim, policy, t:str, other:Optional[str], seeds:list, prompts:_Prompts, max_steps,
+                expert:bool, out_dir:Optional[Path], num_gifs:int, bar)->tuple:  # ({condition: [rollout]}, [gif paths])
+    "Closed-loop rollouts of one task: same-task prompt, scripted expert, wrong-task prompt (`other`)."
+    runs, gifs = {"policy": [], "expert": [], "wrong_prompt": []}, []
+    for n, seed in enumerate(seeds):
+        rv = sim.sample_initial_state((EVAL_STREAM, seed))
+        ps = prompts(t, seed)
+        policy.reset(); policy.prompt(ps)
+        r = rollout(sim, policy, rv, max_steps, record=out_dir is not None and n < num_gifs)
+        if r["episode"] is not None:
+            gifs.append(save_gif(r["episode"], out_dir / f"{t}_seed{seed}_{'success' if r['success'] else 'fail'}.gif",
+                                 list(sim.cameras)))
+        runs["policy"].append(r)
+        if expert: runs["expert"].append(rollout(sim, ExpertPolicy(sim), rv, max_steps))
+        if other is not None:
+            wp = prompts(other, seed)
+            policy.reset(); policy.prompt(wp)
+            runs["wrong_prompt"].append(rollout(sim, policy, rv, max_steps))
+        bar.update(1)
+    return runs, gifs
+
+# %% ../../nbs/17_sim.metaworld.ipynb #c075
 def evaluate_closed_loop(
     policy_factory,            # callable(sim: MetaWorldSim) -> policy with reset(), prompt(demos), act(obs) -> (7,)
     tasks:list,                # task names
@@ -493,46 +515,27 @@ def evaluate_closed_loop(
     "Prompt a policy with fresh expert demos, run it closed-loop in new scenes and report success rates."
     _require()
     tasks, seeds = [tasks] if isinstance(tasks, str) else list(tasks), [int(s) for s in seeds]
-    if not tasks or not seeds: raise ValueError("evaluate_closed_loop: give at least one task and one seed")
-    if k_prompt < 0: raise ValueError(f"k_prompt={k_prompt}: must be >= 0")
+    if not tasks or not seeds: raise SimError("evaluate_closed_loop: give at least one task and one seed")
+    if k_prompt < 0: raise SimError(f"k_prompt={k_prompt}: must be >= 0")
     for t in tasks: get_task(t)
     sims = {t: MetaWorldSim(t, image_size, cameras) for t in tasks}
-    demos = {}
-    def prompt_demos(t, seed):
-        if (t, seed) not in demos:
-            got, j = [], 0
-            while len(got) < k_prompt:
-                if j >= 5 * k_prompt + 5: raise RuntimeError(f"task {t!r}: expert failed to record {k_prompt} prompt demos")
-                r = record_demo(sims[t], (PROMPT_STREAM, seed, j), extra_steps, min_len); j += 1
-                if r["success"]: got.append(r["episode"])
-            demos[(t, seed)] = got
-        return demos[(t, seed)]
-    out_dir = None if out_dir is None else Path(out_dir)
+    prompts, out_dir = _Prompts(sims, k_prompt, extra_steps, min_len), None if out_dir is None else Path(out_dir)
     if out_dir is not None: out_dir.mkdir(parents=True, exist_ok=True)
-    results, gifs = {}, []
+    results, gifs, wrong = {}, [], wrong_prompt and len(tasks) > 1
     bar = tqdm(total=len(tasks) * len(seeds), desc="closed-loop eval", unit="rollout")
     for i, t in enumerate(tasks):
-        sim, other = sims[t], tasks[(i + 1) % len(tasks)]
-        policy, runs = policy_factory(sim), {"policy": [], "expert": [], "wrong_prompt": []}
-        for n, seed in enumerate(seeds):
-            rv = sim.sample_initial_state((EVAL_STREAM, seed))
-            ps = prompt_demos(t, seed)
-            policy.reset(); policy.prompt(ps)
-            r = rollout(sim, policy, rv, max_steps, record=out_dir is not None and n < num_gifs)
-            if r["episode"] is not None:
-                gifs.append(save_gif(r["episode"], out_dir / f"{t}_seed{seed}_{'success' if r['success'] else 'fail'}.gif",
-                                     list(sim.cameras)))
-            runs["policy"].append(r)
-            if expert: runs["expert"].append(rollout(sim, ExpertPolicy(sim), rv, max_steps))
-            if wrong_prompt and len(tasks) > 1:
-                wp = prompt_demos(other, seed)
-                policy.reset(); policy.prompt(wp)
-                runs["wrong_prompt"].append(rollout(sim, policy, rv, max_steps))
-            bar.update(1)
-        results[t] = {k: (_rate(v) if v else None) for k, v in runs.items()}
-        if wrong_prompt and len(tasks) > 1: results[t]["wrong_prompt_task"] = other
+        other = tasks[(i + 1) % len(tasks)] if wrong else None
+        runs, g = _score_task(sims[t], policy_factory(sims[t]), t, other, seeds, prompts, max_steps, expert, out_dir,
+                              num_gifs, bar)
+        results[t], gifs = {k: (_rate(v) if v else None) for k, v in runs.items()}, gifs + g
+        if wrong: results[t]["wrong_prompt_task"] = other
     bar.close()
     for s in sims.values(): s.close()
+    return _write_results(results, gifs, k_prompt, seeds, out_dir)
+
+# %% ../../nbs/17_sim.metaworld.ipynb #c076
+def _write_results(results:dict, gifs:list, k_prompt:int, seeds:list, out_dir:Optional[Path])->dict:
+    "The evaluator's result dict, also written as results.json and results.md when `out_dir` is given."
     table = results_table(results, k_prompt)
     out = dict(tasks=results, table=table, gifs=[str(g) for g in gifs], k_prompt=k_prompt, seeds=seeds)
     if out_dir is not None:
@@ -540,7 +543,7 @@ def evaluate_closed_loop(
         (out_dir / "results.md").write_text(table + "\n")
     return out
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c054
+# %% ../../nbs/17_sim.metaworld.ipynb #c082
 def gen_cli(argv:list=None):
     "Console script `icrt_metaworld_gen`: record Meta-World expert demonstrations as an ICRT dataset."
     p = argparse.ArgumentParser(prog="icrt_metaworld_gen", description="Record Meta-World scripted-expert episodes "
@@ -560,7 +563,8 @@ def gen_cli(argv:list=None):
     try:
         cfg = generate_metaworld_dataset(a.out, a.suite, a.tasks, a.episodes_per_task, a.image_size, a.seed,
                                          a.num_procs, a.extra_steps, a.min_len, image_layout=a.image_layout)
-    except (ValueError, ImportError) as e: p.error(str(e))
+    except (ICRTError, ImportError) as e:
+        sys.stderr.write(f"icrt_metaworld_gen: error: {str(e).splitlines()[0]}\n"); sys.exit(2)
     m = json.loads((Path(a.out) / "metaworld_meta.json").read_text())
     print(f"wrote {len(m['episodes'])} episodes of {len(m['tasks'])} tasks at {a.image_size}x{a.image_size} in "
           f"{m['seconds']:.1f} s ({m['frames_per_second']:.0f} frames/s)\ndataset config: {cfg}")

@@ -5,9 +5,12 @@
 # %% ../../nbs/16_sim.synthetic.ipynb #c003
 from __future__ import annotations
 
-import numpy as np
+from typing import Optional
 
-from ..data.format import DEFAULT_PROPRIO_KEYS
+import numpy as np
+from fastcore.basics import patch
+
+from ..data.format import DEFAULT_ACTION_KEYS, DEFAULT_PROPRIO_KEYS
 from ..data.synthetic import SyntheticScene, get_task, task_success
 
 # %% auto #0
@@ -15,16 +18,18 @@ __all__ = ['SyntheticSim']
 
 # %% ../../nbs/16_sim.synthetic.ipynb #c005
 class SyntheticSim:
-    "Closed-loop stepping of one synthetic scene: `reset()`/`step(action)` return observations keyed as in the dataset."
+    "One synthetic scene under the step protocol of `icrt.sim.core`: observations keyed as in the dataset."
     def __init__(self,
-        scene:SyntheticScene,  # the world
-        task,                  # the task whose success is tracked
-        seed:int=0,            # seed of the tracking noise
-    ): self.scene, self.task, self.seed = scene, get_task(task), seed
+        scene:SyntheticScene,       # the world
+        task,                       # the task whose success is tracked
+        seed:int=0,                 # seed of the tracking noise
+        expert:Optional[dict]=None, # the episode's expert (`episode_world`), for `expert_action`
+    ): self.scene, self.task, self.seed, self.expert = scene, get_task(task), seed, expert
 
-    def reset(self)->dict:
-        "Start pose, objects in place; the first observation."
-        self.rng, self.state, self.success, self.t = np.random.default_rng(self.seed), self.scene.reset(), False, 0
+    def reset(self, init=None)->dict:
+        "Start pose, objects in place; the first observation (`init`: a seed of the tracking noise, default `seed`)."
+        self.rng = np.random.default_rng(self.seed if init is None else init)
+        self.state, self.success, self.t = self.scene.reset(), False, 0
         return self.observe()
 
     def observe(self)->dict:
@@ -34,8 +39,21 @@ class SyntheticSim:
         obs[DEFAULT_PROPRIO_KEYS[1]] = np.array([self.state["gripper"]], np.float32)
         return obs
 
-    def step(self, action)->dict:
-        "Apply a (7,) command (xyz, Euler XYZ, gripper); `success` records whether the task was ever achieved."
-        self.state = self.scene.step(self.state, np.asarray(action, np.float64), self.rng); self.t += 1
-        self.success = self.success or task_success(self.task, self.scene, self.state)
-        return self.observe()
+# %% ../../nbs/16_sim.synthetic.ipynb #c007
+@patch
+def step(self:SyntheticSim,
+    target,   # (7,) absolute xyz, Euler XYZ, gripper
+)->tuple:     # (observation, success so far)
+    "Apply a (7,) command; `success` records whether the task was ever achieved."
+    self.state = self.scene.step(self.state, np.asarray(target, np.float64), self.rng); self.t += 1
+    self.success = self.success or task_success(self.task, self.scene, self.state)
+    return self.observe(), self.success
+
+# %% ../../nbs/16_sim.synthetic.ipynb #c009
+@patch
+def expert_action(self:SyntheticSim)->np.ndarray:  # (7,)
+    "The expert episode's absolute target of the current step."
+    if self.expert is None: raise ValueError("SyntheticSim: no expert episode given (pass expert=episode_world(...)[2])")
+    acts = self.expert[DEFAULT_ACTION_KEYS[0]], self.expert[DEFAULT_ACTION_KEYS[1]]
+    t = min(self.t, len(acts[0]) - 1)
+    return np.r_[acts[0][t], np.reshape(acts[1][t], -1)].astype(np.float64)
