@@ -16,6 +16,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -24,7 +25,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_save, load_checkpoint, remove_stale_temporaries, resolve_device
+from .checkpoint import CheckpointError, atomic_save, load_checkpoint, remove_stale_temporaries, resolve_device
 from .config import ExperimentConfig, ICRTError, config_to_dict, parse_args, resolve_config_path, save_config
 from .data.dataset import DistributedSubEpochSampler, SequenceDataset, preprocess_batch
 from .data.format import DatasetError, load_dataset_config
@@ -51,10 +52,14 @@ def _need_file(path:Optional[str], flag:str, hint:str=""):
 
 # %% ../nbs/12_train.ipynb #c015
 def _check_output(run_dir:Path, resume:Optional[str]):
-    "The run folder must be creatable, and must not hold another run's checkpoints unless we resume."
+    "The run folder must be creatable and writable, and must not hold another run's checkpoints unless we resume."
     for p in [run_dir, *run_dir.parents]:
         if p.exists() and not p.is_dir():
             raise TrainingError(f"--logging-cfg.output-dir: '{p}' is a file, not a folder; choose another output folder")
+        if p.exists():  # the nearest existing folder: the run folder is made in it, or is it
+            if not os.access(p, os.W_OK | os.X_OK):
+                raise TrainingError(f"--logging-cfg.output-dir: cannot write to '{p}' (permission denied); choose a writable output folder")
+            break
     if resume is None and run_dir.is_dir() and any(run_dir.glob("checkpoint-*.pth")):
         raise TrainingError(f"run folder '{run_dir}' already holds checkpoints; continue it with --shared-cfg.resume "
                             f"{run_dir}/checkpoint-<N>.pth, or pick another --logging-cfg.log-name")
@@ -64,7 +69,10 @@ def preflight(cfg:ExperimentConfig)->ExperimentConfig:
     "Check paths and cross-field values of `cfg`; return it with bundled config names resolved to paths."
     pc, sc, vc = cfg.model_cfg.policy_cfg, cfg.shared_cfg, cfg.model_cfg.vision_encoder_cfg
     dj = resolve_config_path(cfg.dataset_cfg.dataset_json, "--dataset-cfg.dataset-json")
-    load_dataset_config(dj)  # JSON, side files and HDF5 paths exist (HDF5 files are not opened)
+    spec = load_dataset_config(dj)  # JSON, side files and HDF5 paths exist (HDF5 files are not opened)
+    if len(spec.image_keys) != sc.num_cameras:
+        raise TrainingError(f"--shared-cfg.num-cameras {sc.num_cameras}: the dataset '{dj}' has {len(spec.image_keys)} camera(s) "
+                            f"({', '.join(spec.image_keys)}); pass --shared-cfg.num-cameras {len(spec.image_keys)}")
     if pc.scratch_llama_config is not None:
         pc = replace(pc, scratch_llama_config=str(resolve_config_path(pc.scratch_llama_config,
                                                                       "--model-cfg.policy-cfg.scratch-llama-config")))
@@ -125,22 +133,22 @@ def build_model(cfg:ExperimentConfig, device:torch.device, vision_encoder=None)-
     model = ICRT(cfg.model_cfg, cfg.shared_cfg, vision_encoder=vision_encoder)
     pp = cfg.model_cfg.policy_cfg.pretrained_path
     if pp is not None:
-        sd = load_checkpoint(pp, "--model-cfg.policy-cfg.pretrained-path")["model"]
-        missing, unexpected = model.load_trainable_state_dict(sd, strict=False)
+        sd = load_checkpoint(pp, "--model-cfg.policy-cfg.pretrained-path").get("model", {})
+        try: missing, unexpected = model.load_trainable_state_dict(sd, strict=False)
+        except ValueError as e:  # a tensor of another shape: another dim, layer count or head
+            raise TrainingError(f"--model-cfg.policy-cfg.pretrained-path: '{pp}' does not fit this model ({str(e).splitlines()[0]})") from None
         if len(missing) == len(model.trainable_state_dict()):
             raise TrainingError(f"--model-cfg.policy-cfg.pretrained-path: no weight of '{pp}' fits this model")
         log.info(f"loaded {pp}: {len(sd) - len(unexpected)} tensors ({len(missing)} new, {len(unexpected)} unused)")
     return model.to(device)
 
 # %% ../nbs/12_train.ipynb #c032
-def _set_action_stats(model, train_ds, stats:Optional[dict], cfg:ExperimentConfig, run_dir:Path, d:Dist):
-    "Normalise action targets with `stats` (read from the `scale_action` file), or with the training split's (`auto`)."
+def _action_stats(train_ds, stats:Optional[dict], cfg:ExperimentConfig)->Optional[dict]:  # plain lists, or None
+    "The statistics that normalise action targets: `stats` read from the `scale_action` file, or the training split's (`auto`)."
     sa = cfg.shared_cfg.scale_action
-    if sa is None: return
+    if sa is None: return None
     st = train_ds.action_statistics() if sa == "auto" else stats
-    st = {k: [float(x) for x in np.asarray(v).reshape(-1)] for k, v in st.items() if k in ("mean", "std", "min", "max")}
-    if d.is_main: (run_dir/"action_statistics.json").write_text(json.dumps(st, indent=1))
-    model.set_action_stats(st)
+    return {k: [float(x) for x in np.asarray(v).reshape(-1)] for k, v in st.items() if k in ("mean", "std", "min", "max")}
 
 # %% ../nbs/12_train.ipynb #c035
 def _make_loader(ds, sampler, cfg:ExperimentConfig, d:Dist, train:bool)->DataLoader:
@@ -288,11 +296,38 @@ def restore_checkpoint(ck:dict, model, optimizer, scaler, sampler, d:Dist)->int:
     return ck["epoch"] + 1
 
 # %% ../nbs/12_train.ipynb #c074
+def _load_resume(cfg:ExperimentConfig)->Optional[dict]:
+    "The checkpoint of `--shared-cfg.resume` (None for a new run); refused when it leaves no epoch to train."
+    path, epochs = cfg.shared_cfg.resume, cfg.trainer_cfg.epochs
+    if path is None: return None
+    ck = load_checkpoint(path, "--shared-cfg.resume")
+    if not isinstance(ck.get("epoch"), int) or "optimizer" not in ck:
+        raise TrainingError(f"--shared-cfg.resume: '{path}' is not a training checkpoint (no epoch or optimiser state); "
+                            "to start from its weights, pass it as --model-cfg.policy-cfg.pretrained-path")
+    if ck["epoch"] + 1 >= epochs:
+        raise TrainingError(f"--shared-cfg.resume: '{path}' ends at epoch {ck['epoch']}, so --trainer-cfg.epochs {epochs} leaves "
+                            f"nothing to train (epochs count from 0); pass --trainer-cfg.epochs {ck['epoch'] + 2} or more")
+    return ck
+
+# %% ../nbs/12_train.ipynb #c077
+def _save_checkpoint(model, f:SimpleNamespace, epoch:int, cfg:ExperimentConfig, d:Dist, run_dir:Path):
+    "Write `checkpoint-<epoch>.pth` (main process); every process raises if that write failed."
+    f.sampler.set_epoch(epoch + 1)  # the position to continue from: the start of the next epoch
+    ck, err = make_checkpoint(model, f.optimizer, f.scaler, f.sampler, epoch, cfg, d), None
+    if d.is_main:
+        try: atomic_save(ck, run_dir/f"checkpoint-{epoch}.pth")
+        except CheckpointError as e: err = e
+    if d.world_size > 1:
+        failed = torch.tensor([float(err is not None)], device=d.device); dist.all_reduce(failed)
+        if failed.item() and err is None: raise TrainingError(f"the main process could not write checkpoint-{epoch}.pth; stopping")
+    if err is not None: raise err
+
+# %% ../nbs/12_train.ipynb #c080
 def _setup_logging(is_main:bool):
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)
 
-# %% ../nbs/12_train.ipynb #c076
+# %% ../nbs/12_train.ipynb #c082
 class _Loggers:
     "TensorBoard scalars in `log_dir` (default: the run folder), and Weights & Biases when a project is named."
     def __init__(self, cfg:ExperimentConfig, run_dir:Path):
@@ -315,72 +350,98 @@ class _Loggers:
         if self.tb is not None: self.tb.close()
         if self.wandb is not None: self.wandb.finish()
 
-# %% ../nbs/12_train.ipynb #c078
+# %% ../nbs/12_train.ipynb #c084
 def _log_epoch(stats:dict, run_dir:Path, loggers:_Loggers):
     "Append one JSON line to log.txt and send the scalars to TensorBoard (and W&B)."
     with open(run_dir/"log.txt", "a") as f: f.write(json.dumps(stats) + "\n")
     loggers.log(stats)
     log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
 
-# %% ../nbs/12_train.ipynb #c081
-def train(cfg:ExperimentConfig)->Path:
-    "Run the experiment `cfg` (alone or as one `torchrun` process); return its run folder."
-    d = setup_distributed(cfg.device); _setup_logging(d.is_main)
-    cfg = preflight(cfg); run_dir = cfg.run_dir; sa = cfg.shared_cfg.scale_action
-    stats = load_action_stats(sa) if sa not in (None, "auto") else None  # the one read of the statistics file
-    torch.manual_seed(cfg.shared_cfg.seed + d.rank); np.random.seed(cfg.shared_cfg.seed + d.rank); random.seed(cfg.shared_cfg.seed + d.rank)
-    if d.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True); save_config(cfg, run_dir/"run.yaml")
-    enc = build_vision_encoder(cfg.model_cfg.vision_encoder_cfg); data_config = enc.data_config
-    train_ds, val_ds = build_datasets(cfg, data_config, run_dir if d.is_main else None)
-    torch.manual_seed(cfg.shared_cfg.seed)  # identical initial weights in every process
-    model = build_model(cfg, d.device, vision_encoder=enc)
-    _set_action_stats(model, train_ds, stats, cfg, run_dir, d)
-    if not cfg.train:
-        log.info(f"--no-train: built everything ({sum(p.numel() for p in model.parameters()):,} parameters); stopping"); return run_dir
-    return _fit(cfg, d, model, train_ds, val_ds, data_config, run_dir)
+# %% ../nbs/12_train.ipynb #c087
+def _write_run_files(cfg:ExperimentConfig, run_dir:Path, train_ds, val_ds, stats:Optional[dict]):
+    "Make the run folder; write run.yaml, the split files and the action statistics; remove stale temporary files."
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        stale = remove_stale_temporaries(run_dir)
+        if stale: log.info(f"removed {len(stale)} temporary file(s) of checkpoint writes that never finished: {', '.join(stale)}")
+        save_config(cfg, run_dir/"run.yaml")
+        for ds in (train_ds, val_ds):
+            if ds is not None: ds.save_split(run_dir)
+        if stats is not None: (run_dir/"action_statistics.json").write_text(json.dumps(stats, indent=1))
+    except OSError as e:
+        raise TrainingError(f"cannot write to the run folder '{run_dir}' ({e.strerror or e}); choose a writable "
+                            "--logging-cfg.output-dir") from None
 
-# %% ../nbs/12_train.ipynb #c082
-def _fit(cfg, d, model, train_ds, val_ds, data_config, run_dir)->Path:
-    "The epoch loop of `train`."
-    sampler = DistributedSubEpochSampler(train_ds, d.world_size, d.rank, cfg.shared_cfg.split_epoch, cfg.shared_cfg.seed)
-    loader = _make_loader(train_ds, sampler, cfg, d, True)
-    val_loader = None
+# %% ../nbs/12_train.ipynb #c090
+def _prepare_fit(cfg:ExperimentConfig, d:Dist, model, train_ds, val_ds, resume:Optional[dict])->SimpleNamespace:
+    "Loaders, optimiser, scaler, the (DDP) model to call, and the first epoch, restored from `resume` when given."
+    sc = cfg.shared_cfg
+    sampler = DistributedSubEpochSampler(train_ds, d.world_size, d.rank, sc.split_epoch, sc.seed)
+    loader, val_loader = _make_loader(train_ds, sampler, cfg, d, True), None
     if val_ds is not None:
-        vs = DistributedSubEpochSampler(val_ds, d.world_size, d.rank, 1, cfg.shared_cfg.seed, shuffle=False)
+        vs = DistributedSubEpochSampler(val_ds, d.world_size, d.rank, 1, sc.seed, shuffle=False)
         val_ds.shuffle_dataset(0); val_loader = _make_loader(val_ds, vs, cfg, d, False)
-    peak = base_lr(cfg, d.world_size)
-    optimizer = build_optimizer(model, cfg, peak)
+    peak = base_lr(cfg, d.world_size); optimizer = build_optimizer(model, cfg, peak)
     scaler = torch.amp.GradScaler(enabled=False)  # bf16 needs no loss scaling; kept so checkpoints have one format
     ddp_model = model
     if d.world_size > 1:
         ddp_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-    start = cfg.shared_cfg.start_epoch
-    if cfg.shared_cfg.resume is not None:
-        start = restore_checkpoint(load_checkpoint(cfg.shared_cfg.resume, "--shared-cfg.resume"), model, optimizer, scaler, sampler, d)
-        log.info(f"resumed from {cfg.shared_cfg.resume}: starting at epoch {start}")
+    start = sc.start_epoch
+    if resume is not None:
+        try: start = restore_checkpoint(resume, model, optimizer, scaler, sampler, d)
+        except (ValueError, KeyError) as e:
+            raise TrainingError(f"--shared-cfg.resume: '{sc.resume}' does not fit this run ({str(e).splitlines()[0][:300]}); "
+                                "resume with the flags of the run that wrote it (--load-config its run.yaml)") from None
+        log.info(f"resumed from {sc.resume}: starting at epoch {start}")
+    return SimpleNamespace(sampler=sampler, loader=loader, val_loader=val_loader, peak=peak, optimizer=optimizer,
+                           scaler=scaler, ddp_model=ddp_model, start=start)
+
+# %% ../nbs/12_train.ipynb #c093
+def train(cfg:ExperimentConfig)->Path:
+    "Run the experiment `cfg` (alone or as one `torchrun` process); return its run folder."
+    d = setup_distributed(cfg.device); _setup_logging(d.is_main)
+    cfg = preflight(cfg); run_dir, sc = cfg.run_dir, cfg.shared_cfg
+    stats = load_action_stats(sc.scale_action) if sc.scale_action not in (None, "auto") else None  # the one read of the file
+    resume = _load_resume(cfg)
+    torch.manual_seed(sc.seed + d.rank); np.random.seed(sc.seed + d.rank); random.seed(sc.seed + d.rank)
+    enc = build_vision_encoder(cfg.model_cfg.vision_encoder_cfg); data_config = enc.data_config
+    train_ds, val_ds = build_datasets(cfg, data_config, None)
+    torch.manual_seed(sc.seed)  # identical initial weights in every process
+    model = build_model(cfg, d.device, vision_encoder=enc)
+    stats = _action_stats(train_ds, stats, cfg)
+    if stats is not None: model.set_action_stats(stats)
+    f = _prepare_fit(cfg, d, model, train_ds, val_ds, resume)
+    if d.is_main: _write_run_files(cfg, run_dir, train_ds, val_ds, stats)
+    if not cfg.train:
+        log.info(f"--no-train: built everything ({sum(p.numel() for p in model.parameters()):,} parameters); stopping"); return run_dir
+    return _fit(cfg, d, model, train_ds, data_config, run_dir, f)
+
+# %% ../nbs/12_train.ipynb #c094
+def _fit(cfg:ExperimentConfig, d:Dist, model, train_ds, data_config:dict, run_dir:Path, f:SimpleNamespace)->Path:
+    "The epoch loop of `train`, from `f.start` to the last epoch."
     loggers = _Loggers(cfg, run_dir) if d.is_main else None
     log.info(f"training {sum(p.numel() for p in model.parameters() if p.requires_grad):,} parameters for epochs "
-             f"{start}..{cfg.trainer_cfg.epochs - 1}, {len(loader)} iterations each, peak lr {peak:.2e}, {d.world_size} process(es) on {d.device}")
-    for epoch in range(start, cfg.trainer_cfg.epochs):
-        t0 = time.time()
-        train_ds.shuffle_dataset(epoch // cfg.shared_cfg.split_epoch); sampler.set_epoch(epoch)
-        stats = {f"train_{k}": v for k, v in train_one_epoch(model, ddp_model, loader, optimizer, epoch, peak, cfg, d, data_config).items()}
-        if val_loader is not None and len(val_loader) > 1:
-            stats.update({f"val_{k}": v for k, v in evaluate(model, val_loader, cfg, d, data_config).items()})
-        stats.update(epoch=epoch, time_s=round(time.time() - t0, 2))
-        last = epoch + 1 == cfg.trainer_cfg.epochs
-        if (epoch + 1) % cfg.shared_cfg.save_every == 0 or last:
-            sampler.set_epoch(epoch + 1)  # the position to continue from: the start of the next epoch
-            ck = make_checkpoint(model, optimizer, scaler, sampler, epoch, cfg, d)
-            if d.is_main: atomic_save(ck, run_dir/f"checkpoint-{epoch}.pth")
-        if d.is_main: _log_epoch(stats, run_dir, loggers)
-    if loggers is not None: loggers.close()
+             f"{f.start}..{cfg.trainer_cfg.epochs - 1}, {len(f.loader)} iterations each, peak lr {f.peak:.2e}, "
+             f"{d.world_size} process(es) on {d.device}")
+    try:
+        for epoch in range(f.start, cfg.trainer_cfg.epochs):
+            t0 = time.time()
+            train_ds.shuffle_dataset(epoch // cfg.shared_cfg.split_epoch); f.sampler.set_epoch(epoch)
+            out = train_one_epoch(model, f.ddp_model, f.loader, f.optimizer, epoch, f.peak, cfg, d, data_config)
+            stats = {f"train_{k}": v for k, v in out.items()}
+            if f.val_loader is not None and len(f.val_loader) > 1:
+                stats.update({f"val_{k}": v for k, v in evaluate(model, f.val_loader, cfg, d, data_config).items()})
+            stats.update(epoch=epoch, time_s=round(time.time() - t0, 2))
+            if (epoch + 1) % cfg.shared_cfg.save_every == 0 or epoch + 1 == cfg.trainer_cfg.epochs:
+                _save_checkpoint(model, f, epoch, cfg, d, run_dir)
+            if d.is_main: _log_epoch(stats, run_dir, loggers)
+    finally:
+        if loggers is not None: loggers.close()
     if d.world_size > 1: dist.barrier()
     return run_dir
 
-# %% ../nbs/12_train.ipynb #c090
-USER_ERRORS = (ICRTError, DatasetError)  # every error a user can cause (DatasetError too, wherever it is not yet an ICRTError)
+# %% ../nbs/12_train.ipynb #c102
+USER_ERRORS = (ICRTError,)  # every error a user can cause: config, data, checkpoint, training
 
 def main(argv:Optional[list]=None):
     "Entry point of `python -m icrt.train` and `icrt_train`."

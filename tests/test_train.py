@@ -1,7 +1,8 @@
-"End-to-end training: the guide's five commands scaled down, torchrun DDP parity, exact resume after SIGKILL, bad inputs."
+"End-to-end training: the guide's five commands scaled down, torchrun DDP parity, exact resume after SIGKILL, bad inputs and faults."
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import FAST
+from icrt.config import parse_args
 from icrt.launch import free_port
 from icrt.tiny import recipe_flags, scale_down
 
@@ -95,6 +98,7 @@ def test_sigkill_and_resume_gives_same_weights(assets, tmp_path):
 
 def _error(p, *needles):
     assert p.returncode == 1, (p.returncode, p.stderr[-2000:])
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
     line = p.stderr.strip().splitlines()[-1]
     assert line.startswith("icrt_train: error:"), p.stderr[-2000:]
     for n in needles: assert n in line, line
@@ -135,3 +139,94 @@ def test_non_finite_loss_stops_and_keeps_checkpoints(assets, tmp_path):
 def test_help_lists_flags():
     p = subprocess.run([sys.executable, "-m", "icrt.train", "-h"], capture_output=True, text=True, env={**ENV, "COLUMNS": "200"})
     assert p.returncode == 0 and "--model-cfg.policy-cfg.scratch-llama-config" in p.stdout
+
+
+def _tree(folder):
+    "Every file under `folder` with its bytes: to check that a refused run changed nothing."
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def _main_error(flags, capsys):
+    "Run icrt.train.main in this process; return its one error line (exit status 1, no traceback)."
+    from icrt.train import main
+    with pytest.raises(SystemExit) as e: main([str(f) for f in flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err, err[-2000:]
+    line = err.strip().splitlines()[-1]
+    assert line.startswith("icrt_train: error:"), err[-2000:]
+    return line
+
+
+def test_checkpoint_that_does_not_fit_is_one_line(assets, run_dir, tmp_path):
+    "Another head size (num-pred-steps 8): refused as pretrained weights and as a resume, nothing written."
+    ck, data = run_dir / "checkpoint-0.pth", _tree(assets.dataset_json.parent)
+    before = ck.read_bytes()
+    for flag, name in [("--model-cfg.policy-cfg.pretrained-path", "ft"), ("--shared-cfg.resume", "re")]:
+        p = run(scale_down(recipe_flags("train"), assets, tmp_path, FAST + [
+            "--shared-cfg.num-pred-steps", "8", "--trainer-cfg.epochs", "3", flag, str(ck), "--logging-cfg.log-name", name]), check=False)
+        _error(p, flag, str(ck), "does not fit")
+        assert not (tmp_path / name).exists(), "a refused run leaves no run folder"
+    assert ck.read_bytes() == before and _tree(assets.dataset_json.parent) == data
+
+
+def test_num_cameras_must_match_the_dataset(assets, tmp_path):
+    data = _tree(assets.dataset_json.parent)
+    for n in ("3", "1"):
+        p = run(scale_down(recipe_flags("train"), assets, tmp_path / "runs", ["--shared-cfg.num-cameras", n]), check=False)
+        _error(p, f"--shared-cfg.num-cameras {n}", "has 2 camera(s)", "--shared-cfg.num-cameras 2")
+    assert not (tmp_path / "runs").exists() and _tree(assets.dataset_json.parent) == data
+
+
+def test_resume_with_nothing_left_to_train_is_refused(assets, run_dir, tmp_path):
+    ck = run_dir / "checkpoint-0.pth"; before = _tree(run_dir)  # the run ended at epoch 0 of 1
+    p = run(scale_down(recipe_flags("train"), assets, tmp_path, FAST + ["--shared-cfg.resume", str(ck)]), check=False)
+    _error(p, "--shared-cfg.resume", "ends at epoch 0", "nothing to train", "--trainer-cfg.epochs 2")
+    assert _tree(run_dir) == before and not (tmp_path / "log_name").exists()
+
+
+def test_read_only_output_folder_is_one_line(assets, run_dir, tmp_path, capsys, monkeypatch, one_thread):
+    "A new run in a read-only folder, and a resume into a read-only run folder."
+    ro = tmp_path / "ro"; shutil.copytree(run_dir, ro / "old")
+    before = _tree(ro)
+    if os.geteuid() == 0:  # root may write anywhere: make the folder read-only for the trainer's check
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, *a, **k: False if str(p).startswith(str(ro)) else real(p, mode, *a, **k))
+    for p in (ro / "old", ro): p.chmod(0o555)
+    try:
+        base = lambda *extra: scale_down(recipe_flags("train"), assets, ro, FAST + list(extra))
+        assert "cannot write to" in _main_error(base("--logging-cfg.log-name", "new"), capsys)
+        line = _main_error(base("--logging-cfg.log-name", "old", "--trainer-cfg.epochs", "2",
+                                "--shared-cfg.resume", str(ro / "old" / "checkpoint-0.pth")), capsys)
+        assert "cannot write to" in line and str(ro / "old") in line, line
+    finally:
+        for p in (ro, ro / "old"): p.chmod(0o755)
+    assert _tree(ro) == before
+
+
+def test_disk_full_while_saving_stops_cleanly(assets, tmp_path, capsys, monkeypatch, one_thread):
+    "The second checkpoint's write fails: one line, the first checkpoint untouched, no temporary file left."
+    save, seen = torch.save, {}
+    def full_after_first(obj, f, *a, **k):
+        if "first" in seen:
+            seen["bytes"] = (tmp_path / "log_name" / "checkpoint-0.pth").read_bytes()
+            raise OSError(28, "No space left on device")
+        seen["first"] = True; return save(obj, f, *a, **k)
+    monkeypatch.setattr(torch, "save", full_after_first)
+    line = _main_error(scale_down(recipe_flags("train"), assets, tmp_path, FAST + ["--trainer-cfg.epochs", "2",
+                                                                                   "--shared-cfg.save-every", "1"]), capsys)
+    assert "No space left on device" in line and "checkpoint-1.pth" in line, line
+    out = tmp_path / "log_name"
+    assert (out / "checkpoint-0.pth").read_bytes() == seen["bytes"]
+    assert not (out / "checkpoint-1.pth").exists() and not list(out.glob(".checkpoint-*"))
+
+
+def test_stale_temporaries_are_removed_at_start(assets, run_dir, tmp_path, one_thread):
+    "What a SIGKILL during a checkpoint write leaves is cleaned when the run is continued."
+    from icrt.train import train
+    old = tmp_path / "old"; shutil.copytree(run_dir, old)
+    (old / ".checkpoint-1.pth.tmp4242").write_bytes(b"")
+    before = (old / "checkpoint-0.pth").read_bytes()
+    train(parse_args(scale_down(recipe_flags("train"), assets, tmp_path, FAST + [
+        "--logging-cfg.log-name", "old", "--trainer-cfg.epochs", "2", "--shared-cfg.resume", str(old / "checkpoint-0.pth"),
+        "--no-train"])))
+    assert not (old / ".checkpoint-1.pth.tmp4242").exists() and (old / "checkpoint-0.pth").read_bytes() == before

@@ -22,7 +22,6 @@ from ..checkpoint import resolve_device
 from ..config import (ConfigError, DatasetConfig, ExperimentConfig, ICRTError, ModelConfig, PolicyConfig, SharedConfig,
                          TrainerConfig, VisionEncoderConfig, validate_config)
 from ..data.dataset import DistributedSubEpochSampler, SequenceDataset, preprocess_batch
-from ..data.format import DatasetError
 from ..data.synthetic import make_synthetic_dataset
 from ..models.vision import build_vision_encoder
 from ..train import _autocast, _to_device, base_lr, build_model, build_optimizer
@@ -167,7 +166,7 @@ def bench_train_cli(argv:Optional[list]=None)->int:
     if a.steps < 1: p.error("--steps must be >= 1")
     logging.basicConfig(level=logging.WARNING)
     try: rows = _bench_modes(a)
-    except (ICRTError, DatasetError) as e:
+    except ICRTError as e:
         sys.stderr.write(f"icrt_bench_train: error: {e}\n"); return 1
     print(f"device: {rows[0]['gpu'] or rows[0]['device']}; config {a.config}; batch {rows[0]['batch_size']} x seq {rows[0]['seq_length']}")
     print(format_rows(rows))
