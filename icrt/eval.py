@@ -58,6 +58,7 @@ def _f(x)->Optional[float]:
     "A plain float, or None for NaN/inf (valid JSON)."
     x = float(x); return x if math.isfinite(x) else None
 
+# %% ../nbs/18_eval.ipynb #c013
 def summarize(errs:dict)->dict:
     "Mean/median translation and rotation error and gripper accuracy of `action_errors` output (any shape)."
     t, r, g = (np.asarray(errs[k]).reshape(-1) for k in ("trans_mm", "rot_deg", "grip_ok"))
@@ -65,17 +66,17 @@ def summarize(errs:dict)->dict:
     return {"steps": int(len(t)), "trans_mm": _f(t.mean()), "trans_mm_median": _f(np.median(t)), "rot_deg": _f(r.mean()),
             "rot_deg_median": _f(np.median(r)), "gripper_acc": _f(g.mean())}
 
-# %% ../nbs/18_eval.ipynb #c013
+# %% ../nbs/18_eval.ipynb #c015
 def concat_errors(errs:list)->dict:
     "Join per-episode `action_errors` dicts step-wise."
     return {k: np.concatenate([np.asarray(e[k]).reshape(-1) for e in errs]) if errs else np.zeros(0) for k in ("trans_mm", "rot_deg", "grip_ok")}
 
-# %% ../nbs/18_eval.ipynb #c016
+# %% ../nbs/18_eval.ipynb #c018
 def task_episodes(spec)->list:
     "Episodes of 30-450 steps that belong to a task (only those can be prompted, as in training)."
     return [e for e in select_episodes(spec) if spec.episode_task.get(e) is not None]
 
-# %% ../nbs/18_eval.ipynb #c017
+# %% ../nbs/18_eval.ipynb #c019
 def _split_file(run_dir:Path, name:str)->Optional[list]:
     "The episode list of a run's `<name>_split.json` (None when missing or not a list)."
     p = run_dir/f"{name}_split.json"
@@ -83,7 +84,7 @@ def _split_file(run_dir:Path, name:str)->Optional[list]:
     except (OSError, json.JSONDecodeError): return None
     return v if isinstance(v, list) else None
 
-# %% ../nbs/18_eval.ipynb #c019
+# %% ../nbs/18_eval.ipynb #c021
 def _round_robin(names:list, task_of:dict)->list:
     "Interleave the episodes of each task: t1e1 t2e1 t3e1 t1e2 ..."
     by = {}
@@ -92,7 +93,7 @@ def _round_robin(names:list, task_of:dict)->list:
     while any(queues): out += [q.pop(0) for q in queues if q]
     return out
 
-# %% ../nbs/18_eval.ipynb #c021
+# %% ../nbs/18_eval.ipynb #c023
 def heldout_episodes(
     run_dir:Path,           # the run folder (its train/val split files)
     spec,                   # DatasetSpec of the evaluated dataset
@@ -117,7 +118,7 @@ def heldout_episodes(
     names = _round_robin(names, spec.episode_task)
     return names[:n] if n is not None else names
 
-# %% ../nbs/18_eval.ipynb #c023
+# %% ../nbs/18_eval.ipynb #c025
 def choose_prompts(
     spec,                        # DatasetSpec
     episode:str,                 # the episode being evaluated
@@ -141,7 +142,7 @@ def choose_prompts(
     if not cands: return t, []
     return t, [cands[i] for i in rng.choice(len(cands), size=min(k, len(cands)), replace=False)]
 
-# %% ../nbs/18_eval.ipynb #c027
+# %% ../nbs/18_eval.ipynb #c029
 def teacher_forced(
     policy:ICRTPolicy,
     x:dict,         # episode_inputs of the evaluated episode
@@ -156,7 +157,7 @@ def teacher_forced(
         chunks.append(policy.last_chunk.copy())
     return np.stack(firsts), np.stack(chunks)
 
-# %% ../nbs/18_eval.ipynb #c031
+# %% ../nbs/18_eval.ipynb #c033
 def open_loop(
     policy:ICRTPolicy,
     x:dict,         # episode_inputs of the evaluated episode
@@ -168,7 +169,7 @@ def open_loop(
     policy.reset()
     return np.stack(out)
 
-# %% ../nbs/18_eval.ipynb #c035
+# %% ../nbs/18_eval.ipynb #c037
 def closed_loop(
     policy:ICRTPolicy,
     sim,                   # a simulator of the step protocol (`icrt.sim.core`), e.g. `SyntheticSim`
@@ -181,7 +182,7 @@ def closed_loop(
     policy.reset()
     return r["actions"], r["success"]
 
-# %% ../nbs/18_eval.ipynb #c039
+# %% ../nbs/18_eval.ipynb #c041
 DIM_NAMES = ["x (m)", "y (m)", "z (m)", "roll (rad)", "pitch (rad)", "yaw (rad)", "gripper"]
 
 def _unwrap(a7:np.ndarray)->np.ndarray:
@@ -217,7 +218,7 @@ def trajectory_figure(
     fig.suptitle(title, fontsize=10)
     return fig
 
-# %% ../nbs/18_eval.ipynb #c042
+# %% ../nbs/18_eval.ipynb #c044
 def chunk_error_figure(
     offsets:dict,   # {label: {"trans_mm": [K], "rot_deg": [K]}}
 )->Figure:
@@ -232,14 +233,14 @@ def chunk_error_figure(
     ax1.legend(fontsize=8)
     return fig
 
-# %% ../nbs/18_eval.ipynb #c045
+# %% ../nbs/18_eval.ipynb #c047
 def _chunk_offsets(chunks:np.ndarray, true10:np.ndarray)->dict:
     "Errors per chunk offset: chunk t, entry k against the recorded action of step t+k (last step repeated)."
     e = action_errors(chunks, chunk_actions(true10, chunks.shape[1]))     # each (T, K)
     return {"trans_mm": [_f(v) for v in e["trans_mm"].mean(0)], "rot_deg": [_f(v) for v in e["rot_deg"].mean(0)],
             "gripper_acc": [_f(v) for v in e["grip_ok"].mean(0)]}, e
 
-# %% ../nbs/18_eval.ipynb #c047
+# %% ../nbs/18_eval.ipynb #c049
 def _open_loop_offsets(errs:dict, K:int)->dict:
     "Errors of open-loop steps grouped by their offset inside the executed chunk (t mod K)."
     T = len(errs["trans_mm"]); off = np.arange(T) % K
@@ -247,7 +248,7 @@ def _open_loop_offsets(errs:dict, K:int)->dict:
     return {"trans_mm": [m(errs["trans_mm"], k) for k in range(K)], "rot_deg": [m(errs["rot_deg"], k) for k in range(K)],
             "gripper_acc": [m(errs["grip_ok"].astype(float), k) for k in range(K)]}
 
-# %% ../nbs/18_eval.ipynb #c049
+# %% ../nbs/18_eval.ipynb #c051
 class _Inputs:
     "Model inputs of episodes, converted once and kept for the few most recent ones."
     def __init__(self, policy:ICRTPolicy, spec, size:int=8): self.policy, self.spec, self.size, self.d = policy, spec, size, {}
@@ -257,7 +258,7 @@ class _Inputs:
             self.d[name] = self.policy.inputs(load_episode(self.spec, name))
         return self.d[name]
 
-# %% ../nbs/18_eval.ipynb #c051
+# %% ../nbs/18_eval.ipynb #c053
 def evaluate_episode(
     policy:ICRTPolicy, spec, name:str, rng:np.random.Generator, num_prompts:int=1, inputs=None, pool=None,
     world:Optional[dict]=None,   # `load_world` of a synthetic dataset: also run closed loop from the episode's start
@@ -292,7 +293,7 @@ def evaluate_episode(
             rec[key] = {**summarize(e), "success": ok}; rec["_arrays"][key] = acts
     return rec
 
-# %% ../nbs/18_eval.ipynb #c053
+# %% ../nbs/18_eval.ipynb #c055
 def _check_keys(spec, keys:dict, dataset_json):
     "The evaluated dataset must use the run's camera, proprio and action keys."
     for k in ("image_keys", "proprio_keys", "action_keys"):
@@ -300,7 +301,7 @@ def _check_keys(spec, keys:dict, dataset_json):
             raise EvalError(f"{dataset_json}: {k} {list(getattr(spec, k))} differ from the run's {list(keys[k])}; "
                             "evaluate on data recorded with the same cameras and keys")
 
-# %% ../nbs/18_eval.ipynb #c055
+# %% ../nbs/18_eval.ipynb #c057
 def _ratio(a, b)->Optional[float]:
     if a is None or b is None: return None
     if b == 0: return None if a == 0 else float("inf")
@@ -313,7 +314,7 @@ def _gap(same:dict, wrong:dict)->dict:
          "gripper_err": _ratio(err(wrong), err(same))}
     return {k: (_f(v) if v is not None and math.isfinite(v) else (None if v is None else "inf")) for k, v in r.items()}
 
-# %% ../nbs/18_eval.ipynb #c057
+# %% ../nbs/18_eval.ipynb #c059
 def _mean_lists(lists:list, weights:list)->list:
     "Step-weighted mean of per-episode offset lists."
     out = []
@@ -326,7 +327,7 @@ def _offsets(recs:list, key:str)->dict:
     w = [r["length"] for r in recs]
     return {m: _mean_lists([r[key][m] for r in recs], w) for m in ("trans_mm", "rot_deg", "gripper_acc")}
 
-# %% ../nbs/18_eval.ipynb #c059
+# %% ../nbs/18_eval.ipynb #c061
 def _out_folder(out:Path)->Path:
     "Create out/figures; a one-line EvalError when the folder cannot be made or written."
     try: (out/"figures").mkdir(parents=True, exist_ok=True)
@@ -335,7 +336,7 @@ def _out_folder(out:Path)->Path:
         if not os.access(d, os.W_OK): raise EvalError(f"--out: '{d}' is not writable; give a writable folder")
     return out
 
-# %% ../nbs/18_eval.ipynb #c061
+# %% ../nbs/18_eval.ipynb #c063
 def evaluate_run(
     run_dir:Union[str, Path],                   # output_dir/log_name of a training run
     dataset_json:Union[str, Path, None]=None,   # dataset config to evaluate on (default: the run's)
@@ -371,7 +372,7 @@ def evaluate_run(
                 num_prompts=num_prompts, seed=seed, device=str(policy.device))
     return _evaluate(policy, spec, names, out, meta, warnings, seed, num_prompts, max_figures, world)
 
-# %% ../nbs/18_eval.ipynb #c062
+# %% ../nbs/18_eval.ipynb #c064
 _DEFS = {
     "teacher_forced": "context = recorded observations and recorded executed actions; first action of the chunk predicted "
                       "at every step vs the recorded action of that step",
@@ -408,7 +409,7 @@ def _evaluate(policy, spec, names, out, meta, warnings, seed, num_prompts, max_f
     (out/"report.md").write_text(report_markdown(rep))
     return rep
 
-# %% ../nbs/18_eval.ipynb #c063
+# %% ../nbs/18_eval.ipynb #c065
 def _write_figures(recs, out:Path, max_figures:int, K:int)->dict:
     "Trajectory figures of the first episodes and the chunk-offset figure; {name: path}."
     figs = {}
@@ -423,13 +424,13 @@ def _write_figures(recs, out:Path, max_figures:int, K:int)->dict:
     figs["chunk_errors"] = str(p)
     return figs
 
-# %% ../nbs/18_eval.ipynb #c064
+# %% ../nbs/18_eval.ipynb #c066
 def _compare(recs:list, same:str, wrong:str)->dict:
     "Errors pooled over `recs` with a same-task prompt (`_errors[same]`) and a wrong one (`_errors[wrong]`), and their ratios."
     s, w = (summarize(concat_errors([r["_errors"][k] for r in recs])) for k in (same, wrong))
     return {"same": s, "wrong": w, "ratio": _gap(s, w)}
 
-# %% ../nbs/18_eval.ipynb #c065
+# %% ../nbs/18_eval.ipynb #c067
 def _report(recs, meta, warnings, figs, seconds, K)->dict:
     "The JSON report: settings, overall and per-episode numbers, figure paths."
     errs = lambda k: concat_errors([r["_errors"][k] for r in recs if k in r["_errors"]])
@@ -454,7 +455,7 @@ def _report(recs, meta, warnings, figs, seconds, K)->dict:
     if not gap_recs: rep["warnings"] = warnings + ["in-context gap not measured: the dataset has a single task"]
     return rep
 
-# %% ../nbs/18_eval.ipynb #c067
+# %% ../nbs/18_eval.ipynb #c069
 def _fmt(v, nd=1)->str: return "–" if v is None else (v if isinstance(v, str) else f"{v:.{nd}f}")
 
 def report_markdown(rep:dict)->str:
@@ -488,7 +489,7 @@ def report_markdown(rep:dict)->str:
     if rep["warnings"]: L += ["", "Warnings:"] + [f"- {w}" for w in rep["warnings"]]
     return "\n".join(L) + "\n"
 
-# %% ../nbs/18_eval.ipynb #c076
+# %% ../nbs/18_eval.ipynb #c078
 def eval_cli(argv:Optional[list]=None):
     "Entry point of `icrt_eval`."
     ap = argparse.ArgumentParser(prog="icrt_eval", description="Offline evaluation of a trained ICRT run on held-out episodes.")
@@ -514,7 +515,7 @@ def eval_cli(argv:Optional[list]=None):
 
 if __name__ == "__main__" and "__file__" in globals(): eval_cli()  # `python -m icrt.eval` (not when this notebook runs)
 
-# %% ../nbs/18_eval.ipynb #c079
+# %% ../nbs/18_eval.ipynb #c081
 class EpisodeBrowser:
     "An ipywidgets viewer of one episode: camera frames, a step slider, actions and predictions with a cursor."
     def __init__(self,
@@ -547,7 +548,7 @@ class EpisodeBrowser:
         from IPython.display import display
         display(self.widget)
 
-# %% ../nbs/18_eval.ipynb #c081
+# %% ../nbs/18_eval.ipynb #c083
 @patch
 def show(self:EpisodeBrowser, t:int):
     "Display step `t`."

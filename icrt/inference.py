@@ -115,6 +115,7 @@ def _finite(a:np.ndarray, key:str, where:str):
         at = f" at step(s) {np.unique(np.nonzero(bad)[0])[:5].tolist()}" if a.ndim > 1 else ""
         raise InferenceError(f"{where}: '{key}' holds NaN/inf{at}; nothing was added to the context — give finite values")
 
+# %% ../nbs/14_inference.ipynb #c025
 _WIDTHS = {"pose": ((6, 7), "a pose must be xyz + Euler XYZ (6 numbers) or xyz + quaternion wxyz (7)"),
            "gripper": ((1,), "a gripper must be 1 number"), "vector": ((10,), "must be 10 numbers (xyz, rot6d, gripper)")}
 
@@ -134,7 +135,7 @@ def _numbers(
     _finite(a, key, where)
     return a
 
-# %% ../nbs/14_inference.ipynb #c026
+# %% ../nbs/14_inference.ipynb #c028
 def _as_frames(x, key:str)->np.ndarray:  # -> (T, H, W, 3) uint8
     "Frames of one camera as a uint8 array: an array, or a list of arrays / PIL images."
     if isinstance(x, torch.Tensor): x = x.cpu().numpy()
@@ -147,7 +148,7 @@ def _as_frames(x, key:str)->np.ndarray:  # -> (T, H, W, 3) uint8
     if x.shape[1] == 0 or x.shape[2] == 0: raise InferenceError(f"camera '{key}': empty frame of shape {tuple(x.shape[1:])}")
     return x
 
-# %% ../nbs/14_inference.ipynb #c029
+# %% ../nbs/14_inference.ipynb #c031
 def preprocess_images(
     frames:list,        # per camera: uint8 (T, H, W, 3)
     data_config:dict,   # the vision encoder's timm data config
@@ -162,7 +163,7 @@ def preprocess_images(
         out.append(preprocess_frames(torch.from_numpy(np.require(f, requirements=["C", "W"])), box, color, dc))
     return torch.stack(out, 1)
 
-# %% ../nbs/14_inference.ipynb #c034
+# %% ../nbs/14_inference.ipynb #c036
 def model_actions(
     actions:np.ndarray,   # (..., 10) absolute xyz, rot6d, gripper
     proprio:np.ndarray,   # (..., 10) the proprio of the same steps
@@ -173,7 +174,7 @@ def model_actions(
     if use_delta: actions = np.concatenate([absolute_to_delta(proprio[..., :9], actions[..., :9]), actions[..., 9:]], -1)
     return actions.astype(np.float32)
 
-# %% ../nbs/14_inference.ipynb #c037
+# %% ../nbs/14_inference.ipynb #c039
 def _episode_arrays(episode:dict, keys:dict, where:str)->tuple:  # ([(T, H, W, 3)] per camera, (T, 10), (T, 10)) float64
     "Frames, proprio and absolute actions of a load_episode-style or raw episode, checked."
     if "frames" in episode:
@@ -205,7 +206,7 @@ def episode_inputs(
     return {"observation": preprocess_images(frames, data_config), "proprio": torch.from_numpy(prop.astype(np.float32)),
             "action": torch.from_numpy(model_actions(act, prop, use_delta)), "abs_action": torch.from_numpy(act.astype(np.float32))}
 
-# %% ../nbs/14_inference.ipynb #c041
+# %% ../nbs/14_inference.ipynb #c043
 class ICRTPolicy:
     "A trained ICRT as a robot policy: raw demonstrations in, absolute xyz + Euler XYZ + gripper actions out."
     def __init__(self,
@@ -243,7 +244,7 @@ class ICRTPolicy:
         self.model.reset(action_exec_horizon=action_exec_horizon, temporal_ensemble=temporal_ensemble, max_len=max_len)
         self._prev_proprio, self.step_times, self.t = None, [], 0
 
-# %% ../nbs/14_inference.ipynb #c043
+# %% ../nbs/14_inference.ipynb #c045
 @patch(cls_method=True)
 def from_run(cls:ICRTPolicy,
               run_dir:Union[str, Path, RunFiles],     # output_dir/log_name of a training run (or its find_run)
@@ -264,7 +265,7 @@ def from_run(cls:ICRTPolicy,
     except ValueError as e: raise InferenceError(f"checkpoint: '{ck_path}' does not fit the model of {run_dir/'run.yaml'}: {e}") from None
     return cls(model.to(dev), cfg, keys, ck_path, **reset_kw)
 
-# %% ../nbs/14_inference.ipynb #c048
+# %% ../nbs/14_inference.ipynb #c050
 @patch
 def inputs(self:ICRTPolicy,
            episode:dict,          # raw, load_episode-style, or already converted (episode_inputs output)
@@ -276,7 +277,7 @@ def inputs(self:ICRTPolicy,
         return episode
     return episode_inputs(episode, self.keys, self.data_config, self.use_delta, self.skip, where)
 
-# %% ../nbs/14_inference.ipynb #c051
+# %% ../nbs/14_inference.ipynb #c053
 @patch
 def prompt(self:ICRTPolicy, episodes:list):
     "Put demonstrations (raw or load_episode dicts) into the context, in order."
@@ -284,7 +285,7 @@ def prompt(self:ICRTPolicy, episodes:list):
     if self.t: raise InferenceError("prompt: the episode has started; call reset() first")
     self.model.prompt([self.inputs(e, f"prompt episode {i}") for i, e in enumerate(episodes)])
 
-# %% ../nbs/14_inference.ipynb #c054
+# %% ../nbs/14_inference.ipynb #c056
 @patch
 def step(self:ICRTPolicy,
           observation:torch.Tensor,          # (N, 3, S, S) normalised images
@@ -305,7 +306,7 @@ def step(self:ICRTPolicy,
     self.step_times.append(time.perf_counter() - t0)
     return a
 
-# %% ../nbs/14_inference.ipynb #c057
+# %% ../nbs/14_inference.ipynb #c059
 @patch
 def observation_inputs(self:ICRTPolicy,
                        observation:dict,   # {camera key: uint8 (H, W, 3), pose key: (6,)|(7,), gripper key: (1,)}
@@ -319,7 +320,7 @@ def observation_inputs(self:ICRTPolicy,
     frames = [_as_frames(observation[k], k)[:1] for k in self.image_keys]
     return preprocess_images(frames, self.data_config)[0], pose_vector(pose, grip)
 
-# %% ../nbs/14_inference.ipynb #c060
+# %% ../nbs/14_inference.ipynb #c062
 @patch
 def act(self:ICRTPolicy,
          observation:dict,                   # {camera key: uint8 (H, W, 3), pose key: (6,)|(7,), gripper key: (1,)}
@@ -337,7 +338,7 @@ def act(self:ICRTPolicy,
         ex = pose_vector(_numbers(e[:-1], "executed_action", where, "pose"), _numbers(e[-1:], "executed_action", where, "gripper"))
     return self.step(obs.to(self.device), prop, ex)
 
-# %% ../nbs/14_inference.ipynb #c063
+# %% ../nbs/14_inference.ipynb #c065
 @patch(as_prop=True)
 def control_rate(self:ICRTPolicy)->float:
     "Control steps per second, measured over the `step`/`act` calls since the last reset."

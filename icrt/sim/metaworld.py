@@ -283,12 +283,13 @@ def _worker_init():
     "Pool initializer: one llvmpipe render thread per worker (the workers already use the cores)."
     os.environ.setdefault("LP_NUM_THREADS", "1")
 
+# %% ../../nbs/17_sim.metaworld.ipynb #c048
 def _job_results(jobs:list, pool):
     "Run generation jobs inline (num_procs == 1) or on the pool, yielding results as they finish."
     if pool is None: return map(_gen_job, jobs)
     return pool.imap_unordered(_gen_job, jobs)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c049
+# %% ../../nbs/17_sim.metaworld.ipynb #c051
 def _record_episodes(
     writers:dict,          # {task: open EpisodeWriter}
     pool,                  # a process pool, or None to run inline
@@ -315,7 +316,7 @@ def _record_episodes(
                                   rand_vec=res["rand_vec"].tolist(), success_step=res["success_step"], length=res["length"])
                 bar.update(1)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c051
+# %% ../../nbs/17_sim.metaworld.ipynb #c053
 def generate_metaworld_dataset(
     out_dir,                     # output folder (created)
     suite:str="mt",              # "mt", "goal" or "goal-push" (see SUITES); ignored when `tasks` is given
@@ -354,7 +355,7 @@ def generate_metaworld_dataset(
                     seed=seed, extra_steps=extra_steps, min_len=min_len)
     return _write_outputs(out_dir, files, done, meta, frames, t0, settings, train_split)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c053
+# %% ../../nbs/17_sim.metaworld.ipynb #c055
 def _write_outputs(out_dir:Path, files:dict, done:dict, meta:dict, frames:int, t0:float, settings:dict,
                    train_split:float)->Path:
     "Write the dataset config and metaworld_meta.json of the recorded episodes; return the config."
@@ -370,7 +371,7 @@ def _write_outputs(out_dir:Path, files:dict, done:dict, meta:dict, frames:int, t
     logger.info(f"{len(epi_len)} episodes, {frames} frames in {secs:.1f} s ({frames / secs:.0f} frames/s)")
     return cfg
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c057
+# %% ../../nbs/17_sim.metaworld.ipynb #c059
 def load_raw_episode(
     spec,           # DatasetSpec (load_dataset_config) or a dataset config path
     episode:str,    # episode name
@@ -385,7 +386,7 @@ def load_raw_episode(
         ep.update({k: read_lowdim(g, k, 0, T) for k in spec.proprio_keys + spec.action_keys})
     return ep
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c059
+# %% ../../nbs/17_sim.metaworld.ipynb #c061
 def replay_dataset(
     config,                # dataset config written by generate_metaworld_dataset
     episodes:list=None,    # episode names; default all
@@ -407,7 +408,7 @@ def replay_dataset(
     for s in sims.values(): s.close()
     return out
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c062
+# %% ../../nbs/17_sim.metaworld.ipynb #c064
 def wilson_interval(
     successes:int,   # number of successes
     n:int,           # number of trials
@@ -419,14 +420,14 @@ def wilson_interval(
     centre, half = p + z2 / (2 * n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
     return (max(0.0, (centre - half) / (1 + z2 / n)), min(1.0, (centre + half) / (1 + z2 / n)))
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c065
+# %% ../../nbs/17_sim.metaworld.ipynb #c067
 def _rate(rs:list)->dict:
     s, n = sum(r["success"] for r in rs), len(rs)
     return dict(successes=s, n=n, rate=s / n if n else float("nan"), ci95=wilson_interval(s, n),
                 mean_length=float(np.mean([r["length"] for r in rs])) if n else float("nan"),
                 success=[r["success"] for r in rs], length=[r["length"] for r in rs])
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c067
+# %% ../../nbs/17_sim.metaworld.ipynb #c069
 def save_gif(
     episode:dict,      # rollout episode dict (frames per image key)
     path,              # output .gif
@@ -440,7 +441,7 @@ def save_gif(
     ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
     return Path(path)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c069
+# %% ../../nbs/17_sim.metaworld.ipynb #c071
 def _cell(r:dict)->str:
     if r is None: return "–"
     lo, hi = r["ci95"]
@@ -458,7 +459,7 @@ def results_table(
                     f"| {r['policy']['mean_length']:.0f} |")
     return "\n".join(rows)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c071
+# %% ../../nbs/17_sim.metaworld.ipynb #c073
 class _Prompts:
     "Fresh expert demonstrations per (task, seed), from initial states (PROMPT_STREAM, seed, j), recorded once."
     def __init__(self, sims:dict, k:int, extra_steps:int, min_len:int):
@@ -474,7 +475,7 @@ class _Prompts:
             self.demos[(t, seed)] = got
         return self.demos[(t, seed)]
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c073
+# %% ../../nbs/17_sim.metaworld.ipynb #c075
 def _score_task(sim:MetaWorldSim, policy, t:str, other:Optional[str], seeds:list, prompts:_Prompts, max_steps,
                 expert:bool, out_dir:Optional[Path], num_gifs:int, bar)->tuple:  # ({condition: [rollout]}, [gif paths])
     "Closed-loop rollouts of one task: same-task prompt, scripted expert, wrong-task prompt (`other`)."
@@ -496,7 +497,7 @@ def _score_task(sim:MetaWorldSim, policy, t:str, other:Optional[str], seeds:list
         bar.update(1)
     return runs, gifs
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c075
+# %% ../../nbs/17_sim.metaworld.ipynb #c077
 def evaluate_closed_loop(
     policy_factory,            # callable(sim: MetaWorldSim) -> policy with reset(), prompt(demos), act(obs) -> (7,)
     tasks:list,                # task names
@@ -533,7 +534,7 @@ def evaluate_closed_loop(
     for s in sims.values(): s.close()
     return _write_results(results, gifs, k_prompt, seeds, out_dir)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c076
+# %% ../../nbs/17_sim.metaworld.ipynb #c078
 def _write_results(results:dict, gifs:list, k_prompt:int, seeds:list, out_dir:Optional[Path])->dict:
     "The evaluator's result dict, also written as results.json and results.md when `out_dir` is given."
     table = results_table(results, k_prompt)
@@ -543,7 +544,7 @@ def _write_results(results:dict, gifs:list, k_prompt:int, seeds:list, out_dir:Op
         (out_dir / "results.md").write_text(table + "\n")
     return out
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c082
+# %% ../../nbs/17_sim.metaworld.ipynb #c084
 def gen_cli(argv:list=None):
     "Console script `icrt_metaworld_gen`: record Meta-World expert demonstrations as an ICRT dataset."
     p = argparse.ArgumentParser(prog="icrt_metaworld_gen", description="Record Meta-World scripted-expert episodes "
