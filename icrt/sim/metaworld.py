@@ -34,6 +34,13 @@ from ..data.format import (DEFAULT_ACTION_KEYS, DEFAULT_IMAGE_KEYS, DEFAULT_PROP
                               load_dataset_config, read_frames, read_lowdim, write_dataset_files)
 from .core import ExpertPolicy, ReplayPolicy, SimError, rollout
 
+def _load_triton_before_osmesa():
+    "Import triton before MuJoCo's OSMesa context can load Mesa's LLVM into the global symbol scope (see above)."
+    import importlib.util
+    if os.environ.get("MUJOCO_GL") == "osmesa" and importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
+
+_load_triton_before_osmesa()
 try:
     import mujoco
     import metaworld
