@@ -12,6 +12,15 @@ __all__ = ['logger', 'MT_TASKS', 'GOAL_REGIONS', 'GOAL_HALFWIDTH', 'SUITES', 'FI
 import os
 os.environ.setdefault("MUJOCO_GL", "osmesa")  # software rendering on the CPU; must precede `import mujoco`
 
+def _load_triton_before_osmesa():
+    "Import triton before MuJoCo's OSMesa context can load Mesa's LLVM into the global symbol scope (see above)."
+    import importlib.util
+    if os.environ.get("MUJOCO_GL") == "osmesa" and importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
+
+_load_triton_before_osmesa()
+
+# %% ../../nbs/17_sim.metaworld.ipynb #c004
 import argparse
 import json
 import logging
@@ -34,13 +43,6 @@ from ..data.format import (DEFAULT_ACTION_KEYS, DEFAULT_IMAGE_KEYS, DEFAULT_PROP
                               load_dataset_config, read_frames, read_lowdim, write_dataset_files)
 from .core import ExpertPolicy, ReplayPolicy, SimError, rollout
 
-def _load_triton_before_osmesa():
-    "Import triton before MuJoCo's OSMesa context can load Mesa's LLVM into the global symbol scope (see above)."
-    import importlib.util
-    if os.environ.get("MUJOCO_GL") == "osmesa" and importlib.util.find_spec("triton") is not None:
-        import triton  # noqa: F401
-
-_load_triton_before_osmesa()
 try:
     import mujoco
     import metaworld
@@ -51,7 +53,7 @@ try:
 except ImportError as e:  # the module stays importable; every entry point says what to install
     _IMPORT_ERROR = e
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c005
+# %% ../../nbs/17_sim.metaworld.ipynb #c006
 logger = logging.getLogger(__name__)
 
 def _require():
@@ -61,7 +63,7 @@ def _require():
                           "`pip install metaworld` (or `pip install icrt[sim]`) and, for CPU rendering, "
                           "`apt-get install libosmesa6` with MUJOCO_GL=osmesa")
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c007
+# %% ../../nbs/17_sim.metaworld.ipynb #c008
 @dataclass(frozen=True)
 class SimTask:
     "One task: a Meta-World environment, optionally restricted to a hidden goal region."
@@ -71,7 +73,7 @@ class SimTask:
     goal_halfwidth:float=0.02       # half side of the goal box (m)
     hide_goal:bool=False            # make the "goal" site invisible to every camera
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c009
+# %% ../../nbs/17_sim.metaworld.ipynb #c010
 MT_TASKS = ["reach-v3", "push-v3", "pick-place-v3", "drawer-open-v3", "button-press-topdown-v3", "window-open-v3"]
 
 GOAL_REGIONS = {  # base env -> centres of its hidden goal regions (inside the env's goal_space)
@@ -101,7 +103,7 @@ def get_task(
     raise SimError(f"unknown task {name!r}: use a Meta-World v3 env name (e.g. 'reach-v3') or one of "
                      f"{SUITES['goal'] + SUITES['goal-push']}")
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c012
+# %% ../../nbs/17_sim.metaworld.ipynb #c013
 FIXED_EULER = np.zeros(3)  # stored orientation (Meta-World's hand orientation is fixed)
 
 def mw_action_to_target(
@@ -114,7 +116,7 @@ def mw_action_to_target(
     return np.concatenate([np.asarray(hand_pos, dtype=np.float64) + a[:3] * action_scale, FIXED_EULER,
                            [(a[3] + 1.0) / 2.0]])
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c015
+# %% ../../nbs/17_sim.metaworld.ipynb #c016
 def target_to_mw_action(
     target:np.ndarray,     # (7,) absolute xyz + Euler XYZ (ignored) + gripper 0..1
     hand_pos:np.ndarray,   # (3,) current hand position
@@ -126,7 +128,7 @@ def target_to_mw_action(
     xyz = (target[:3] - np.asarray(hand_pos, dtype=np.float64)) / action_scale
     return np.clip(np.concatenate([xyz, [2.0 * target[6] - 1.0]]), -1.0, 1.0).astype(np.float32)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c019
+# %% ../../nbs/17_sim.metaworld.ipynb #c020
 DEFAULT_CAMERAS = {"observation/exterior_image_1_left": "corner2", "observation/wrist_image_left": "gripperPOV"}
 
 class MetaWorldSim:
@@ -162,7 +164,7 @@ class MetaWorldSim:
     def action_scale(self)->float: return float(self.env.action_scale)
     def __del__(self): self.close()
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c020
+# %% ../../nbs/17_sim.metaworld.ipynb #c021
 @patch
 def close(self:MetaWorldSim):
     "Free the renderer and the environment (idempotent)."
@@ -173,7 +175,7 @@ def close(self:MetaWorldSim):
         r.close(); self.renderer = None
     if getattr(self, "env", None) is not None: self.env.close(); self.env = None
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c023
+# %% ../../nbs/17_sim.metaworld.ipynb #c024
 TRAIN_STREAM, EVAL_STREAM, PROMPT_STREAM = 0, 1, 2  # first element of an initial-state key
 
 def _rng(key)->np.random.Generator: return np.random.default_rng(np.random.SeedSequence([int(k) for k in key]))
@@ -199,7 +201,7 @@ def sample_initial_state(self:MetaWorldSim,
         else: raise RuntimeError(f"{self.task.name}: no object position {margin:.2f} m from goal region {c}")
     return rv
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c025
+# %% ../../nbs/17_sim.metaworld.ipynb #c026
 @patch
 def observe(self:MetaWorldSim)->dict:
     "Current frames {image key: (H, W, 3) uint8} + observation/cartesian_position (6,) + observation/gripper_position (1,)."
@@ -211,7 +213,7 @@ def observe(self:MetaWorldSim)->dict:
     obs[DEFAULT_PROPRIO_KEYS[1]] = np.array([1.0 - self.mw_obs[3]])
     return obs
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c027
+# %% ../../nbs/17_sim.metaworld.ipynb #c028
 @patch
 def reset(self:MetaWorldSim,
     init:Optional[np.ndarray]=None,   # initial state (`rand_vec`) from `sample_initial_state`
@@ -225,7 +227,7 @@ def reset(self:MetaWorldSim,
     self.rand_vec = np.asarray(init, dtype=np.float64)
     return self.observe()
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c029
+# %% ../../nbs/17_sim.metaworld.ipynb #c030
 @patch
 def step(self:MetaWorldSim,
     target:np.ndarray,     # (7,) absolute xyz + Euler XYZ + gripper, what a policy's `act` returns
@@ -235,14 +237,14 @@ def step(self:MetaWorldSim,
     self.mw_obs, _, _, _, info = self.env.step(action)
     return self.observe(), bool(info["success"])
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c031
+# %% ../../nbs/17_sim.metaworld.ipynb #c032
 @patch
 def expert_action(self:MetaWorldSim)->np.ndarray:  # (7,)
     "The scripted expert's absolute target for the current state."
     a = self.policy.get_action(self.mw_obs)
     return mw_action_to_target(a, self.mw_obs[:3], self.action_scale)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c041
+# %% ../../nbs/17_sim.metaworld.ipynb #c042
 def record_demo(
     sim:MetaWorldSim,     # environment handle
     key:tuple,            # initial-state key
@@ -255,7 +257,7 @@ def record_demo(
     res["rand_vec"] = rv
     return res
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c044
+# %% ../../nbs/17_sim.metaworld.ipynb #c045
 _WORKER_SIMS = {}  # per process: (task, image_size, cameras) -> MetaWorldSim
 
 def _worker_sim(task:str, image_size:int, cameras:dict)->MetaWorldSim:
@@ -271,7 +273,7 @@ def _gen_job(job:tuple)->tuple:
     res = record_demo(_worker_sim(task, image_size, cameras), (TRAIN_STREAM, seed, attempt), extra_steps, min_len)
     return task, attempt, (res if res["success"] else None)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c045
+# %% ../../nbs/17_sim.metaworld.ipynb #c046
 def _check_gen_args(suite, tasks, episodes_per_task, image_size, num_procs)->list:
     "The task list of a generation request, after checking every argument (SimError naming the bad one)."
     if tasks is None:
@@ -285,18 +287,18 @@ def _check_gen_args(suite, tasks, episodes_per_task, image_size, num_procs)->lis
         if int(v) < lo: raise SimError(f"{name}={v}: must be at least {lo}")
     return tasks
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c047
+# %% ../../nbs/17_sim.metaworld.ipynb #c048
 def _worker_init():
     "Pool initializer: one llvmpipe render thread per worker (the workers already use the cores)."
     os.environ.setdefault("LP_NUM_THREADS", "1")
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c048
+# %% ../../nbs/17_sim.metaworld.ipynb #c049
 def _job_results(jobs:list, pool):
     "Run generation jobs inline (num_procs == 1) or on the pool, yielding results as they finish."
     if pool is None: return map(_gen_job, jobs)
     return pool.imap_unordered(_gen_job, jobs)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c051
+# %% ../../nbs/17_sim.metaworld.ipynb #c052
 def _record_episodes(
     writers:dict,          # {task: open EpisodeWriter}
     pool,                  # a process pool, or None to run inline
@@ -323,7 +325,7 @@ def _record_episodes(
                                   rand_vec=res["rand_vec"].tolist(), success_step=res["success_step"], length=res["length"])
                 bar.update(1)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c053
+# %% ../../nbs/17_sim.metaworld.ipynb #c054
 def generate_metaworld_dataset(
     out_dir,                     # output folder (created)
     suite:str="mt",              # "mt", "goal" or "goal-push" (see SUITES); ignored when `tasks` is given
@@ -362,7 +364,7 @@ def generate_metaworld_dataset(
                     seed=seed, extra_steps=extra_steps, min_len=min_len)
     return _write_outputs(out_dir, files, done, meta, frames, t0, settings, train_split)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c055
+# %% ../../nbs/17_sim.metaworld.ipynb #c056
 def _write_outputs(out_dir:Path, files:dict, done:dict, meta:dict, frames:int, t0:float, settings:dict,
                    train_split:float)->Path:
     "Write the dataset config and metaworld_meta.json of the recorded episodes; return the config."
@@ -378,7 +380,7 @@ def _write_outputs(out_dir:Path, files:dict, done:dict, meta:dict, frames:int, t
     logger.info(f"{len(epi_len)} episodes, {frames} frames in {secs:.1f} s ({frames / secs:.0f} frames/s)")
     return cfg
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c059
+# %% ../../nbs/17_sim.metaworld.ipynb #c060
 def load_raw_episode(
     spec,           # DatasetSpec (load_dataset_config) or a dataset config path
     episode:str,    # episode name
@@ -393,7 +395,7 @@ def load_raw_episode(
         ep.update({k: read_lowdim(g, k, 0, T) for k in spec.proprio_keys + spec.action_keys})
     return ep
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c061
+# %% ../../nbs/17_sim.metaworld.ipynb #c062
 def replay_dataset(
     config,                # dataset config written by generate_metaworld_dataset
     episodes:list=None,    # episode names; default all
@@ -415,7 +417,7 @@ def replay_dataset(
     for s in sims.values(): s.close()
     return out
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c064
+# %% ../../nbs/17_sim.metaworld.ipynb #c065
 def wilson_interval(
     successes:int,   # number of successes
     n:int,           # number of trials
@@ -427,14 +429,14 @@ def wilson_interval(
     centre, half = p + z2 / (2 * n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
     return (max(0.0, (centre - half) / (1 + z2 / n)), min(1.0, (centre + half) / (1 + z2 / n)))
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c067
+# %% ../../nbs/17_sim.metaworld.ipynb #c068
 def _rate(rs:list)->dict:
     s, n = sum(r["success"] for r in rs), len(rs)
     return dict(successes=s, n=n, rate=s / n if n else float("nan"), ci95=wilson_interval(s, n),
                 mean_length=float(np.mean([r["length"] for r in rs])) if n else float("nan"),
                 success=[r["success"] for r in rs], length=[r["length"] for r in rs])
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c069
+# %% ../../nbs/17_sim.metaworld.ipynb #c070
 def save_gif(
     episode:dict,      # rollout episode dict (frames per image key)
     path,              # output .gif
@@ -448,7 +450,7 @@ def save_gif(
     ims[0].save(path, save_all=True, append_images=ims[1:], duration=int(1000 / fps), loop=0)
     return Path(path)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c071
+# %% ../../nbs/17_sim.metaworld.ipynb #c072
 def _cell(r:dict)->str:
     if r is None: return "–"
     lo, hi = r["ci95"]
@@ -466,7 +468,7 @@ def results_table(
                     f"| {r['policy']['mean_length']:.0f} |")
     return "\n".join(rows)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c073
+# %% ../../nbs/17_sim.metaworld.ipynb #c074
 class _Prompts:
     "Fresh expert demonstrations per (task, seed), from initial states (PROMPT_STREAM, seed, j), recorded once."
     def __init__(self, sims:dict, k:int, extra_steps:int, min_len:int):
@@ -482,7 +484,7 @@ class _Prompts:
             self.demos[(t, seed)] = got
         return self.demos[(t, seed)]
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c075
+# %% ../../nbs/17_sim.metaworld.ipynb #c076
 def _score_task(sim:MetaWorldSim, policy, t:str, other:Optional[str], seeds:list, prompts:_Prompts, max_steps,
                 expert:bool, out_dir:Optional[Path], num_gifs:int, bar)->tuple:  # ({condition: [rollout]}, [gif paths])
     "Closed-loop rollouts of one task: same-task prompt, scripted expert, wrong-task prompt (`other`)."
@@ -504,7 +506,7 @@ def _score_task(sim:MetaWorldSim, policy, t:str, other:Optional[str], seeds:list
         bar.update(1)
     return runs, gifs
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c077
+# %% ../../nbs/17_sim.metaworld.ipynb #c078
 def evaluate_closed_loop(
     policy_factory,            # callable(sim: MetaWorldSim) -> policy with reset(), prompt(demos), act(obs) -> (7,)
     tasks:list,                # task names
@@ -541,7 +543,7 @@ def evaluate_closed_loop(
     for s in sims.values(): s.close()
     return _write_results(results, gifs, k_prompt, seeds, out_dir)
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c078
+# %% ../../nbs/17_sim.metaworld.ipynb #c079
 def _write_results(results:dict, gifs:list, k_prompt:int, seeds:list, out_dir:Optional[Path])->dict:
     "The evaluator's result dict, also written as results.json and results.md when `out_dir` is given."
     table = results_table(results, k_prompt)
@@ -551,7 +553,7 @@ def _write_results(results:dict, gifs:list, k_prompt:int, seeds:list, out_dir:Op
         (out_dir / "results.md").write_text(table + "\n")
     return out
 
-# %% ../../nbs/17_sim.metaworld.ipynb #c084
+# %% ../../nbs/17_sim.metaworld.ipynb #c085
 def gen_cli(argv:list=None):
     "Console script `icrt_metaworld_gen`: record Meta-World expert demonstrations as an ICRT dataset."
     p = argparse.ArgumentParser(prog="icrt_metaworld_gen", description="Record Meta-World scripted-expert episodes "
