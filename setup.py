@@ -44,6 +44,7 @@ console_scripts = [
     "icrt_bench_inference=icrt.bench.inference:bench_inference_cli",
     "icrt_bench_train=icrt.bench.train:bench_train_cli",
     "icrt_demo=icrt.demo:demo_cli",
+    "icrt_import_published=icrt.published:import_published_cli",
 ]
 
 setuptools.setup(
