@@ -162,7 +162,9 @@ class MetaWorldSim:
     def max_path_length(self)->int: return int(self.env.max_path_length)
     @property
     def action_scale(self)->float: return float(self.env.action_scale)
-    def __del__(self): self.close()
+    def __del__(self):
+        try: self.close()
+        except Exception: pass  # at interpreter exit MuJoCo's OSMesa module may already be torn down
 
 # %% ../../nbs/17_sim.metaworld.ipynb #c021
 @patch
