@@ -18,8 +18,8 @@ from fastcore.basics import patch
 
 from .checkpoint import load_checkpoint, resolve_device
 from .config import ConfigError, ExperimentConfig, ICRTError, load_config
-from .data.format import (DEFAULT_ACTION_KEYS, DEFAULT_IMAGE_KEYS, DEFAULT_PROPRIO_KEYS, DatasetError,
-                              load_dataset_config)
+from .data.format import (DEFAULT_ACTION_KEYS, DEFAULT_IMAGE_KEYS, DEFAULT_PROPRIO_KEYS,
+                              dataset_keys)
 from .data.image import DEFAULT_DATA_CONFIG, preprocess_frames, sample_box
 from .geometry import absolute_to_delta, pose_vector, to_pose7
 from .models.policy import ICRT
@@ -77,13 +77,9 @@ def run_keys(cfg:ExperimentConfig)->dict:
     "{'image_keys', 'proprio_keys', 'action_keys'} of the run's dataset config (defaults when it is gone)."
     keys = {"image_keys": list(DEFAULT_IMAGE_KEYS), "proprio_keys": list(DEFAULT_PROPRIO_KEYS), "action_keys": list(DEFAULT_ACTION_KEYS)}
     p = Path(str(cfg.dataset_cfg.dataset_json)).expanduser()
-    try: spec = load_dataset_config(p)
-    except (ICRTError, DatasetError, OSError) as e:
-        log.warning(f"dataset config '{p}' of the run cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
-                    f"assuming the default key names {keys['image_keys']}")
-        spec = None
-    for k in keys:
-        if spec is not None and getattr(spec, k): keys[k] = [str(x) for x in getattr(spec, k)]
+    found = dataset_keys(p)  # the JSON alone: a deployment machine rarely holds the HDF5 files
+    if found: keys = found
+    else: log.warning(f"dataset config '{p}' of the run cannot be read: assuming the default key names {keys['image_keys']}")
     n = cfg.shared_cfg.num_cameras
     if len(keys["image_keys"]) != n:
         raise InferenceError(f"the run was trained with --shared-cfg.num-cameras {n} but its camera keys are {keys['image_keys']}")
@@ -129,7 +125,8 @@ def _numbers(
     "A key's numbers as float64 of the right width, all finite; else a one-line InferenceError."
     try: a = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError): raise InferenceError(f"{where}: '{key}' must be numbers, got {type(x).__name__} {str(x)[:40]!r}") from None
-    a = a.reshape(len(a), -1) if per_step and a.ndim else a.reshape(-1)
+    if per_step and (a.ndim == 0 or len(a) == 0): raise InferenceError(f"{where}: '{key}' has no steps")
+    a = a.reshape(len(a), -1) if per_step else a.reshape(-1)
     widths, rule = _WIDTHS[kind]
     if a.shape[-1] not in widths: raise InferenceError(f"{where}: '{key}': {rule}, got {a.shape[-1]}")
     _finite(a, key, where)

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['logger', 'DEFAULT_IMAGE_KEYS', 'DEFAULT_PROPRIO_KEYS', 'DEFAULT_ACTION_KEYS', 'EPISODE_LENGTHS',
            'EPISODE_FRAME_SHAPE', 'DEMO_FRAME_SHAPE', 'SOURCE_SUFFIXES', 'DatasetError', 'frame_shape', 'read_frames',
-           'read_lowdim', 'EpisodeWriter', 'h5_tree', 'write_dataset_files', 'DatasetSpec', 'load_dataset_config',
-           'check_dataset', 'format_summary', 'check_cli', 'convert', 'convert_cli']
+           'read_lowdim', 'EpisodeWriter', 'h5_tree', 'write_dataset_files', 'DatasetSpec', 'dataset_keys',
+           'load_dataset_config', 'check_dataset', 'format_summary', 'check_cli', 'convert', 'convert_cli']
 
 # %% ../../nbs/03_data.format.ipynb #c003
 import argparse
@@ -294,7 +294,19 @@ def _config_keys(cfg:dict, key:str, default:list, cfg_path:Path, problems:list)-
         problems.append(f"{cfg_path}: key '{key}': must be a non-empty list of dataset keys, got {v!r}"); return []
     return list(v)
 
-# %% ../../nbs/03_data.format.ipynb #c045
+# %% ../../nbs/03_data.format.ipynb #c046
+def dataset_keys(
+    config_path,   # a dataset config JSON
+)->dict:           # {'image_keys', 'proprio_keys', 'action_keys'}; {} when the JSON cannot be read or its keys are malformed
+    "The key names of a dataset config, read from the JSON alone (its HDF5 and side files need not exist)."
+    problems, p = [], Path(os.path.expanduser(str(config_path))).absolute()
+    cfg = _read_json(p, problems, dict, "dataset config")
+    if cfg is None: return {}
+    out = {k: _config_keys(cfg, k, d, p, problems) for k, d in
+           (("image_keys", DEFAULT_IMAGE_KEYS), ("proprio_keys", DEFAULT_PROPRIO_KEYS), ("action_keys", DEFAULT_ACTION_KEYS))}
+    return {} if problems else out
+
+# %% ../../nbs/03_data.format.ipynb #c048
 def _load_side_files(cfg, root, cfg_path, problems):
     "hdf5_keys lists, merged epi_len and merged verb_to_episode, each entry checked."
     keys_paths = _config_paths(cfg, "hdf5_keys", root, cfg_path, problems)
@@ -324,7 +336,7 @@ def _load_side_files(cfg, root, cfg_path, problems):
             verb_to_episode[task] = list(dict.fromkeys(verb_to_episode.get(task, []) + eps))
     return keys_paths, hdf5_keys, len_paths, epi_len, verb_to_episode
 
-# %% ../../nbs/03_data.format.ipynb #c046
+# %% ../../nbs/03_data.format.ipynb #c049
 def _load_task_grouping(cfg, root, cfg_path, verb_to_episode, problems):
     v = cfg.get("task_grouping")
     if v is None: return None
@@ -346,7 +358,7 @@ def _load_task_grouping(cfg, root, cfg_path, verb_to_episode, problems):
             if t not in verb_to_episode: problems.append(f"{src}: key 'task_grouping': group '{g}': unknown task '{t}' (not in verb_to_episode)")
     return v
 
-# %% ../../nbs/03_data.format.ipynb #c047
+# %% ../../nbs/03_data.format.ipynb #c050
 def _cross_check(spec:DatasetSpec, problems:list, verb_paths:list):
     "Fill episode_file / episode_task and report episodes that the side files disagree on."
     for i, names in enumerate(spec.hdf5_keys):
@@ -367,7 +379,7 @@ def _cross_check(spec:DatasetSpec, problems:list, verb_paths:list):
             if ep not in spec.episode_file and spec.hdf5_keys:
                 problems.append(f"{vfiles}: episode '{ep}': task '{task}' lists it but no hdf5_keys file does")
 
-# %% ../../nbs/03_data.format.ipynb #c048
+# %% ../../nbs/03_data.format.ipynb #c051
 def _collect_spec(config_path)->tuple:
     "Load a dataset config as far as possible: (DatasetSpec or None, problems)."
     problems = []
@@ -396,7 +408,7 @@ def _collect_spec(config_path)->tuple:
 
 
 
-# %% ../../nbs/03_data.format.ipynb #c051
+# %% ../../nbs/03_data.format.ipynb #c054
 def load_dataset_config(
     path,  # a dataset config JSON (dataset_path, hdf5_keys, epi_len_mapping_json, verb_to_episode, ...)
 )->DatasetSpec:
@@ -407,7 +419,7 @@ def load_dataset_config(
         raise DatasetError(problems[0] + more)
     return spec
 
-# %% ../../nbs/03_data.format.ipynb #c058
+# %% ../../nbs/03_data.format.ipynb #c061
 def _check_image(ds, where, ep, problems, info):
     if ds.dtype != np.uint8: problems.append(f"{where}: images are {ds.dtype}, expected uint8")
     try: fs = frame_shape(ds, ep)
@@ -434,7 +446,7 @@ def _check_lowdim(ds, where, key, problems, info):
     if "gripper" in key and d != 1: problems.append(f"{where}: gripper with {d} numbers per step; expected 1")
     info.setdefault("shape", set()).add((d,)); info.setdefault("dtype", set()).add(str(ds.dtype))
 
-# %% ../../nbs/03_data.format.ipynb #c059
+# %% ../../nbs/03_data.format.ipynb #c062
 def _check_episode(grp, h5, ep, spec, problems, key_info)->int|None:
     "Check one episode group; returns its number of steps (None when unknown)."
     steps = {}
@@ -460,7 +472,7 @@ def _check_episode(grp, h5, ep, spec, problems, key_info)->int|None:
         problems.append(f"{_where(h5, ep, ref)}: has {T} steps but epi_len_mapping says {spec.epi_len[ep]}")
     return T
 
-# %% ../../nbs/03_data.format.ipynb #c060
+# %% ../../nbs/03_data.format.ipynb #c063
 def _length_stats(lengths:list)->dict:
     "min, max, mean, median of the episode lengths, and how many are outside the 30-450 steps a run keeps."
     if not lengths: return {}
@@ -468,7 +480,7 @@ def _length_stats(lengths:list)->dict:
     return dict(min=int(a.min()), max=int(a.max()), mean=round(float(a.mean()), 1), median=float(np.median(a)),
                 outside_30_450=int(((a < EPISODE_LENGTHS[0]) | (a > EPISODE_LENGTHS[1])).sum()))
 
-# %% ../../nbs/03_data.format.ipynb #c063
+# %% ../../nbs/03_data.format.ipynb #c066
 def check_dataset(
     config_path,            # a dataset config JSON
     max_episodes:int=None,  # check only the first N episodes (all when None)
@@ -505,7 +517,7 @@ def check_dataset(
                         "record or convert longer episodes (or split long ones)")
     return summary, problems
 
-# %% ../../nbs/03_data.format.ipynb #c075
+# %% ../../nbs/03_data.format.ipynb #c078
 def format_summary(summary:dict)->str:
     "Human-readable text of a `check_dataset` summary."
     L = summary.get("length", {})
@@ -521,7 +533,7 @@ def format_summary(summary:dict)->str:
         lines.append(f"  {k}: {shapes} {'/'.join(info.get('dtype', []))}{layout}")
     return "\n".join(lines)
 
-# %% ../../nbs/03_data.format.ipynb #c078
+# %% ../../nbs/03_data.format.ipynb #c081
 def check_cli(argv:list=None):
     "Console script `icrt_check CONFIG.json`: print a summary (exit 0) or every problem (exit 1)."
     p = argparse.ArgumentParser(prog="icrt_check", description="Check an ICRT dataset config, its side JSON files and "
@@ -537,7 +549,7 @@ def check_cli(argv:list=None):
         sys.exit(1)
     print(json.dumps(summary, indent=1, default=list) if args.json else format_summary(summary))
 
-# %% ../../nbs/03_data.format.ipynb #c082
+# %% ../../nbs/03_data.format.ipynb #c085
 def _npz_header(zf:zipfile.ZipFile, key:str)->tuple:
     "(shape, dtype) of array `key` of an open .npz without loading it."
     with zf.open(key + ".npy") as fp:
@@ -546,7 +558,7 @@ def _npz_header(zf:zipfile.ZipFile, key:str)->tuple:
         shape, _, dtype = read(fp)
     return tuple(shape), np.dtype(dtype)
 
-# %% ../../nbs/03_data.format.ipynb #c085
+# %% ../../nbs/03_data.format.ipynb #c088
 def _source_headers(path:Path, keys:list)->dict:
     "{key: (shape, dtype)} of an episode file, or a DatasetError naming the file and the missing key."
     try:
@@ -563,7 +575,7 @@ def _source_headers(path:Path, keys:list)->dict:
         if k not in heads: raise DatasetError(f"{_where(path, key=k)}: missing (every episode file needs {', '.join(keys)})")
     return heads
 
-# %% ../../nbs/03_data.format.ipynb #c087
+# %% ../../nbs/03_data.format.ipynb #c090
 def _validate_source(path:Path, image_keys:list, lowdim_keys:list)->int:
     "Check keys, steps and dtypes (headers) and low-dim values of one episode file; returns its T."
     heads = _source_headers(path, image_keys + lowdim_keys)
@@ -581,14 +593,14 @@ def _validate_source(path:Path, image_keys:list, lowdim_keys:list)->int:
         if bad.any(): raise DatasetError(f"{_where(path, key=k)}: NaN/inf at steps {np.unique(np.nonzero(bad)[0])[:5].tolist()}")
     return T
 
-# %% ../../nbs/03_data.format.ipynb #c089
+# %% ../../nbs/03_data.format.ipynb #c092
 def _load_source(path:Path, keys:list)->dict:
     "All `keys` of one episode file as arrays."
     if path.suffix == ".npz":
         with np.load(path) as z: return {k: z[k] for k in keys}
     with h5py.File(path, "r") as f: return {k: f[k][()] for k in keys}
 
-# %% ../../nbs/03_data.format.ipynb #c091
+# %% ../../nbs/03_data.format.ipynb #c094
 def _scan_source(src:Path)->dict:
     "{task: [episode files]} of a recordings folder, or a DatasetError."
     if not src.is_dir(): raise DatasetError(f"{src}: source folder not found")
@@ -601,7 +613,7 @@ def _scan_source(src:Path)->dict:
         found[d.name] = files
     return found
 
-# %% ../../nbs/03_data.format.ipynb #c094
+# %% ../../nbs/03_data.format.ipynb #c097
 def _check_out(src:Path, out:Path, overwrite:bool):
     s, o = src.resolve(), out.resolve()
     if o == s or s in o.parents or o in s.parents:
@@ -610,7 +622,7 @@ def _check_out(src:Path, out:Path, overwrite:bool):
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DatasetError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
 
-# %% ../../nbs/03_data.format.ipynb #c096
+# %% ../../nbs/03_data.format.ipynb #c099
 def _swap_in(tmp:Path, out:Path):
     "Move the finished `tmp` folder to `out`, replacing what is there only now."
     if out.is_dir() and not any(out.iterdir()): out.rmdir()
@@ -619,7 +631,7 @@ def _swap_in(tmp:Path, out:Path):
         out.rename(old); tmp.rename(out); shutil.rmtree(old)
     else: tmp.rename(out)
 
-# %% ../../nbs/03_data.format.ipynb #c097
+# %% ../../nbs/03_data.format.ipynb #c100
 def convert(
     src,                        # recordings: SRC/<task>/<episode>.hdf5|.h5|.npz
     out,                        # output folder (created; replaced only with overwrite)
@@ -660,7 +672,7 @@ def convert(
     logger.info("wrote %d episodes of %d tasks to %s", len(names), len(tasks), out)
     return out/"dataset_config.json"
 
-# %% ../../nbs/03_data.format.ipynb #c103
+# %% ../../nbs/03_data.format.ipynb #c106
 def convert_cli(argv:list=None):
     "Console script `icrt_convert SRC OUT`: convert per-episode recordings into an ICRT dataset."
     p = argparse.ArgumentParser(prog="icrt_convert", description="Convert recordings (SRC/<task>/<episode>.hdf5|.h5|.npz) "
