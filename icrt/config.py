@@ -124,6 +124,7 @@ class PolicyConfig:
     scratch_llama_config: Optional[str] = None  # transformer params JSON (path or bundled name): train from scratch
     num_train_diffusion_steps: Optional[int] = None  # diffusion head: training noise steps (default 100)
     num_inference_diffusion_steps: Optional[int] = None  # diffusion head: sampling steps at inference (default 10)
+    published_layout: bool = False  # the published code's module layout (icrt.published imports its runs; see 10_models.policy)
 
 # %% ../nbs/00_config.ipynb #c022
 @dataclass

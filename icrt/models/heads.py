@@ -14,8 +14,8 @@ from torch import nn, Tensor
 from fastcore.basics import patch
 
 # %% auto #0
-__all__ = ['HEADS', 'mlp', 'ActionHead', 'MLPHead', 'GMMHead', 'timestep_embedding', 'FiLMBlock', 'DiffusionHead', 'build_head',
-           'overfit_head']
+__all__ = ['HEADS', 'PUBLISHED_HEAD_WIDTH', 'mlp', 'ActionHead', 'MLPHead', 'GMMHead', 'timestep_embedding', 'FiLMBlock',
+           'DiffusionHead', 'build_head', 'overfit_head']
 
 # %% ../../nbs/09_models.heads.ipynb #c006
 def mlp(
@@ -205,24 +205,26 @@ def predict(self:DiffusionHead, h:Tensor, generator:Optional[torch.Generator]=No
 
 # %% ../../nbs/09_models.heads.ipynb #c038
 HEADS = {"mlp": MLPHead, "gmm": GMMHead, "diffusion": DiffusionHead}
+PUBLISHED_HEAD_WIDTH = 128  # hidden width of every head of the published code (its `decoder_hidden_features`)
 
 def build_head(
     kind:str,            # "mlp", "gmm" or "diffusion" (policy_cfg.decoder_pred_head)
     in_dim:int,          # width of the conditioning token
     action_dim:int,      # numbers per action
     num_pred_steps:int,  # actions per chunk
-    policy_cfg=None,     # PolicyConfig: diffusion step counts (optional)
+    policy_cfg=None,     # PolicyConfig: diffusion step counts, published_layout (optional)
 )->ActionHead:
     "Build the action head named `kind`."
     if kind not in HEADS:
         raise ValueError(f"--model-cfg.policy-cfg.decoder-pred-head must be one of {', '.join(HEADS)}; got '{kind}'")
-    if kind != "diffusion": return HEADS[kind](in_dim, action_dim, num_pred_steps)
+    hidden = PUBLISHED_HEAD_WIDTH if getattr(policy_cfg, "published_layout", False) else None
+    if kind != "diffusion": return HEADS[kind](in_dim, action_dim, num_pred_steps, hidden=hidden)
     n_train = getattr(policy_cfg, "num_train_diffusion_steps", None) or 100
     n_inf = getattr(policy_cfg, "num_inference_diffusion_steps", None) or 10
     if n_inf > n_train:
         raise ValueError(f"--model-cfg.policy-cfg.num-inference-diffusion-steps ({n_inf}) must not exceed "
                          f"--model-cfg.policy-cfg.num-train-diffusion-steps ({n_train})")
-    return DiffusionHead(in_dim, action_dim, num_pred_steps, num_train_steps=n_train, num_inference_steps=n_inf)
+    return DiffusionHead(in_dim, action_dim, num_pred_steps, hidden=hidden, num_train_steps=n_train, num_inference_steps=n_inf)
 
 # %% ../../nbs/09_models.heads.ipynb #c041
 def overfit_head(head:ActionHead, h:Tensor, target:Tensor, steps:int=300, lr:float=3e-3)->tuple:

@@ -24,10 +24,11 @@ from ..config import ConfigError, PolicyConfig, resolve_config_path
 _log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['LLAMA_FLAG', 'LORA_TARGETS', 'LlamaArgs', 'RMSNorm', 'FeedForward', 'rope_angles', 'apply_rope', 'KVCache',
-           'Attention', 'TransformerBlock', 'Transformer', 'load_meta_state_dict', 'save_llama_checkpoint',
-           'unpermute_hf_rows', 'load_hf_state_dict', 'check_llama_dir', 'load_llama', 'build_transformer',
-           'apply_lora', 'set_trainable', 'merge_lora']
+__all__ = ['LLAMA_FLAG', 'LORA_TARGETS', 'PUBLISHED_LORA_TARGETS', 'PUBLISHED_BIASES', 'LlamaArgs', 'RMSNorm', 'FeedForward',
+           'rope_angles', 'apply_rope', 'KVCache', 'Attention', 'TransformerBlock', 'Transformer',
+           'load_meta_state_dict', 'save_llama_checkpoint', 'unpermute_hf_rows', 'load_hf_state_dict',
+           'check_llama_dir', 'load_llama', 'build_transformer', 'apply_lora', 'add_biases', 'set_trainable',
+           'merge_lora']
 
 # %% ../../nbs/08_models.llama.ipynb #c006
 @dataclass
@@ -416,14 +417,16 @@ def build_transformer(
 
 # %% ../../nbs/08_models.llama.ipynb #c066
 LORA_TARGETS = ("wq", "wk", "wv", "wo")  # attention projections that get LoRA adapters
+PUBLISHED_LORA_TARGETS = LORA_TARGETS + ("w1", "w2", "w3")  # the published code adapts the feed-forward layers too
 
 def apply_lora(
     model:nn.Module,                         # a Transformer
     rank:int,                                # LoRA rank (--model-cfg.policy-cfg.lora-rank)
     layer_idxs:Optional[Sequence[int]]=None, # layers to adapt (--model-cfg.policy-cfg.lora-layer-idxs; default all)
     alpha:Optional[float]=None,              # LoRA alpha (default: rank, i.e. scale 1)
+    targets:Sequence[str]=LORA_TARGETS,      # linear layers of each block to adapt (attention wq..wo, feed-forward w1..w3)
 )->nn.Module:
-    "Add peft LoRA adapters to the attention projections, in place."
+    "Add peft LoRA adapters to the `targets` projections, in place."
     from peft import LoraConfig, inject_adapter_in_model
     if rank < 1: raise ConfigError(f"--model-cfg.policy-cfg.lora-rank must be >= 1, got {rank}")
     n = len(model.layers)
@@ -433,12 +436,26 @@ def apply_lora(
     layers = "|".join(str(i) for i in sorted(set(layer_idxs))) if layer_idxs is not None else r"\d+"
     before = {k: p.requires_grad for k, p in model.named_parameters()}
     inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha or rank, lora_dropout=0.0,
-                                       target_modules=rf"layers\.({layers})\.attention\.({'|'.join(LORA_TARGETS)})"), model)
+                                       target_modules=rf"layers\.({layers})\.(attention|feed_forward)\.({'|'.join(targets)})"), model)
     for k, p in model.named_parameters():
         if "lora_" not in k: p.requires_grad_(before.get(k, before.get(k.replace(".base_layer", ""), p.requires_grad)))
     return model
 
-# %% ../../nbs/08_models.llama.ipynb #c068
+# %% ../../nbs/08_models.llama.ipynb #c069
+PUBLISHED_BIASES = ("attention.wq", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
+
+def add_biases(
+    model:nn.Module,                    # a Transformer (before apply_lora)
+    names:Sequence[str]=PUBLISHED_BIASES, # linear layers of each block that get a bias
+)->nn.Module:
+    "Give the `names` layers of every block a zero bias, in place."
+    for block in model.layers:
+        for n in names:
+            lin = block.get_submodule(n)
+            if lin.bias is None: lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
+    return model
+
+# %% ../../nbs/08_models.llama.ipynb #c071
 def set_trainable(
     model:nn.Module,  # a Transformer (with or without LoRA)
     phase:str,        # "pretrain" or "finetune"
@@ -451,7 +468,7 @@ def set_trainable(
     if phase == "finetune" and not any("lora_" in k for k in names): _log.warning("finetune phase without LoRA adapters: only norms train")
     return names
 
-# %% ../../nbs/08_models.llama.ipynb #c070
+# %% ../../nbs/08_models.llama.ipynb #c073
 def merge_lora(model:nn.Module)->nn.Module:
     "Fold every LoRA adapter into its base weight and remove it (in place), for fast inference."
     from peft.tuners.lora import LoraLayer

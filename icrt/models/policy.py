@@ -19,7 +19,7 @@ from torch import nn, Tensor
 from ..config import ConfigError, ExperimentConfig, ModelConfig, SharedConfig
 from ..geometry import absolute_to_delta, delta_to_absolute, to_pose7
 from .heads import build_head, mlp
-from .llama import apply_lora, build_transformer, set_trainable
+from .llama import LORA_TARGETS, PUBLISHED_LORA_TARGETS, add_biases, apply_lora, build_transformer, set_trainable
 from .vision import build_vision_encoder
 
 log = logging.getLogger(__name__)
@@ -35,20 +35,22 @@ class AttentionPool(nn.Module):
                  dim:int,              # D, width of the tokens
                  out_dim:int,          # width of the pooled output
                  num_heads:int=8,      # attention heads (must divide `dim`)
-                 mlp_ratio:float=4.0,  # hidden width of the MLP, as a multiple of `dim`
+                 mlp_ratio:float=4.0,  # hidden width of the MLP, as a multiple of its width
                  num_kv:int=1,         # key/value projections: 1 (single-KV) or one per token group (multi-KV)
+                 published:bool=False, # the published layout: proj to out_dim, no residual to the query, norm + MLP at out_dim
                 ):
         super().__init__()
         if dim % num_heads:
             raise ConfigError(f"--model-cfg.policy-cfg.adapter-num-heads {num_heads} must divide the vision token width {dim}")
-        self.num_heads = num_heads
+        self.num_heads, self.published = num_heads, published
+        w = out_dim if published else dim  # width of the refining MLP
         self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
         self.q = nn.Linear(dim, dim)
         self.kv = nn.ModuleList(nn.Linear(dim, 2 * dim) for _ in range(num_kv))
-        self.proj = nn.Linear(dim, dim)
-        self.norm = nn.LayerNorm(dim)
-        self.mlp = mlp(dim, int(dim * mlp_ratio), dim)
-        self.out = nn.Linear(dim, out_dim)
+        self.proj = nn.Linear(dim, w)
+        self.norm = nn.LayerNorm(w, eps=1e-6 if published else 1e-5)
+        self.mlp = mlp(w, int(w * mlp_ratio), w)
+        self.out = None if published else nn.Linear(dim, out_dim)
 
     def forward(self, groups:list)->Tensor:  # list of (M, L_i, D) -> (M, out_dim)
         "Pool the tokens of all `groups` into one vector per row."
@@ -59,9 +61,10 @@ class AttentionPool(nn.Module):
         heads = lambda x: x.view(M, -1, self.num_heads, D // self.num_heads).transpose(1, 2)
         q = self.q(self.query).expand(M, -1, -1)
         o = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))  # (M, H, 1, D/H)
-        x = self.query + self.proj(o.transpose(1, 2).reshape(M, 1, D))
+        x = self.proj(o.transpose(1, 2).reshape(M, 1, D))
+        if not self.published: x = self.query + x
         x = x + self.mlp(self.norm(x))
-        return self.out(x[:, 0])
+        return x[:, 0] if self.out is None else self.out(x[:, 0])
 
 # %% ../../nbs/10_models.policy.ipynb #c011
 ACTION_DIM = 10  # xyz, 6-D rotation, gripper
@@ -125,18 +128,20 @@ def _build_tokenisers(self:ICRT, pc, D:int, dim:int):
     "Create the modules that turn observations and actions into tokens."
     N = self.num_cameras
     if dim < N: raise ConfigError(f"transformer width {dim} is smaller than --shared-cfg.num-cameras {N}")
-    self.vision_norm = nn.LayerNorm(D)
-    self.proprio_mlp = None if pc.remove_proprio else mlp(ACTION_DIM, D, D)
+    pub = pc.published_layout
+    hid = lambda width: ACTION_DIM if pub else width  # tokeniser hidden width (published: its input width)
+    self.vision_norm = nn.LayerNorm(D, eps=1e-6 if pub else 1e-5)
+    self.proprio_mlp = None if pc.remove_proprio else mlp(ACTION_DIM, hid(D), D)
     extra = 0 if pc.remove_proprio else 1  # the proprio token's group
     if pc.separate_camera_adapter:
         self.cam_dim = dim // N
         self.adapters = nn.ModuleList(AttentionPool(D, self.cam_dim, pc.adapter_num_heads, pc.adapter_mlp_ratio,
-                                                    num_kv=1 + extra if pc.multikv_attn_pool else 1) for _ in range(N))
-    else:
+                                                    num_kv=1 + extra if pc.multikv_attn_pool else 1, published=pub) for _ in range(N))
+    else:  # multi-KV: one K/V per camera (published: one for all cameras' tokens) and one for proprio
         self.cam_dim = None
         self.adapters = nn.ModuleList([AttentionPool(D, dim, pc.adapter_num_heads, pc.adapter_mlp_ratio,
-                                                     num_kv=N + extra if pc.multikv_attn_pool else 1)])
-    self.action_mlp = mlp(ACTION_DIM, dim, dim)
+                                                     num_kv=(1 if pub else N) + extra if pc.multikv_attn_pool else 1, published=pub)])
+    self.action_mlp = mlp(ACTION_DIM, hid(dim), dim)
     self.camera_emb = nn.Parameter(torch.randn(N, 1, D) * 0.02) if pc.camera_pos_emb else None
     self.modality_emb = nn.Parameter(torch.randn(2, dim) * 0.02) if pc.modality_pos_emb else None
 
@@ -145,25 +150,29 @@ def _build_tokenisers(self:ICRT, pc, D:int, dim:int):
 def _set_phase(self:ICRT, pc):
     "Set which transformer parameters train (adapters and heads always do)."
     if pc.phase == "finetune":
-        out = apply_lora(self.transformer, pc.lora_rank, pc.lora_layer_idxs)
+        if pc.published_layout: add_biases(self.transformer)
+        out = apply_lora(self.transformer, pc.lora_rank, pc.lora_layer_idxs,
+                         targets=PUBLISHED_LORA_TARGETS if pc.published_layout else LORA_TARGETS)
         if isinstance(out, nn.Module): self.transformer = out
     elif pc.phase != "pretrain":
         raise ConfigError(f"--model-cfg.policy-cfg.phase must be pretrain or finetune, got '{pc.phase}'")
     set_trainable(self.transformer, pc.phase)
+    if pc.published_layout and pc.phase == "pretrain" and not pc.scratch_llama_config:
+        self.transformer.requires_grad_(False)  # the published pretrain phase keeps a loaded Llama frozen
     for m in [self.vision_norm, self.proprio_mlp, self.adapters, self.action_mlp, self.head, self.end_head]:
         if m is not None: m.requires_grad_(True)
     for p in [self.camera_emb, self.modality_emb]:
         if p is not None: p.requires_grad_(True)
 
-# %% ../../nbs/10_models.policy.ipynb #c027
+# %% ../../nbs/10_models.policy.ipynb #c029
 @patch(as_prop=True)
 def device(self:ICRT)->torch.device: return self.action_mean.device
 
-# %% ../../nbs/10_models.policy.ipynb #c029
+# %% ../../nbs/10_models.policy.ipynb #c031
 @patch(as_prop=True)
 def data_config(self:ICRT)->dict: return self.vision.data_config
 
-# %% ../../nbs/10_models.policy.ipynb #c032
+# %% ../../nbs/10_models.policy.ipynb #c034
 @patch
 def set_action_stats(self:ICRT, stats:Optional[dict]):
     "Use `stats` (mean/std/min/max of the 10-D targets) to normalise targets; None: no normalisation."
@@ -173,24 +182,24 @@ def set_action_stats(self:ICRT, stats:Optional[dict]):
         if k == "std": v = v.clamp_min(1e-6)
         getattr(self, f"action_{k}").copy_(v)
 
-# %% ../../nbs/10_models.policy.ipynb #c034
+# %% ../../nbs/10_models.policy.ipynb #c036
 @patch(as_prop=True)
 def has_action_stats(self:ICRT)->bool:
     return not (bool((self.action_mean == 0).all()) and bool((self.action_std == 1).all()))
 
-# %% ../../nbs/10_models.policy.ipynb #c036
+# %% ../../nbs/10_models.policy.ipynb #c038
 @patch
 def normalize_action(self:ICRT, a:Tensor)->Tensor:  # (..., 10) -> (..., 10)
     "Model-space action -> normalised network space."
     return (a - self.action_mean) / self.action_std
 
-# %% ../../nbs/10_models.policy.ipynb #c038
+# %% ../../nbs/10_models.policy.ipynb #c040
 @patch
 def denormalize_action(self:ICRT, a:Tensor)->Tensor:  # (..., 10) -> (..., 10)
     "Normalised network space -> model-space action."
     return a * self.action_std + self.action_mean
 
-# %% ../../nbs/10_models.policy.ipynb #c041
+# %% ../../nbs/10_models.policy.ipynb #c043
 @patch
 def vision_features(self:ICRT, obs:Tensor)->Tensor:  # (B, T, N, 3, S, S) -> (B, T, N, L, D)
     "All vision tokens of every camera of every step, in one encoder call."
@@ -201,7 +210,7 @@ def vision_features(self:ICRT, obs:Tensor)->Tensor:  # (B, T, N, 3, S, S) -> (B,
     v = self.vision(obs.reshape(B * T * N, *obs.shape[3:]))  # (B*T*N, L, D)
     return v.view(B, T, N, *v.shape[1:])
 
-# %% ../../nbs/10_models.policy.ipynb #c043
+# %% ../../nbs/10_models.policy.ipynb #c045
 @patch
 def pool_state(self:ICRT,
                v:Tensor,        # (B, T, N, L, D) vision tokens
@@ -213,12 +222,13 @@ def pool_state(self:ICRT,
     if self.camera_emb is not None: v = v + self.camera_emb
     extra = [] if self.proprio_mlp is None else [self.proprio_mlp(proprio.reshape(B * T, 1, ACTION_DIM))]  # (B*T, 1, D)
     if self.cam_dim is not None: s = torch.cat([ad([v[:, i]] + extra) for i, ad in enumerate(self.adapters)], dim=-1)
+    elif self.policy_cfg.published_layout: s = self.adapters[0]([v.flatten(1, 2)] + extra)  # all cameras' tokens, one group
     else: s = self.adapters[0]([v[:, i] for i in range(N)] + extra)
     s = F.pad(s, (0, self.dim - s.shape[-1]))                                   # (B*T, dim)
     if self.modality_emb is not None: s = s + self.modality_emb[0]
     return s.view(B, T, self.dim)
 
-# %% ../../nbs/10_models.policy.ipynb #c046
+# %% ../../nbs/10_models.policy.ipynb #c048
 @patch
 def state_tokens(self:ICRT,
                  obs:Tensor,      # (B, T, N, 3, S, S) normalised images
@@ -227,24 +237,24 @@ def state_tokens(self:ICRT,
     "One token per step from its camera images and proprioception."
     return self.pool_state(self.vision_features(obs), proprio)
 
-# %% ../../nbs/10_models.policy.ipynb #c048
+# %% ../../nbs/10_models.policy.ipynb #c050
 @patch
 def action_tokens(self:ICRT,
                   action:Tensor,     # (B, T, 10) model-space executed actions
                   noise:float=0.0,   # std of Gaussian noise added to the normalised actions (training augmentation)
                  )->Tensor:          # (B, T, dim)
-    "One token per executed action (normalised like the targets)."
-    a = self.normalize_action(action)
+    "One token per executed action (normalised like the targets; in model space in the published layout)."
+    a = action if self.policy_cfg.published_layout else self.normalize_action(action)
     if noise > 0: a = a + noise * torch.randn_like(a)
     a = self.action_mlp(a)
     return a + self.modality_emb[1] if self.modality_emb is not None else a
 
-# %% ../../nbs/10_models.policy.ipynb #c052
+# %% ../../nbs/10_models.policy.ipynb #c054
 def interleave(s:Tensor, a:Tensor)->Tensor:  # (B, T, dim) x2 -> (B, 2T, dim): s1 a1 s2 a2 ...
     "Alternate state and action tokens."
     return torch.stack([s, a], dim=2).flatten(1, 2)
 
-# %% ../../nbs/10_models.policy.ipynb #c055
+# %% ../../nbs/10_models.policy.ipynb #c057
 @patch
 def _check_batch(self:ICRT, batch:dict):
     "Clear errors for a batch that cannot fit the model."
@@ -257,7 +267,7 @@ def _check_batch(self:ICRT, batch:dict):
     if batch["observation"].dtype == torch.uint8:
         raise ValueError("ICRT batch: 'observation' is uint8; run icrt.data.dataset.preprocess_batch first (gpu_preprocess)")
 
-# %% ../../nbs/10_models.policy.ipynb #c057
+# %% ../../nbs/10_models.policy.ipynb #c059
 @patch
 def encode(self:ICRT, batch:dict)->Tensor:  # (B, T, dim) transformer outputs at the state tokens
     "Run the tokenisers and the transformer over a batch."
@@ -267,7 +277,7 @@ def encode(self:ICRT, batch:dict)->Tensor:  # (B, T, dim) transformer outputs at
     a = self.action_tokens(batch["action"][:, :, 0, :ACTION_DIM], noise)  # the executed action; the end flag is no input
     return self.transformer(interleave(s, a))[:, 0::2]
 
-# %% ../../nbs/10_models.policy.ipynb #c060
+# %% ../../nbs/10_models.policy.ipynb #c062
 @patch
 def _step_weights(self:ICRT, batch:dict, shape)->Tensor:  # (B, T)
     "Per-step loss weights from prompt_mask / weight_mask."
@@ -278,7 +288,7 @@ def _step_weights(self:ICRT, batch:dict, shape)->Tensor:  # (B, T)
     if pc.step_weight > 1: w = w * (1 + (pc.step_weight - 1) * batch["weight_mask"].float())
     return w
 
-# %% ../../nbs/10_models.policy.ipynb #c062
+# %% ../../nbs/10_models.policy.ipynb #c064
 @patch
 def forward(self:ICRT, batch:dict)->tuple:  # (loss, {name: float})
     "Training loss of a batch: observation (B,T,N,3,S,S), proprio (B,T,K,10), action (B,T,K,11), masks (B,T)."
@@ -302,7 +312,7 @@ def forward(self:ICRT, batch:dict)->tuple:  # (loss, {name: float})
     out["loss"] = total.detach()
     return total, {k: float(v) for k, v in out.items()}
 
-# %% ../../nbs/10_models.policy.ipynb #c074
+# %% ../../nbs/10_models.policy.ipynb #c076
 @patch
 def trainable_state_dict(self:ICRT)->dict:
     "Trainable parameters, buffers of trainable modules and the action statistics."
@@ -314,7 +324,7 @@ def trainable_state_dict(self:ICRT)->dict:
             keep |= {pre + n for n, _ in mod.named_buffers(recurse=False)}
     return {k: v.detach() for k, v in self.state_dict().items() if k in keep}
 
-# %% ../../nbs/10_models.policy.ipynb #c077
+# %% ../../nbs/10_models.policy.ipynb #c079
 def _alias(key:str, own:dict)->Optional[str]:
     "The name of `key` in `own`, allowing for peft's `base_layer` wrapping."
     if key in own: return key
@@ -344,7 +354,7 @@ def load_trainable_state_dict(self:ICRT, sd:dict, strict:bool=True)->tuple:  # (
     self.load_state_dict(mapped, strict=False)
     return missing, unexpected
 
-# %% ../../nbs/10_models.policy.ipynb #c083
+# %% ../../nbs/10_models.policy.ipynb #c085
 @patch
 def param_groups(self:ICRT, weight_decay:float)->list:  # AdamW parameter groups
     "Trainable parameters: with `weight_decay`, and without it for biases and 1-D parameters."
@@ -353,13 +363,13 @@ def param_groups(self:ICRT, weight_decay:float)->list:  # AdamW parameter groups
         if p.requires_grad: (no_decay if p.ndim <= 1 or n.endswith(".bias") else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
-# %% ../../nbs/10_models.policy.ipynb #c086
+# %% ../../nbs/10_models.policy.ipynb #c088
 @patch(cls_method=True)
 def from_config(cls:ICRT, exp_cfg:ExperimentConfig, vision_encoder:Optional[nn.Module]=None)->ICRT:
     "The policy of an `ExperimentConfig`."
     return cls(exp_cfg.model_cfg, exp_cfg.shared_cfg, vision_encoder=vision_encoder)
 
-# %% ../../nbs/10_models.policy.ipynb #c089
+# %% ../../nbs/10_models.policy.ipynb #c091
 @patch
 def reset(self:ICRT,
           action_exec_horizon:Optional[int]=None,  # replan every h steps, executing the chunk in between
@@ -378,7 +388,7 @@ def reset(self:ICRT,
     self._pending_s, self._pending_a, self._chunks, self._last_action = [], [], [], None
     self.last_chunk = self.last_abs_chunk = self.last_hidden = self.last_end_prob = None
 
-# %% ../../nbs/10_models.policy.ipynb #c092
+# %% ../../nbs/10_models.policy.ipynb #c094
 @patch
 def _feed(self:ICRT, h:Tensor)->Tensor:  # (1, n, dim) new tokens -> (1, n, dim) outputs
     "Run new tokens through the transformer, appending to the key/value cache."
@@ -391,10 +401,10 @@ def _feed(self:ICRT, h:Tensor)->Tensor:  # (1, n, dim) new tokens -> (1, n, dim)
     self.pos += h.shape[1]
     return out
 
-# %% ../../nbs/10_models.policy.ipynb #c095
+# %% ../../nbs/10_models.policy.ipynb #c097
 def _as(x, ref:Tensor)->Tensor: return torch.as_tensor(x).to(device=ref.device, dtype=ref.dtype)
 
-# %% ../../nbs/10_models.policy.ipynb #c097
+# %% ../../nbs/10_models.policy.ipynb #c099
 @patch
 @torch.no_grad()
 def prompt(self:ICRT, demos:list, chunk:int=64):
@@ -411,7 +421,7 @@ def prompt(self:ICRT, demos:list, chunk:int=64):
             s = self.state_tokens(obs[None, sl], pro[None, sl, :ACTION_DIM])  # (1, t, dim)
             self._feed(interleave(s, self.action_tokens(act[None, sl, :ACTION_DIM])))
 
-# %% ../../nbs/10_models.policy.ipynb #c100
+# %% ../../nbs/10_models.policy.ipynb #c102
 @patch
 def _to_absolute(self:ICRT, chunk:Tensor, proprio:Tensor)->Tensor:  # (K, 10) model space -> (K, 10) absolute
     "Delta actions to absolute xyz + rot6d + gripper with the current proprio."
@@ -419,7 +429,7 @@ def _to_absolute(self:ICRT, chunk:Tensor, proprio:Tensor)->Tensor:  # (K, 10) mo
     pose = delta_to_absolute(proprio[:9].expand(len(chunk), 9), chunk[:, :9])
     return torch.cat([pose, chunk[:, 9:]], dim=-1)
 
-# %% ../../nbs/10_models.policy.ipynb #c103
+# %% ../../nbs/10_models.policy.ipynb #c105
 @patch
 def _query(self:ICRT, pro:Tensor):
     "Feed queued tokens, read the chunk at the newest state token."
@@ -437,7 +447,7 @@ def _query(self:ICRT, pro:Tensor):
     self._chunks.append((self.step, self.last_abs_chunk))
     self._chunks = [(t, c) for t, c in self._chunks if self.step - t < self.num_pred_steps]
 
-# %% ../../nbs/10_models.policy.ipynb #c106
+# %% ../../nbs/10_models.policy.ipynb #c108
 @patch
 def _select(self:ICRT, pro:Tensor)->Tensor:  # (10,) or (K, 10) absolute
     "The absolute action(s) to execute now, and remember the model-space action for the next step."
@@ -454,7 +464,7 @@ def _select(self:ICRT, pro:Tensor)->Tensor:  # (10,) or (K, 10) absolute
     self._last_action = first
     return out
 
-# %% ../../nbs/10_models.policy.ipynb #c108
+# %% ../../nbs/10_models.policy.ipynb #c110
 @patch
 @torch.no_grad()
 def get_action(self:ICRT,
@@ -476,7 +486,7 @@ def get_action(self:ICRT,
     self.step += 1
     return to_pose7(act10).cpu()
 
-# %% ../../nbs/10_models.policy.ipynb #c116
+# %% ../../nbs/10_models.policy.ipynb #c118
 def overfit_policy(model:ICRT, batch:dict, steps:int=200, lr:float=2e-3)->tuple:
     "Train `model` on one batch; return (first loss, mean of the last 10 losses)."
     model.train()
