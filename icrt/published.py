@@ -23,18 +23,18 @@ import torch.nn.functional as F
 import yaml
 
 from .checkpoint import atomic_save
-from .config import ICRTError, ExperimentConfig, config_from_dict, config_to_dict, save_config
+from .config import REPO_CONFIGS, ICRTError, ExperimentConfig, config_from_dict, config_to_dict, save_config
 from .models.llama import apply_rope, rope_angles
 from .models.policy import ICRT, load_action_stats
 from .models.vision import read_vision_checkpoint
 from .train import random_frozen_state
 
 # %% auto #0
-__all__ = ['PUBLISHED_MODULE', 'PUBLISHED_CLASSES', 'CLASS_KEY', 'GROUPS', 'PUBLISHED_ONLY', 'MODEL_OPTIONS', 'PublishedError',
-           'read_published_yaml', 'published_config', 'read_published_checkpoint', 'published_layout',
-           'check_published_layout', 'project_key', 'model_option', 'map_published_state', 'localise', 'project_model',
+__all__ = ['PUBLISHED_MODULE', 'PUBLISHED_CLASSES', 'CLASS_KEY', 'GROUPS', 'PUBLISHED_ONLY', 'PublishedError',
+           'read_published_yaml', 'published_config', 'read_published_checkpoint', 'published_shapes',
+           'check_published_shapes', 'project_key', 'map_published_state', 'bundled_copy', 'localise', 'project_model',
            'write_run', 'import_published', 'import_published_cli', 'published_tokens', 'published_transformer',
-           'published_reference']
+           'published_reference', 'imported_outputs']
 
 # %% ../nbs/22_published.ipynb #c005
 class PublishedError(ICRTError, ValueError):
@@ -97,7 +97,7 @@ def _strip(d:dict, cls:str, where:str)->dict:
 # %% ../nbs/22_published.ipynb #c020
 def _refusals(p:dict)->list:  # [(field, value, why)] of values this project cannot reproduce
     pc, vc, sc = p["model_cfg"]["policy_cfg"], p["model_cfg"]["vision_encoder_cfg"], p["shared_cfg"]
-    multi, sep = pc.get("multikv_attn_pool", False), pc.get("separate_camera_adapter", True)
+    multi = pc.get("multikv_attn_pool", False)
     checks = [
         ("model_cfg.policy_cfg.pred_action_only", not pc.get("pred_action_only", True),
          "the published model then predicts the end flag inside each chunk step and decodes proprio; this project's end_head differs"),
@@ -105,8 +105,6 @@ def _refusals(p:dict)->list:  # [(field, value, why)] of values this project can
          "only the MLP head has been compared with the published code"),
         ("shared_cfg.rot_6d", not sc.get("rot_6d", True), "the published model then uses 8-wide quaternion actions"),
         ("model_cfg.vision_encoder_cfg.vision_lora", vc.get("vision_lora", False), "the published encoder's loralib layers have no counterpart here"),
-        ("model_cfg.policy_cfg.multikv_attn_pool", multi and not sep and sc.get("num_cameras", 2) > 1,
-         "with one shared adapter the published pooling has one key/value group for all cameras, this project one per camera"),
         ("model_cfg.policy_cfg.remove_proprio", multi and pc.get("remove_proprio", False), "the published multi-KV pooling has no path without proprio"),
     ]
     return [(f, _dig(p, f), why) for f, bad, why in checks if bad]
@@ -126,6 +124,7 @@ def published_config(
     if bad: raise PublishedError(f"{where}: {bad[0][0]}: {bad[0][1]!r} cannot be reproduced ({bad[0][2]})")
     notes = [f"{k}: {p.pop(k)!r} (published only, torch.distributed bookkeeping) ignored" for k in PUBLISHED_ONLY if k in p]
     pc = p["model_cfg"]["policy_cfg"]
+    pc["published_layout"] = True  # the published modules (10_models.policy)
     if pc.get("lora_layer_idxs") is not None:
         notes.append(f"model_cfg.policy_cfg.lora_layer_idxs: {pc['lora_layer_idxs']} is ignored by the published model "
                      "(LoRA on every layer); cleared"); pc["lora_layer_idxs"] = None
@@ -251,11 +250,11 @@ def _published_llama(p:dict, llama:dict, trained_only:bool=True)->dict:
     return {f"llama.layers.{l}.{k}": s for l in range(llama["n_layers"]) for k, s in layer.items()} | {"llama.norm.weight": (dim,)}
 
 # %% ../nbs/22_published.ipynb #c038
-def published_layout(p:dict, D:int, llama:dict)->dict:  # {key: shape} of the published checkpoint's `model`
+def published_shapes(p:dict, D:int, llama:dict)->dict:  # {key: shape} of the published checkpoint's `model`
     "Every tensor a published checkpoint of plain config `p` holds, with its shape."
     return _published_icrt(p, D, llama["dim"]) | _published_llama(p, llama)
 
-def check_published_layout(sd:dict, layout:dict, where:str):
+def check_published_shapes(sd:dict, layout:dict, where:str):
     "Raise naming the first key of `sd` that `layout` does not expect, has another shape, or is missing."
     for k, v in sd.items():
         if k.startswith("vision_encoder."): continue  # a trained vision encoder: checked when it is loaded
@@ -288,17 +287,6 @@ def project_key(k:str)->Optional[str]:  # this project's name, or None when no r
     return None
 
 # %% ../nbs/22_published.ipynb #c045
-MODEL_OPTIONS = [
-    (r"icrt_(proprio|action)_encoder\.", "tokenisers as the published timm Mlp: hidden width = input width (10), not the output width"),
-    (r"icrt_attn_pooling\.", "the published attention pooling: no residual to the query, proj to the output width, norm (eps 1e-6) and MLP at that width, no 'out' layer"),
-    (r"icrt_action_decoder\.", "the published MLP head: hidden width 128 (this project: the transformer width)"),
-    (r"llama\..*(\.bias|lora_w[123]_l\d\.weight)$", "the published finetune layout: biases on wq, wo, w1, w2, w3 and LoRA on the feed-forward w1, w2, w3 too"),
-    (r"icrt_vision_norm\.", "the published vision LayerNorm eps 1e-6 (this project: 1e-5)"),
-]
-
-def model_option(k:str)->str: return next((why for pat, why in MODEL_OPTIONS if re.match(pat, k)), "")
-
-# %% ../nbs/22_published.ipynb #c046
 def _own_name(h:str, own:dict)->Optional[str]:
     "`h` in `own`, allowing for peft's `base_layer` wrapping of LoRA-adapted layers."
     head, _, last = h.rpartition(".")
@@ -307,21 +295,21 @@ def _own_name(h:str, own:dict)->Optional[str]:
 def map_published_state(
     sd:dict,   # published state dict (checkpoint `model`, or a pretrain checkpoint's llama.* for the base weights)
     own:dict,  # this project's model state dict (names -> tensors)
-)->tuple:      # (mapped {own name: tensor}, problems [(published key, own name or None, model option)])
+)->tuple:      # (mapped {own name: tensor}, problems [(published key, own name or None)])
     "Rename `sd` to this project's names; every key that has no place of the same shape is a problem."
     mapped, problems = {}, []
     if "icrt_pos_emb_state" in sd or "icrt_pos_emb_act" in sd:
         pair = [sd.get("icrt_pos_emb_state"), sd.get("icrt_pos_emb_act")]
-        if None in pair or "modality_emb" not in own: problems.append(("icrt_pos_emb_state", "modality_emb", "modality_pos_emb on both sides"))
+        if None in pair or "modality_emb" not in own: problems.append(("icrt_pos_emb_state", "modality_emb"))
         else: mapped["modality_emb"] = torch.stack(pair)
     for k, v in sd.items():
         if k in ("icrt_pos_emb_state", "icrt_pos_emb_act"): continue
         h = project_key(k); a = _own_name(h, own) if h else None
-        if a is None or tuple(own[a].shape) != tuple(v.shape): problems.append((k, a or h, model_option(k)))
+        if a is None or tuple(own[a].shape) != tuple(v.shape): problems.append((k, a or h))
         else: mapped[a] = v
     return mapped, problems
 
-# %% ../nbs/22_published.ipynb #c048
+# %% ../nbs/22_published.ipynb #c047
 def _need(path:Optional[str], flag:str, what:str, field:str)->str:
     "An existing file or folder, else one line naming the config field and the flag that gives it."
     if path and Path(path).expanduser().exists(): return str(Path(path).expanduser())
@@ -342,6 +330,21 @@ def _localise_vision(vc, vision_encoder:Optional[str])->dict:
     return {"vision_encoder": str(Path(name).expanduser()), "vision_nonpretrained": False}
 
 # %% ../nbs/22_published.ipynb #c049
+def bundled_copy(path:str)->Optional[Path]:  # the bundled file, or None
+    "This project's copy of a published `config/...` file named by a path of another machine."
+    p = Path(path); parts = p.parts
+    cut = max((i for i, x in enumerate(parts) if x in ("config", "configs")), default=None)
+    cands = ([REPO_CONFIGS.joinpath(*parts[cut + 1:])] if cut is not None and cut + 1 < len(parts) else []) + [REPO_CONFIGS / "model_config" / p.name]
+    return next((c for c in cands if c.is_file()), None)
+
+def _need_or_bundled(path:Optional[str], from_config:bool, flag:str, what:str, field:str, notes:Optional[list])->str:
+    "`_need`, except that a config's path to a published config file may be this project's bundled copy."
+    b = bundled_copy(path) if from_config and path and not Path(path).expanduser().exists() else None
+    if b is None: return _need(path, flag, what, field)
+    if notes is not None: notes.append(f"{field} '{path}' is not here: using this project's bundled copy {b} (same contents as the published file)")
+    return str(b)
+
+# %% ../nbs/22_published.ipynb #c051
 def localise(
     cfg:ExperimentConfig,                 # published_config output
     out:Path,                             # the run folder to write
@@ -349,23 +352,25 @@ def localise(
     llama_dir:Optional[str]=None,         # --llama-dir
     scratch_llama_config:Optional[str]=None,  # --scratch-llama-config
     scale_action:Optional[str]=None,      # --scale-action
+    notes:Optional[list]=None,            # one line per config file replaced by this project's bundled copy
 )->ExperimentConfig:                      # the same config with files of this machine
-    "Point the config's files at this machine (flags first), or say which flag is needed."
+    "Point the config's files at this machine (flags first, then bundled copies of published configs), or say which flag is needed."
     R = dataclasses.replace
     mc, pc, sc = cfg.model_cfg, cfg.model_cfg.policy_cfg, cfg.shared_cfg
     vc = R(mc.vision_encoder_cfg, **_localise_vision(mc.vision_encoder_cfg, vision_encoder))
     if pc.scratch_llama_config and pc.phase == "pretrain":
         j = scratch_llama_config or pc.scratch_llama_config
-        pc = R(pc, scratch_llama_config=_need(j, "--scratch-llama-config", "the transformer params JSON", "model_cfg.policy_cfg.scratch_llama_config"),
-               llama_ckpt_dir=None)
+        pc = R(pc, scratch_llama_config=_need_or_bundled(j, scratch_llama_config is None, "--scratch-llama-config", "the transformer params JSON",
+                                                         "model_cfg.policy_cfg.scratch_llama_config", notes), llama_ckpt_dir=None)
     else:
         d = _need(llama_dir or pc.llama_ckpt_dir, "--llama-dir", "the Llama folder (params.json + consolidated.*.pth)", "model_cfg.policy_cfg.llama_ckpt_dir")
         pc = R(pc, llama_ckpt_dir=d, scratch_llama_config=None)
-    sa = _need(scale_action or sc.scale_action, "--scale-action", "the action statistics JSON", "shared_cfg.scale_action") if (scale_action or sc.scale_action) else None
+    sa = _need_or_bundled(scale_action or sc.scale_action, scale_action is None, "--scale-action", "the action statistics JSON",
+                          "shared_cfg.scale_action", notes) if (scale_action or sc.scale_action) else None
     return R(cfg, model_cfg=R(mc, vision_encoder_cfg=vc, policy_cfg=R(pc, pretrained_path=None)),
              shared_cfg=R(sc, scale_action=sa, resume=None), logging_cfg=R(cfg.logging_cfg, output_dir=str(out.parent), log_name=out.name, log_dir=None))
 
-# %% ../nbs/22_published.ipynb #c053
+# %% ../nbs/22_published.ipynb #c055
 def project_model(cfg:ExperimentConfig)->ICRT:
     "This project's ICRT of a localised config, with its action statistics."
     torch.manual_seed(0)
@@ -373,17 +378,26 @@ def project_model(cfg:ExperimentConfig)->ICRT:
     if cfg.shared_cfg.scale_action: m.set_action_stats(load_action_stats(cfg.shared_cfg.scale_action))
     return m
 
-# %% ../nbs/22_published.ipynb #c056
+# %% ../nbs/22_published.ipynb #c058
+def _timm_names(sd:dict)->dict:
+    "Encoder tensors under timm's names (the published `VisionEncoder` keeps its timm model as `model`)."
+    for pre in ("vision_encoder.model.", "model."):
+        if sd and all(k.startswith(pre) for k in sd): return {k[len(pre):]: v for k, v in sd.items()}
+    return sd
+
+# %% ../nbs/22_published.ipynb #c060
 def _vision_copy(cfg:ExperimentConfig, tmp:Path, out:Path)->ExperimentConfig:
     "Copy a local vision encoder beside the run, without its final norm; the config then names the copy."
     vc = cfg.model_cfg.vision_encoder_cfg
     if not Path(vc.vision_encoder).expanduser().is_file(): return cfg
-    sd = {k: v for k, v in read_vision_checkpoint(vc.vision_encoder)["model"].items() if not k.startswith("norm.")}
+    sd = {k: v for k, v in _timm_names(read_vision_checkpoint(vc.vision_encoder)["model"]).items() if not k.startswith("norm.")}
     torch.save({"model": sd}, tmp / "vision_encoder.pth")
     R = dataclasses.replace
     return R(cfg, model_cfg=R(cfg.model_cfg, vision_encoder_cfg=R(vc, vision_encoder=str(out / "vision_encoder.pth"))))
 
-def write_run(model:ICRT, cfg:ExperimentConfig, epoch:int, out:Path, notes:list)->Path:
+def write_run(model:ICRT, cfg:ExperimentConfig, epoch:int, out:Path, notes:list,
+              frozen:tuple=(),  # names of frozen tensors no file of the run gives back (a finetune's pretrained base)
+             )->Path:
     "Write `model` and `cfg` as a run folder `out` of this project (atomically: all of it or nothing)."
     out = Path(out).expanduser().resolve()
     tmp = out.with_name(f".{out.name}.importing")
@@ -394,15 +408,16 @@ def write_run(model:ICRT, cfg:ExperimentConfig, epoch:int, out:Path, notes:list)
         sa = cfg.shared_cfg.scale_action
         if sa: shutil.copy(sa, tmp / "action_statistics.json"); cfg = dataclasses.replace(cfg, shared_cfg=dataclasses.replace(cfg.shared_cfg, scale_action=str(out / "action_statistics.json")))
         save_config(cfg, tmp / "run.yaml")
-        atomic_save({"model": {**random_frozen_state(model, cfg), **model.trainable_state_dict()}, "epoch": epoch,
-                     "config": config_to_dict(cfg)}, tmp / f"checkpoint-{epoch}.pth")
+        sd = model.state_dict()
+        atomic_save({"model": {**random_frozen_state(model, cfg), **{k: sd[k] for k in frozen}, **model.trainable_state_dict()},
+                     "epoch": epoch, "config": config_to_dict(cfg)}, tmp / f"checkpoint-{epoch}.pth")
         (tmp / "imported.txt").write_text("\n".join(notes) + "\n")
         tmp.rename(out)
     finally:
         if tmp.exists(): shutil.rmtree(tmp)
     return out
 
-# %% ../nbs/22_published.ipynb #c062
+# %% ../nbs/22_published.ipynb #c066
 def _check_out(out:Path):
     "Refuse an --out that already holds a run or anything else."
     if (out / "run.yaml").exists() or any(out.glob("checkpoint-*.pth")):
@@ -424,20 +439,20 @@ def _base_weights(sd:dict, cfg_in:ExperimentConfig, pretrained_path:Optional[str
     pre = read_published_checkpoint(pp, "--pretrained-path")["model"]
     return {k: v for k, v in pre.items() if k.startswith("llama.") and k not in sd}
 
-# %% ../nbs/22_published.ipynb #c063
+# %% ../nbs/22_published.ipynb #c067
 def _map_strict(model:ICRT, sd:dict, where:str)->dict:
     "The published tensors under this project's names; every one used, every trainable tensor filled, else one line."
     mapped, problems = map_published_state(sd, model.state_dict())
     if problems:
-        opts = list(dict.fromkeys(w for _, _, w in problems if w))
-        k, a, w = problems[0]
-        raise PublishedError(f"{where}: {len(problems)} published tensors have no place of the same shape in this project's ICRT, "
-                             f"first '{k}' ({w or 'no rule'}); this project's model needs options for: {'; '.join(opts)}")
+        (k, a), more = problems[0], f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""
+        where_to = f"'{a}' has another shape" if a else "no rule names it"
+        raise PublishedError(f"{where}: the published tensor '{k}'{more} has no place in this project's ICRT ({where_to}); "
+                             "is the checkpoint from this run.yaml?")
     missing = [k for k in model.trainable_state_dict() if not k.startswith("action_") and k not in mapped]
     if missing: raise PublishedError(f"{where}: this project's ICRT needs '{missing[0]}' (+{len(missing) - 1} more), which the published checkpoint does not hold")
     return mapped
 
-# %% ../nbs/22_published.ipynb #c064
+# %% ../nbs/22_published.ipynb #c068
 def import_published(
     run_yaml:str, checkpoint:str, out:str,    # the published run.yaml and checkpoint; the run folder to write
     vision_encoder:Optional[str]=None, llama_dir:Optional[str]=None, scratch_llama_config:Optional[str]=None,
@@ -448,16 +463,18 @@ def import_published(
     y = read_published_yaml(run_yaml)
     cfg_in, notes = published_config(y, f"--run-yaml '{run_yaml}'")
     ck = read_published_checkpoint(checkpoint)
-    cfg = localise(cfg_in, out, vision_encoder, llama_dir, scratch_llama_config, scale_action)
+    cfg = localise(cfg_in, out, vision_encoder, llama_dir, scratch_llama_config, scale_action, notes)
     sd, where = ck["model"], f"--checkpoint '{checkpoint}' with --run-yaml '{run_yaml}'"
     D = sd["icrt_vision_norm.weight"].shape[0] if "icrt_vision_norm.weight" in sd else 0
-    check_published_layout(sd, published_layout(_strip(y, "ExperimentConfig", "run.yaml"), D, _transformer_params(cfg)), where)
-    sd = {**_base_weights(sd, cfg_in, pretrained_path, notes), **sd}
+    check_published_shapes(sd, published_shapes(_strip(y, "ExperimentConfig", "run.yaml"), D, _transformer_params(cfg)), where)
+    base = _base_weights(sd, cfg_in, pretrained_path, notes)
     model = project_model(cfg)
-    model.load_state_dict(_map_strict(model, sd, where), strict=False)
-    return write_run(model, cfg, int(ck["epoch"] or 0), out, notes)
+    mapped = _map_strict(model, {**base, **sd}, where)
+    model.load_state_dict(mapped, strict=False)
+    frozen = tuple(_own_name(project_key(k), mapped) for k in base)
+    return write_run(model, cfg, int(ck["epoch"] or 0), out, notes, frozen)
 
-# %% ../nbs/22_published.ipynb #c067
+# %% ../nbs/22_published.ipynb #c071
 def import_published_cli(argv:Optional[list]=None)->int:
     "icrt_import_published --run-yaml R --checkpoint C [--vision-encoder V] [--llama-dir D] --out RUN_DIR"
     ap = argparse.ArgumentParser("icrt_import_published", description="Turn a published ICRT run (run.yaml + checkpoint) into a run folder of this project.")
@@ -476,7 +493,7 @@ def import_published_cli(argv:Optional[list]=None)->int:
     except ICRTError as e: print(f"icrt_import_published: error: {e}", file=sys.stderr); return 1
     print(f"wrote {run}"); return 0
 
-# %% ../nbs/22_published.ipynb #c070
+# %% ../nbs/22_published.ipynb #c074
 def _lin(sd:dict, pre:str, x):  # (..., in) -> (..., out)
     "Linear layer `pre` of a state dict, plus its published LoRA pair when present."
     y = F.linear(x, sd[f"{pre}.weight"], sd.get(f"{pre}.bias"))
@@ -495,7 +512,7 @@ def _pool(sd:dict, pre:str, x, heads:int):  # (M, L, D) -> (M, out)
     n = o.shape[-1]
     return (o + _mlp(sd, f"{pre}.mlp", F.layer_norm(o, (n,), sd[f"{pre}.norm.weight"], sd[f"{pre}.norm.bias"], 1e-6)))[:, 0]
 
-# %% ../nbs/22_published.ipynb #c071
+# %% ../nbs/22_published.ipynb #c075
 def published_tokens(
     sd:dict, p:dict,   # published state dict and plain config (separate adapters, proprio, single K/V only)
     feats, proprio, action,  # (B, T, N, L, D) vision tokens (no final norm), (B, T, 10), (B, T, 10) model-space
@@ -514,7 +531,7 @@ def published_tokens(
     if pc["modality_pos_emb"]: s, a = s + sd["icrt_pos_emb_state"], a + sd["icrt_pos_emb_act"]
     return torch.stack([s, a], 2).flatten(1, 2)
 
-# %% ../nbs/22_published.ipynb #c072
+# %% ../nbs/22_published.ipynb #c076
 def _rms(x, w, eps): return (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).type_as(x) * w
 
 def published_transformer(
@@ -536,7 +553,7 @@ def published_transformer(
         h = h + _lin(sd, f"{pre}.feed_forward.w2", f)
     return _rms(h, sd["llama.norm.weight"], eps)
 
-# %% ../nbs/22_published.ipynb #c073
+# %% ../nbs/22_published.ipynb #c077
 def _gram_schmidt(a):  # (..., 10) -> (..., 10), the two rot6d rows orthonormalised as the published inference does
     b1 = F.normalize(a[..., 3:6], dim=-1)
     b2 = F.normalize(a[..., 6:9] - (b1 * a[..., 6:9]).sum(-1, keepdim=True) * b1, dim=-1)
@@ -553,3 +570,26 @@ def published_reference(
     net = _mlp(sd, "icrt_action_decoder.mlp", out).view(B, T, p["shared_cfg"]["num_pred_steps"], -1)
     if stats is None: return net, net
     return net, net * torch.as_tensor(stats["std"]) + torch.as_tensor(stats["mean"])
+
+# %% ../nbs/22_published.ipynb #c083
+@torch.no_grad()
+def imported_outputs(
+    model:ICRT,  # this project's ICRT (e.g. ICRTPolicy.from_run(imported_run).model)
+    io:dict,     # observation (1, T, N, 3, S, S), proprio (1, T, 10), action (1, T, 10) model space, prompt_steps
+)->dict:         # teacher_forced_net, teacher_forced (1, T, K, 10); cached (1, T - prompt_steps, K, 10); loss
+    "This project's outputs on a published fixture's inputs, computed as the published code computed its own."
+    model.eval()
+    obs, pro, act, P = io["observation"], io["proprio"], io["action"], int(io["prompt_steps"])
+    B, T, K = pro.shape[0], pro.shape[1], model.num_pred_steps
+    batch = {"observation": obs, "proprio": pro[:, :, None].expand(B, T, K, 10),
+             "action": torch.cat([act, torch.zeros(B, T, 1)], -1)[:, :, None].expand(B, T, K, 11)}
+    net = model.head.predict(model.encode(batch).flatten(0, 1)).view(B, T, K, 10)
+    loss, _ = model(batch)
+    model.reset()
+    model.prompt([{"observation": obs[0, :P], "proprio": pro[0, :P], "action": act[0, :P]}])
+    chunks = []
+    for t in range(P, T):
+        model.get_action(obs[0, t], pro[0, t], act[0, t - 1] if t > P else None)
+        chunks.append(model.last_chunk)
+    return {"teacher_forced_net": net, "teacher_forced": model.denormalize_action(net), "loss": loss,
+            "cached": _gram_schmidt(torch.stack(chunks)[None])}

@@ -113,17 +113,108 @@ def test_missing_vision_encoder_named(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.fixture(scope="module")
+def imported(tmp_path_factory):
+    "Both fixture runs imported through the icrt_import_published entry point."
+    root = tmp_path_factory.mktemp("imported")
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    for phase in ("pretrain", "finetune"):
+        rc = import_published_cli(["--run-yaml", str(FIX / phase / "run.yaml"), "--checkpoint", str(FIX / phase / "checkpoint-3.pth"),
+                                   "--out", str(root / phase), *FILES])
+        assert rc == 0, phase
+    yield root
+    torch.set_num_threads(n)
+
+
 @pytest.mark.parametrize("phase", ["pretrain", "finetune"])
-def test_fixture_stops_at_missing_model_options(tmp_path, phase, capsys):
-    """Today this project's ICRT lacks the published tokeniser, pooling, head (and finetune LoRA/bias) variants: the
-    import stops at the strict mapping, names them, and writes nothing. When the model options exist, this test
-    becomes the exactness check against the fixture's outputs (io.pt, 1e-4 in fp32)."""
-    rc = import_published_cli(["--run-yaml", str(FIX / phase / "run.yaml"), "--checkpoint", str(FIX / phase / "checkpoint-3.pth"),
-                               "--out", str(tmp_path / "out"), *FILES])
-    err = capsys.readouterr().err
-    assert rc == 1 and "needs options for" in err and "published attention pooling" in err, err
-    if phase == "finetune": assert "finetune layout" in err, err
-    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())
+def test_imported_run_computes_published_outputs(imported, phase):
+    """The imported run, loaded as any run here, gives the published code's numbers (fp32, 1e-4): teacher-forced chunks
+    (head output and unscaled), the training loss, and the KV-cache path after a 4-step prompt. Pretrain: scratch
+    transformer, MLP head; finetune: Llama-format transformer with the published LoRA and biases, its frozen base from
+    the pretrain checkpoint; both with delta actions and action scaling."""
+    from icrt.inference import ICRTPolicy
+    from icrt.published import imported_outputs
+    io = torch.load(FIX / phase / "io.pt", weights_only=True)
+    model = ICRTPolicy.from_run(imported / phase).model
+    assert model.policy_cfg.published_layout and model.policy_cfg.phase == phase
+    got = imported_outputs(model, io)
+    for k in ("teacher_forced_net", "teacher_forced", "cached", "loss"):
+        torch.testing.assert_close(got[k], io[k], atol=1e-4, rtol=0, msg=lambda m: f"{phase} {k}: {m}")
+    assert sorted(p.name for p in (imported / phase).iterdir()) == [
+        "action_statistics.json", "checkpoint-3.pth", "imported.txt", "run.yaml", "vision_encoder.pth"]
+
+
+def test_icrt_eval_runs_on_imported_run(imported, tmp_path):
+    from icrt.eval import eval_cli
+    from icrt.tiny import toy_dataset
+    dj = toy_dataset(tmp_path / "toy")
+    eval_cli([str(imported / "pretrain"), "--dataset-json", str(dj), "--split", "all", "--episodes", "2",
+              "--out", str(tmp_path / "eval"), "--max-figures", "1"])
+    import json, math
+    rep = json.loads((tmp_path / "eval" / "report.json").read_text())
+    tf = rep["teacher_forced"]
+    assert rep["num_episodes"] == 2 and tf["steps"] > 0, rep
+    assert all(math.isfinite(tf[k]) for k in ("trans_mm", "rot_deg", "gripper_acc")), tf
+    assert (tmp_path / "eval" / "report.md").is_file()
+
+
+def test_finetune_from_imported_run(imported, tmp_path):
+    """The seed's finetune recipe on the released-model stand-in: --load-config the imported run.yaml, start from its
+    checkpoint (--model-cfg.policy-cfg.pretrained-path); it starts from exactly the imported weights and its loss falls."""
+    import json
+    from icrt.config import parse_args
+    from icrt.train import build_model, train
+    from icrt.tiny import toy_dataset
+    dj = toy_dataset(tmp_path / "toy")
+    ck = imported / "pretrain" / "checkpoint-3.pth"
+    flags = ["--load-config", str(imported / "pretrain" / "run.yaml"), "--dataset-cfg.dataset-json", str(dj),
+             "--dataset-cfg.task-names", "reach", "push", "pick", "--model-cfg.policy-cfg.pretrained-path", str(ck),
+             "--logging-cfg.output-dir", str(tmp_path), "--logging-cfg.log-name", "ft", "--trainer-cfg.epochs", "4",
+             "--optimizer-cfg.warmup-epochs", "0", "--optimizer-cfg.lr", "1e-3", "--trainer-cfg.accum-iter", "1",
+             "--trainer-cfg.num-workers", "0", "--dataset-cfg.non-overlapping", "16"]
+    cfg = parse_args(flags)
+    start = build_model(cfg, torch.device("cpu")).state_dict()
+    for k, v in torch.load(ck, weights_only=True)["model"].items(): assert torch.equal(start[k], v), k
+    n = torch.get_num_threads(); torch.set_num_threads(1)
+    try: train(cfg)
+    finally: torch.set_num_threads(n)
+    log = [json.loads(l) for l in (tmp_path / "ft" / "log.txt").read_text().splitlines()]
+    assert len(log) == 4 and log[-1]["train_loss"] < 0.8 * log[0]["train_loss"], log
+
+
+def _variant(**policy):
+    "The fixture's pretrain run.yaml with other policy values (as a published config dict)."
+    d = read_published_yaml(FIX / "pretrain" / "run.yaml")
+    d["model_cfg"]["policy_cfg"].update(policy)
+    return d
+
+
+@pytest.mark.parametrize("policy,cameras", [({"separate_camera_adapter": False}, 2), ({"separate_camera_adapter": False, "multikv_attn_pool": True}, 2),
+                                            ({"multikv_attn_pool": True}, 2), ({"remove_proprio": True}, 2), ({}, 1),
+                                            ({"camera_pos_emb": False, "modality_pos_emb": False}, 2)])
+def test_published_variants_fit_exactly(tmp_path, policy, cameras):
+    """Configurations beyond the fixture's: a published checkpoint of that layout (random tensors of the shapes the
+    published code makes) fills this project's published-layout model exactly: every tensor used, every trainable filled."""
+    from icrt.published import _map_strict, _strip, localise, project_model, published_config, published_shapes
+    d = _variant(**policy); d["shared_cfg"]["num_cameras"] = cameras
+    cfg, _ = published_config(d)
+    cfg = localise(cfg, tmp_path / "run", vision_encoder=str(FIX / "vision_encoder.pth"),
+                   scratch_llama_config=str(FIX / "tiny_transformer.json"), scale_action=str(FIX / "action_statistics.json"))
+    import json
+    shapes = published_shapes(_strip(d, "ExperimentConfig", "run.yaml"), 48, json.loads((FIX / "tiny_transformer.json").read_text()))
+    g = torch.Generator().manual_seed(0)
+    sd = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    model = project_model(cfg)
+    mapped = _map_strict(model, sd, "variant")
+    assert len(mapped) == len(sd) - (1 if "icrt_pos_emb_state" in sd else 0)
+
+
+def test_unreproducible_value_refused():
+    from icrt.published import published_config
+    d = read_published_yaml(FIX / "pretrain" / "run.yaml")
+    d["model_cfg"]["policy_cfg"]["decoder_pred_head"] = "gmm"
+    with pytest.raises(PublishedError, match=r"decoder_pred_head: 'gmm' cannot be reproduced") as e: published_config(d, "x.yaml")
+    _one_line(e)
 
 
 @pytest.mark.parametrize("phase", ["pretrain", "finetune"])
@@ -154,3 +245,32 @@ def test_missing_llama_folder_named(tmp_path):
                          vision_encoder=str(FIX / "vision_encoder.pth"))
     _one_line(e)
     assert not (tmp_path / "out").exists()
+
+
+def test_pretrain_on_a_llama_folder_keeps_it_frozen(tmp_path):
+    """A published pretrain run on a Llama folder (not a scratch transformer) trains only icrt_*: its checkpoint holds
+    no llama.* tensor, the import takes the transformer from --llama-dir and writes none of it (a 7B base stays out of
+    the run's checkpoint), and the imported model trains what the published one trained."""
+    import json
+    from icrt.inference import ICRTPolicy
+    from icrt.models.llama import load_meta_state_dict
+    from icrt.published import _strip, published_shapes
+    text = (FIX / "pretrain" / "run.yaml").read_text().replace("scratch_llama_config: /tmp/fixture/tiny_transformer.json",
+                                                                 "scratch_llama_config: null").replace("load_llama: false", "load_llama: true")
+    (tmp_path / "run.yaml").write_text(text)
+    shapes = published_shapes(_strip(read_published_yaml(tmp_path / "run.yaml"), "ExperimentConfig", "run.yaml"), 48,
+                              json.loads((FIX / "llama" / "params.json").read_text()))
+    assert not any(k.startswith("llama.") for k in shapes)
+    g = torch.Generator().manual_seed(0)
+    torch.save({"model": {k: torch.randn(s, generator=g) for k, s in shapes.items()}, "epoch": 1}, tmp_path / "checkpoint-1.pth")
+    rc = import_published_cli(["--run-yaml", str(tmp_path / "run.yaml"), "--checkpoint", str(tmp_path / "checkpoint-1.pth"),
+                               "--out", str(tmp_path / "out"), "--vision-encoder", str(FIX / "vision_encoder.pth"),
+                               "--llama-dir", str(FIX / "llama"), "--scale-action", str(FIX / "action_statistics.json")])
+    assert rc == 0
+    saved = torch.load(tmp_path / "out" / "checkpoint-1.pth", weights_only=True)["model"]
+    assert not any(k.startswith("transformer.") for k in saved)
+    model = ICRTPolicy.from_run(tmp_path / "out").model
+    assert not any(p.requires_grad for p in model.transformer.parameters())
+    base = load_meta_state_dict(FIX / "llama")
+    for k, v in base.items(): assert torch.equal(model.transformer.state_dict()[k], v), k
+
