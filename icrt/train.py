@@ -128,12 +128,22 @@ def build_datasets(cfg:ExperimentConfig, data_config:dict, run_dir:Optional[Path
     return train, val
 
 # %% ../nbs/12_train.ipynb #c029
+def _same_layout(ck:dict, cfg:ExperimentConfig, pp:str):
+    "Refuse a pretrained checkpoint of the other module layout (`published_layout`), naming the flag that fits it."
+    saved = ((ck.get("config") or {}).get("model_cfg") or {}).get("policy_cfg", {}).get("published_layout")
+    if saved is None or bool(saved) == cfg.model_cfg.policy_cfg.published_layout: return
+    flag = "--model-cfg.policy-cfg." + ("published-layout" if saved else "no-published-layout")
+    raise TrainingError(f"--model-cfg.policy-cfg.pretrained-path: '{pp}' holds a model of the {'published' if saved else 'default'} "
+                        f"module layout: add {flag} (or start from --load-config with that run's run.yaml)")
+
 def build_model(cfg:ExperimentConfig, device:torch.device, vision_encoder=None)->ICRT:
     "The policy of `cfg`, with `pretrained_path` weights loaded, on `device`."
-    model = ICRT(cfg.model_cfg, cfg.shared_cfg, vision_encoder=vision_encoder)
     pp = cfg.model_cfg.policy_cfg.pretrained_path
+    ck = load_checkpoint(pp, "--model-cfg.policy-cfg.pretrained-path") if pp is not None else {}
+    if pp is not None: _same_layout(ck, cfg, pp)
+    model = ICRT(cfg.model_cfg, cfg.shared_cfg, vision_encoder=vision_encoder)
     if pp is not None:
-        sd = load_checkpoint(pp, "--model-cfg.policy-cfg.pretrained-path").get("model", {})
+        sd = ck.get("model", {})
         try: missing, unexpected = model.load_trainable_state_dict(sd, strict=False)
         except ValueError as e:  # a tensor of another shape: another dim, layer count or head
             raise TrainingError(f"--model-cfg.policy-cfg.pretrained-path: '{pp}' does not fit this model ({str(e).splitlines()[0]})") from None
@@ -142,7 +152,7 @@ def build_model(cfg:ExperimentConfig, device:torch.device, vision_encoder=None)-
         log.info(f"loaded {pp}: {len(sd) - len(unexpected)} tensors ({len(missing)} new, {len(unexpected)} unused)")
     return model.to(device)
 
-# %% ../nbs/12_train.ipynb #c032
+# %% ../nbs/12_train.ipynb #c034
 def _action_stats(train_ds, stats:Optional[dict], cfg:ExperimentConfig)->Optional[dict]:  # plain lists, or None
     "The statistics that normalise action targets: `stats` read from the `scale_action` file, or the training split's (`auto`)."
     sa = cfg.shared_cfg.scale_action
@@ -150,20 +160,20 @@ def _action_stats(train_ds, stats:Optional[dict], cfg:ExperimentConfig)->Optiona
     st = train_ds.action_statistics() if sa == "auto" else stats
     return {k: [float(x) for x in np.asarray(v).reshape(-1)] for k, v in st.items() if k in ("mean", "std", "min", "max")}
 
-# %% ../nbs/12_train.ipynb #c035
+# %% ../nbs/12_train.ipynb #c037
 def _make_loader(ds, sampler, cfg:ExperimentConfig, d:Dist, train:bool)->DataLoader:
     nw = min(cfg.trainer_cfg.num_workers, os.cpu_count() or 1)
     return DataLoader(ds, batch_size=cfg.shared_cfg.batch_size, sampler=sampler, num_workers=nw, drop_last=train,
                       pin_memory=cfg.trainer_cfg.pin_memory and d.device.type == "cuda")
 
-# %% ../nbs/12_train.ipynb #c038
+# %% ../nbs/12_train.ipynb #c040
 def base_lr(cfg:ExperimentConfig, world_size:int=1)->float:
     "The peak learning rate of a run."
     oc = cfg.optimizer_cfg
     if oc.lr is not None: return oc.lr
     return oc.blr * cfg.shared_cfg.batch_size * cfg.trainer_cfg.accum_iter * world_size / 256
 
-# %% ../nbs/12_train.ipynb #c040
+# %% ../nbs/12_train.ipynb #c042
 def lr_at(
     epoch:float,  # fractional epoch: epoch + iteration / iterations per epoch
     peak:float,   # the peak rate (`base_lr`)
@@ -175,22 +185,22 @@ def lr_at(
     t = (epoch - oc.warmup_epochs) / max(total - oc.warmup_epochs, 1e-8)
     return oc.min_lr + (peak - oc.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
-# %% ../nbs/12_train.ipynb #c043
+# %% ../nbs/12_train.ipynb #c045
 def build_optimizer(model:ICRT, cfg:ExperimentConfig, peak:float)->torch.optim.Optimizer:
     "AdamW over the trainable parameters of `model`, decay only on weight matrices."
     groups = model.param_groups(cfg.optimizer_cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.95))
 
-# %% ../nbs/12_train.ipynb #c046
+# %% ../nbs/12_train.ipynb #c048
 def _to_device(batch:dict, device:torch.device)->dict:
     "Move a (nested) batch of tensors to `device`."
     return {k: _to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True) for k, v in batch.items()}
 
-# %% ../nbs/12_train.ipynb #c048
+# %% ../nbs/12_train.ipynb #c050
 def _autocast(device:torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
-# %% ../nbs/12_train.ipynb #c050
+# %% ../nbs/12_train.ipynb #c052
 def _accumulate(sums:dict, loss:torch.Tensor, parts:dict):
     "Add an iteration's total loss and its named parts to the running sums."
     for k, v in {**parts, "loss": loss.item()}.items(): sums[k] = sums.get(k, 0.) + float(v)
@@ -202,7 +212,7 @@ def _reduce_mean(sums:dict, count:int, d:Dist)->dict:
     if d.world_size > 1: dist.all_reduce(t)
     return {k: (t[i] / max(t[-1].item(), 1)).item() for i, k in enumerate(keys)}
 
-# %% ../nbs/12_train.ipynb #c052
+# %% ../nbs/12_train.ipynb #c054
 def train_one_epoch(model, ddp_model, loader, optimizer, epoch:int, peak:float, cfg:ExperimentConfig, d:Dist,
                     data_config:dict)->dict:
     "Train for one epoch; return the epoch's mean losses, last lr and throughput."
@@ -231,7 +241,7 @@ def train_one_epoch(model, ddp_model, loader, optimizer, epoch:int, peak:float, 
     out.update(lr=lr, samples_per_s=count * cfg.shared_cfg.batch_size * d.world_size / (time.time() - t0))
     return out
 
-# %% ../nbs/12_train.ipynb #c058
+# %% ../nbs/12_train.ipynb #c060
 @torch.no_grad()
 def evaluate(model, loader, cfg:ExperimentConfig, d:Dist, data_config:dict)->dict:
     "Mean validation losses."
@@ -243,7 +253,7 @@ def evaluate(model, loader, cfg:ExperimentConfig, d:Dist, data_config:dict)->dic
         _accumulate(sums, loss, ld); count += 1
     return _reduce_mean(sums, count, d)
 
-# %% ../nbs/12_train.ipynb #c061
+# %% ../nbs/12_train.ipynb #c063
 def get_rng_state()->dict:
     "All random generators' states, as plain data."
     v, keys, g = random.getstate()
@@ -253,7 +263,7 @@ def get_rng_state()->dict:
     if torch.cuda.is_available(): st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
-# %% ../nbs/12_train.ipynb #c063
+# %% ../nbs/12_train.ipynb #c065
 def set_rng_state(st:dict):
     "Restore the generators saved by `get_rng_state`."
     v, keys, g = st["python"]; random.setstate((v, tuple(keys), g))
@@ -262,7 +272,7 @@ def set_rng_state(st:dict):
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st["cuda"])
 
-# %% ../nbs/12_train.ipynb #c066
+# %% ../nbs/12_train.ipynb #c068
 def random_frozen_state(model:ICRT, cfg:ExperimentConfig)->dict:
     "Frozen weights no file can give back: a randomly initialised vision encoder or transformer that is not trained."
     pc, keep = cfg.model_cfg.policy_cfg, set(model.trainable_state_dict())
@@ -272,7 +282,7 @@ def random_frozen_state(model:ICRT, cfg:ExperimentConfig)->dict:
         prefixes.append("transformer.")
     return {k: v.detach() for k, v in model.state_dict().items() if k.startswith(tuple(prefixes)) and k not in keep} if prefixes else {}
 
-# %% ../nbs/12_train.ipynb #c068
+# %% ../nbs/12_train.ipynb #c070
 def make_checkpoint(model, optimizer, scaler, sampler, epoch:int, cfg:ExperimentConfig, d:Dist)->dict:
     "Everything needed to continue a run after `epoch`, as tensors and plain data."
     rng = get_rng_state()
@@ -284,7 +294,7 @@ def make_checkpoint(model, optimizer, scaler, sampler, epoch:int, cfg:Experiment
             "epoch": epoch, "rng": rng, "sampler": sampler.state_dict(), "config": config_to_dict(cfg),
             "world_size": d.world_size}
 
-# %% ../nbs/12_train.ipynb #c070
+# %% ../nbs/12_train.ipynb #c072
 def restore_checkpoint(ck:dict, model, optimizer, scaler, sampler, d:Dist)->int:
     "Put model, optimiser, scaler, sampler and random state back; return the epoch to start from."
     model.load_trainable_state_dict(ck["model"], strict=True)
@@ -295,7 +305,7 @@ def restore_checkpoint(ck:dict, model, optimizer, scaler, sampler, d:Dist)->int:
     else: log.warning(f"checkpoint was written by {len(rng)} processes, this run has {d.world_size}: random state not restored")
     return ck["epoch"] + 1
 
-# %% ../nbs/12_train.ipynb #c074
+# %% ../nbs/12_train.ipynb #c076
 def _load_resume(cfg:ExperimentConfig)->Optional[dict]:
     "The checkpoint of `--shared-cfg.resume` (None for a new run); refused when it leaves no epoch to train."
     path, epochs = cfg.shared_cfg.resume, cfg.trainer_cfg.epochs
@@ -309,7 +319,7 @@ def _load_resume(cfg:ExperimentConfig)->Optional[dict]:
                             f"nothing to train (epochs count from 0); pass --trainer-cfg.epochs {ck['epoch'] + 2} or more")
     return ck
 
-# %% ../nbs/12_train.ipynb #c077
+# %% ../nbs/12_train.ipynb #c079
 def _save_checkpoint(model, f:SimpleNamespace, epoch:int, cfg:ExperimentConfig, d:Dist, run_dir:Path):
     "Write `checkpoint-<epoch>.pth` (main process); every process raises if that write failed."
     f.sampler.set_epoch(epoch + 1)  # the position to continue from: the start of the next epoch
@@ -322,12 +332,12 @@ def _save_checkpoint(model, f:SimpleNamespace, epoch:int, cfg:ExperimentConfig, 
         if failed.item() and err is None: raise TrainingError(f"the main process could not write checkpoint-{epoch}.pth; stopping")
     if err is not None: raise err
 
-# %% ../nbs/12_train.ipynb #c080
+# %% ../nbs/12_train.ipynb #c082
 def _setup_logging(is_main:bool):
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)
 
-# %% ../nbs/12_train.ipynb #c082
+# %% ../nbs/12_train.ipynb #c084
 class _Loggers:
     "TensorBoard scalars in `log_dir` (default: the run folder), and Weights & Biases when a project is named."
     def __init__(self, cfg:ExperimentConfig, run_dir:Path):
@@ -350,14 +360,14 @@ class _Loggers:
         if self.tb is not None: self.tb.close()
         if self.wandb is not None: self.wandb.finish()
 
-# %% ../nbs/12_train.ipynb #c084
+# %% ../nbs/12_train.ipynb #c086
 def _log_epoch(stats:dict, run_dir:Path, loggers:_Loggers):
     "Append one JSON line to log.txt and send the scalars to TensorBoard (and W&B)."
     with open(run_dir/"log.txt", "a") as f: f.write(json.dumps(stats) + "\n")
     loggers.log(stats)
     log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
 
-# %% ../nbs/12_train.ipynb #c087
+# %% ../nbs/12_train.ipynb #c089
 def _write_run_files(cfg:ExperimentConfig, run_dir:Path, train_ds, val_ds, stats:Optional[dict]):
     "Make the run folder; write run.yaml, the split files and the action statistics; remove stale temporary files."
     try:
@@ -372,7 +382,7 @@ def _write_run_files(cfg:ExperimentConfig, run_dir:Path, train_ds, val_ds, stats
         raise TrainingError(f"cannot write to the run folder '{run_dir}' ({e.strerror or e}); choose a writable "
                             "--logging-cfg.output-dir") from None
 
-# %% ../nbs/12_train.ipynb #c090
+# %% ../nbs/12_train.ipynb #c092
 def _prepare_fit(cfg:ExperimentConfig, d:Dist, model, train_ds, val_ds, resume:Optional[dict])->SimpleNamespace:
     "Loaders, optimiser, scaler, the (DDP) model to call, and the first epoch, restored from `resume` when given."
     sc = cfg.shared_cfg
@@ -396,7 +406,7 @@ def _prepare_fit(cfg:ExperimentConfig, d:Dist, model, train_ds, val_ds, resume:O
     return SimpleNamespace(sampler=sampler, loader=loader, val_loader=val_loader, peak=peak, optimizer=optimizer,
                            scaler=scaler, ddp_model=ddp_model, start=start)
 
-# %% ../nbs/12_train.ipynb #c093
+# %% ../nbs/12_train.ipynb #c095
 def train(cfg:ExperimentConfig)->Path:
     "Run the experiment `cfg` (alone or as one `torchrun` process); return its run folder."
     d = setup_distributed(cfg.device); _setup_logging(d.is_main)
@@ -416,7 +426,7 @@ def train(cfg:ExperimentConfig)->Path:
         log.info(f"--no-train: built everything ({sum(p.numel() for p in model.parameters()):,} parameters); stopping"); return run_dir
     return _fit(cfg, d, model, train_ds, data_config, run_dir, f)
 
-# %% ../nbs/12_train.ipynb #c094
+# %% ../nbs/12_train.ipynb #c096
 def _fit(cfg:ExperimentConfig, d:Dist, model, train_ds, data_config:dict, run_dir:Path, f:SimpleNamespace)->Path:
     "The epoch loop of `train`, from `f.start` to the last epoch."
     loggers = _Loggers(cfg, run_dir) if d.is_main else None
@@ -440,7 +450,7 @@ def _fit(cfg:ExperimentConfig, d:Dist, model, train_ds, data_config:dict, run_di
     if d.world_size > 1: dist.barrier()
     return run_dir
 
-# %% ../nbs/12_train.ipynb #c102
+# %% ../nbs/12_train.ipynb #c104
 USER_ERRORS = (ICRTError,)  # every error a user can cause: config, data, checkpoint, training
 
 def main(argv:Optional[list]=None):
