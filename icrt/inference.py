@@ -236,9 +236,11 @@ class ICRTPolicy:
               action_exec_horizon:Optional[int]=None,  # replan every h steps (None: every step)
               temporal_ensemble:bool=False,            # blend the chunks' predictions for the current step
               max_len:Optional[int]=None,              # context length in tokens (default: the transformer's)
+              keep_prompt:bool=True,                   # keep the prompt (O(1), nothing re-encoded); False: empty context
              ):
-        "Start a new episode: empty the context and the step timings."
-        self.model.reset(action_exec_horizon=action_exec_horizon, temporal_ensemble=temporal_ensemble, max_len=max_len)
+        "Start a new episode from the end of the prompt (or an empty context), with fresh step timings."
+        self.model.reset(action_exec_horizon=action_exec_horizon, temporal_ensemble=temporal_ensemble, max_len=max_len,
+                         keep_prompt=keep_prompt)
         self._prev_proprio, self.step_times, self.t = None, [], 0
 
 # %% ../nbs/14_inference.ipynb #c045
@@ -277,10 +279,12 @@ def inputs(self:ICRTPolicy,
 # %% ../nbs/14_inference.ipynb #c053
 @patch
 def prompt(self:ICRTPolicy, episodes:list):
-    "Put demonstrations (raw or load_episode dicts) into the context, in order."
+    "Encode demonstrations (raw or load_episode dicts), in order, as the prompt; a new prompt replaces the old and starts an episode."
     if isinstance(episodes, dict): episodes = [episodes]
-    if self.t: raise InferenceError("prompt: the episode has started; call reset() first")
-    self.model.prompt([self.inputs(e, f"prompt episode {i}") for i, e in enumerate(episodes)])
+    demos = [self.inputs(e, f"prompt episode {i}") for i, e in enumerate(episodes)]  # all checked before the context changes
+    try: self.model.prompt(demos)
+    except RuntimeError as e: raise InferenceError(f"prompt: {e}") from None  # longer than the context
+    self._prev_proprio, self.step_times, self.t = None, [], 0
 
 # %% ../nbs/14_inference.ipynb #c056
 @patch

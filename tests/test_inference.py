@@ -241,3 +241,26 @@ def test_from_run_errors_name_arguments_not_cli_flags(run_dir, tmp_path):
     from icrt.config import ICRTError
     with pytest.raises(ICRTError) as e: ICRTPolicy.from_run(run_dir, checkpoint=junk)
     assert "--checkpoint" not in str(e.value) and "checkpoint" in str(e.value)
+
+
+def test_reset_keeps_the_prompt(policy, assets):
+    """reset() rolls back to the end of the prompt without re-encoding it: the next episode's actions are bit-identical
+    to those after a fresh prompt; a second prompt replaces the first; reset(keep_prompt=False) forgets it."""
+    spec = load_dataset_config(assets.dataset_json)
+    eps = sorted(spec.epi_len)
+    demo, other, run = raw_episode(spec, eps[0]), raw_episode(spec, eps[1]), raw_episode(spec, eps[2])
+    obs = [_observation(spec, run, t) for t in range(6)]
+    episode = lambda: np.stack([policy.act(o) for o in obs])
+    policy.reset(max_len=1024); policy.prompt([demo]); first = episode(); n = policy.model._prompt_len
+    calls = []
+    orig = policy.model.state_tokens
+    policy.model.state_tokens = lambda *a, **k: (calls.append(a[0].shape[1]), orig(*a, **k))[1]
+    try:
+        policy.reset(); assert policy.model.pos == n; again = episode()
+    finally: policy.model.state_tokens = orig
+    assert calls == [1] * len(obs), calls  # only the episode's own steps were encoded
+    np.testing.assert_array_equal(again, first)
+    policy.prompt([other]); assert policy.model._prompt_len != n or not np.array_equal(episode(), first)
+    policy.prompt([demo]); np.testing.assert_array_equal(episode(), first)
+    policy.reset(keep_prompt=False); assert policy.model.pos == 0
+    policy.reset()

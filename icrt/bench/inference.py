@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'CONFIGS', 'build_bench_model', 'cached_step', 'uncached_step', 'kv_cache_bytes', 'bench_inference',
-           'format_table', 'bench_inference_cli']
+           'bench_prompt', 'format_table', 'bench_inference_cli']
 
 # %% ../../nbs/31_bench.inference.ipynb #c006
 CONFIGS = {  # the tiny vision encoder is icrt.tiny's (tiny_encoder: a 2-block ViT-Tiny on 32x32 images)
@@ -148,6 +148,33 @@ def bench_inference(
             "params_m": sum(p.numel() for p in model.parameters()) / 1e6, "threads": torch.get_num_threads()}
 
 # %% ../../nbs/31_bench.inference.ipynb #c030
+@torch.no_grad()
+def bench_prompt(
+    model:ICRT,       # the policy (eval mode)
+    demos:int=2,      # demonstrations in the prompt
+    steps:int=150,    # steps per demonstration
+    reps:int=3,       # timed repetitions (median)
+)->dict:              # prompt_ms, prompt_vision_ms, prompt_transformer_ms, reset_ms, reset_share, prompt_tokens
+    "Cost of encoding a prompt (vision + transformer) and of rolling back to it with reset()."
+    dev, S = model.device, model.vision.data_config["input_size"][-1]
+    g = torch.Generator(device="cpu").manual_seed(0)
+    ds = [{"observation": torch.randn(steps, model.num_cameras, 3, S, S, generator=g).to(dev),
+           "proprio": torch.randn(steps, 10, generator=g).to(dev), "action": torch.randn(steps, 10, generator=g).to(dev)} for _ in range(demos)]
+    model.reset(max_len=2 * demos * steps + 64)
+    prompt_s = _timeit(lambda: model.prompt(ds), reps, dev)
+    feats = [torch.cat([model.vision_features(d["observation"][None, t:t + 64]) for t in range(0, steps, 64)], 1) for d in ds]
+    vision_s = _timeit(lambda: [model.vision_features(d["observation"][None, t:t + 64]) for d in ds for t in range(0, steps, 64)], reps, dev)
+    def rest():  # tokenisers + transformer on the prompt's vision tokens
+        model.reset(keep_prompt=False)
+        for d, v in zip(ds, feats): model._feed(interleave(model.pool_state(v, d["proprio"][None]), model.action_tokens(d["action"][None])))
+    rest_s = _timeit(rest, reps, dev)
+    model.prompt(ds); del feats
+    reset_s = _timeit(lambda: model.reset(max_len=model._max_len), max(reps, 20), dev)
+    return {"prompt_ms": 1e3 * prompt_s, "prompt_vision_ms": 1e3 * vision_s, "prompt_transformer_ms": 1e3 * rest_s,
+            "reset_ms": 1e3 * reset_s, "reset_share": reset_s / prompt_s, "prompt_tokens": model._prompt_len,
+            "prompt_demos": demos, "prompt_steps": steps}
+
+# %% ../../nbs/31_bench.inference.ipynb #c034
 def format_table(res:dict)->str:
     "A plain-text table of `bench_inference` results."
     cols = ["context", "cached_ms", "uncached_ms", "kv_cache_mb", "uncached_peak_mb"]
@@ -159,9 +186,13 @@ def format_table(res:dict)->str:
                  f"cached step {res['rows'][-1]['context']} / {res['rows'][0]['context']} tokens: {res['cached_ratio']:.2f}x   "
                  f"process peak RSS: {res['process_peak_rss_mb']:.0f} MiB   device: {res['device']} ({res['threads']} threads)"
                  + (f"   peak CUDA memory (cached steps): {res['cached_peak_mb']:.0f} MiB" if res["cached_peak_mb"] else ""))
+    if "prompt_ms" in res:
+        lines.append(f"prompt of {res['prompt_demos']} x {res['prompt_steps']} steps ({res['prompt_tokens']} tokens): {res['prompt_ms']:.1f} ms "
+                     f"(vision {res['prompt_vision_ms']:.1f}, tokenisers + transformer {res['prompt_transformer_ms']:.1f})   reset to the prompt: "
+                     f"{1e3 * res['reset_ms']:.1f} us = {100 * res['reset_share']:.3f}% of a re-prompt")
     return "\n".join(lines)
 
-# %% ../../nbs/31_bench.inference.ipynb #c032
+# %% ../../nbs/31_bench.inference.ipynb #c036
 def bench_inference_cli(argv:Optional[list]=None)->int:
     "Console entry point `icrt_bench_inference`."
     p = argparse.ArgumentParser(prog="icrt_bench_inference", description="ICRT per-control-step latency vs context length.")
@@ -171,6 +202,8 @@ def bench_inference_cli(argv:Optional[list]=None)->int:
     p.add_argument("--reps", type=int, default=10, help="timed repetitions of a cached step")
     p.add_argument("--uncached-reps", type=int, default=2, help="timed repetitions of an uncached step")
     p.add_argument("--no-uncached", action="store_true", help="skip the uncached steps")
+    p.add_argument("--prompt", type=int, nargs=2, default=[2, 150], metavar=("DEMOS", "STEPS"),
+                   help="prompt to time encoding and reset() of (default: 2 demonstrations x 150 steps; 0 0: skip)")
     p.add_argument("--max-ratio", type=float, default=1.3, help="CPU check: cached step at the longest / shortest context")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
@@ -182,6 +215,7 @@ def bench_inference_cli(argv:Optional[list]=None)->int:
     torch.manual_seed(0)
     model = build_bench_model(a.config, a.device)
     res = bench_inference(model, a.contexts, a.reps, a.uncached_reps, not a.no_uncached)
+    if a.prompt[0] > 0 and a.prompt[1] > 0: res |= bench_prompt(model, *a.prompt, reps=max(1, a.reps // 3))
     res["config"] = a.config
     print(format_table(res))
     if a.json: a.json.write_text(json.dumps(res, indent=1))
@@ -191,5 +225,5 @@ def bench_inference_cli(argv:Optional[list]=None)->int:
         return 0 if ok else 1
     return 0
 
-# %% ../../nbs/31_bench.inference.ipynb #c033
+# %% ../../nbs/31_bench.inference.ipynb #c037
 if __name__ == "__main__" and "__file__" in globals(): sys.exit(bench_inference_cli())  # `python -m icrt.bench.inference`

@@ -5,6 +5,7 @@
 # %% ../../nbs/10_models.policy.ipynb #c003
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -376,19 +377,34 @@ def reset(self:ICRT,
           temporal_ensemble:bool=False,            # blend all chunks' predictions for the current step
           max_len:Optional[int]=None,              # cache length in tokens (default: the transformer's max_seq_len)
           ensemble_k:float=0.05,                   # temporal-ensembling decay
+          keep_prompt:bool=True,                   # keep the prompt (roll back to its end); False: an empty context
          ):
-    "Start a new inference context (empties the key/value cache)."
+    "Start a new episode: back to the end of the prompt, whose keys/values stay cached (O(1)), or an empty context."
     if action_exec_horizon is not None and temporal_ensemble:
         raise ValueError("reset: choose action_exec_horizon or temporal_ensemble, not both")
     if action_exec_horizon is not None and not 1 <= action_exec_horizon <= self.num_pred_steps:
         raise ValueError(f"reset: action_exec_horizon must be in 1..{self.num_pred_steps} (the chunk length), got {action_exec_horizon}")
     self._horizon, self._ensemble, self._k = action_exec_horizon, temporal_ensemble, ensemble_k
-    self._max_len = max_len or self.transformer.args.max_seq_len
-    self._cache, self.pos, self.step = None, 0, 0
+    n, cache = max_len or self.transformer.args.max_seq_len, getattr(self, "_cache", None)
+    P = getattr(self, "_prompt_len", 0) if keep_prompt and cache is not None else 0
+    if P and n != cache.max_len: cache = self._resized_cache(n, P)  # a copy of the prompt's keys/values, no re-encoding
+    elif not P and cache is not None and n != cache.max_len: cache = None  # allocated at the next feed
+    if cache is not None: cache.length = P
+    self._cache, self._max_len, self._prompt_len, self.pos, self.step = cache, n, P, P, 0
     self._pending_s, self._pending_a, self._chunks, self._last_action = [], [], [], None
     self.last_chunk = self.last_abs_chunk = self.last_hidden = self.last_end_prob = None
 
-# %% ../../nbs/10_models.policy.ipynb #c094
+# %% ../../nbs/10_models.policy.ipynb #c092
+@patch
+def _resized_cache(self:ICRT, n:int, P:int):
+    "A cache of `n` tokens holding the first `P` (the prompt's) keys/values of the current one."
+    if n < P: raise ValueError(f"reset: max_len {n} is shorter than the prompt ({P} tokens); give max_len >= {P} or a new prompt")
+    old = self._cache
+    c = self.transformer.new_cache(1, n, old.k.device, old.k.dtype)
+    c.k[:, :, :, :P], c.v[:, :, :, :P] = old.k[:, :, :, :P], old.v[:, :, :, :P]
+    return c
+
+# %% ../../nbs/10_models.policy.ipynb #c095
 @patch
 def _feed(self:ICRT, h:Tensor)->Tensor:  # (1, n, dim) new tokens -> (1, n, dim) outputs
     "Run new tokens through the transformer, appending to the key/value cache."
@@ -401,27 +417,29 @@ def _feed(self:ICRT, h:Tensor)->Tensor:  # (1, n, dim) new tokens -> (1, n, dim)
     self.pos += h.shape[1]
     return out
 
-# %% ../../nbs/10_models.policy.ipynb #c097
+# %% ../../nbs/10_models.policy.ipynb #c098
 def _as(x, ref:Tensor)->Tensor: return torch.as_tensor(x).to(device=ref.device, dtype=ref.dtype)
 
-# %% ../../nbs/10_models.policy.ipynb #c099
+# %% ../../nbs/10_models.policy.ipynb #c100
 @patch
 @torch.no_grad()
 def prompt(self:ICRT, demos:list, chunk:int=64):
-    "Feed whole demonstrations (dicts of observation (T,N,3,S,S), proprio (T,10), action (T,10)) into the context."
-    if not hasattr(self, "_chunks"): self.reset()
-    if self.step: raise RuntimeError("prompt: the episode has started; call reset() first")
-    ref = self.action_mean
+    "Encode demonstrations (dicts of observation (T,N,3,S,S), proprio (T,10), action (T,10)) as the new prompt and keep it."
     for i, d in enumerate(demos):
         for k in ("observation", "proprio", "action"):
             if k not in d: raise KeyError(f"prompt: demonstration {i} has no '{k}'")
+    if not hasattr(self, "_chunks"): self.reset()
+    self.reset(self._horizon, self._ensemble, self._max_len, self._k, keep_prompt=False)  # replaces any prompt and episode
+    ref = self.action_mean
+    for d in demos:
         obs, pro, act = _as(d["observation"], ref), _as(d["proprio"], ref), _as(d["action"], ref)
         for t0 in range(0, len(obs), chunk):
             sl = slice(t0, t0 + chunk)
             s = self.state_tokens(obs[None, sl], pro[None, sl, :ACTION_DIM])  # (1, t, dim)
             self._feed(interleave(s, self.action_tokens(act[None, sl, :ACTION_DIM])))
+    self._prompt_len = self.pos  # reset() rolls back to here
 
-# %% ../../nbs/10_models.policy.ipynb #c102
+# %% ../../nbs/10_models.policy.ipynb #c103
 @patch
 def _to_absolute(self:ICRT, chunk:Tensor, proprio:Tensor)->Tensor:  # (K, 10) model space -> (K, 10) absolute
     "Delta actions to absolute xyz + rot6d + gripper with the current proprio."
@@ -429,7 +447,7 @@ def _to_absolute(self:ICRT, chunk:Tensor, proprio:Tensor)->Tensor:  # (K, 10) mo
     pose = delta_to_absolute(proprio[:9].expand(len(chunk), 9), chunk[:, :9])
     return torch.cat([pose, chunk[:, 9:]], dim=-1)
 
-# %% ../../nbs/10_models.policy.ipynb #c105
+# %% ../../nbs/10_models.policy.ipynb #c106
 @patch
 def _query(self:ICRT, pro:Tensor):
     "Feed queued tokens, read the chunk at the newest state token."
@@ -447,7 +465,7 @@ def _query(self:ICRT, pro:Tensor):
     self._chunks.append((self.step, self.last_abs_chunk))
     self._chunks = [(t, c) for t, c in self._chunks if self.step - t < self.num_pred_steps]
 
-# %% ../../nbs/10_models.policy.ipynb #c108
+# %% ../../nbs/10_models.policy.ipynb #c109
 @patch
 def _select(self:ICRT, pro:Tensor)->Tensor:  # (10,) or (K, 10) absolute
     "The absolute action(s) to execute now, and remember the model-space action for the next step."
@@ -464,7 +482,7 @@ def _select(self:ICRT, pro:Tensor)->Tensor:  # (10,) or (K, 10) absolute
     self._last_action = first
     return out
 
-# %% ../../nbs/10_models.policy.ipynb #c110
+# %% ../../nbs/10_models.policy.ipynb #c111
 @patch
 @torch.no_grad()
 def get_action(self:ICRT,
@@ -486,7 +504,16 @@ def get_action(self:ICRT,
     self.step += 1
     return to_pose7(act10).cpu()
 
-# %% ../../nbs/10_models.policy.ipynb #c118
+# %% ../../nbs/10_models.policy.ipynb #c121
+@patch
+def fork(self:ICRT)->ICRT:
+    "A module sharing this one's weights (parameters, buffers, submodules) with its own empty inference context."
+    f = copy.copy(self)  # a shallow copy: the same parameter, buffer and submodule objects
+    f._cache, f._prompt_len = None, 0
+    f.reset(keep_prompt=False)
+    return f
+
+# %% ../../nbs/10_models.policy.ipynb #c124
 def overfit_policy(model:ICRT, batch:dict, steps:int=200, lr:float=2e-3)->tuple:
     "Train `model` on one batch; return (first loss, mean of the last 10 losses)."
     model.train()
