@@ -26,6 +26,8 @@ requirements = [
     "tensorboard>=2.12",
     "pillow>=9",
     "fastcore>=1.12.3,<2",
+    "websockets>=13",
+    "msgpack>=1.0",
 ]
 extras = {
     "sim": ["metaworld>=3.1,<3.2", "mujoco>=3.3", "pillow>=9"],
@@ -45,6 +47,8 @@ console_scripts = [
     "icrt_bench_train=icrt.bench.train:bench_train_cli",
     "icrt_demo=icrt.demo:demo_cli",
     "icrt_import_published=icrt.published:import_published_cli",
+    "icrt_serve=icrt.serve:serve_cli",
+    "icrt_bench_serve=icrt.bench.serve:bench_serve_cli",
 ]
 
 setuptools.setup(

@@ -28,6 +28,7 @@ from .sim.core import rollout
 from .sim.synthetic import SyntheticSim
 from .geometry import chunk_actions, euler_to_matrix, pose_vector, rot6d_to_matrix, to_pose7
 from .inference import ICRTPolicy, find_run
+from .client import PolicyClient
 
 log = logging.getLogger(__name__)
 
@@ -262,6 +263,7 @@ class _Inputs:
 def evaluate_episode(
     policy:ICRTPolicy, spec, name:str, rng:np.random.Generator, num_prompts:int=1, inputs=None, pool=None,
     world:Optional[dict]=None,   # `load_world` of a synthetic dataset: also run closed loop from the episode's start
+    closed_policy=None,          # the policy of the closed-loop rollouts (default `policy`; e.g. an icrt.client.PolicyClient)
 )->dict:   # per-episode record: errors, offsets, predictions (arrays under "_arrays")
     "Teacher-forced, open-loop, closed-loop (synthetic data) and wrong-prompt evaluation of one episode."
     inputs = inputs or _Inputs(policy, spec)
@@ -288,7 +290,7 @@ def evaluate_episode(
     if world is not None and name in world["episodes"]:
         task_, scene, _ = episode_world(world, name)
         for key, ps in [("closed_loop", pr)] + ([("wrong_prompt_closed_loop", wp)] if wrong else []):
-            acts, ok = closed_loop(policy, SyntheticSim(scene, task_), ps, len(true10))
+            acts, ok = closed_loop(closed_policy or policy, SyntheticSim(scene, task_), ps, len(true10))
             rec["_errors"][key] = e = action_errors(acts, true10)
             rec[key] = {**summarize(e), "success": ok}; rec["_arrays"][key] = acts
     return rec
@@ -349,6 +351,8 @@ def evaluate_run(
     device:str="cpu",
     max_figures:int=6,                          # trajectory figures written (the first episodes)
     closed_loop:bool=True,                      # synthetic datasets: also run each episode closed loop in its world
+    server:Optional[str]=None,                  # ws://host:port of an icrt_serve of this run: closed loop through it
+    token:Optional[str]=None,                   # that server's token
 )->dict:                                        # the report (also written as report.json)
     "Offline evaluation of a run: action errors teacher-forced, open-loop and (synthetic data) closed-loop, in-context gap, plots, report files."
     run_dir = Path(run_dir).expanduser()
@@ -361,6 +365,7 @@ def evaluate_run(
     spec = load_dataset_config(dj); _check_keys(spec, run.keys, dj)
     try: world = load_world(dj) if closed_loop else None
     except ValueError as e: raise EvalError(f"{e} (or pass --no-closed-loop)") from None
+    if server and world is None: raise EvalError(f"--server {server}: only the closed-loop rollouts use it, and there are none (synthetic datasets only)")
     warnings = []
     names = list(episodes) if isinstance(episodes, (list, tuple)) else heldout_episodes(run_dir, spec, split, episodes, warnings)
     unknown = [e for e in names if e not in spec.episode_file]
@@ -369,8 +374,10 @@ def evaluate_run(
     out = _out_folder(Path(out).expanduser() if out is not None else run_dir/"eval")
     policy = ICRTPolicy.from_run(run, device=device)
     meta = dict(run_dir=str(run_dir), checkpoint=str(policy.checkpoint), dataset_json=str(dj), split=split,
-                num_prompts=num_prompts, seed=seed, device=str(policy.device))
-    return _evaluate(policy, spec, names, out, meta, warnings, seed, num_prompts, max_figures, world)
+                num_prompts=num_prompts, seed=seed, device=str(policy.device), server=server)
+    client = PolicyClient(server, token) if server else None
+    try: return _evaluate(policy, spec, names, out, meta, warnings, seed, num_prompts, max_figures, world, client)
+    finally: client is not None and client.close()
 
 # %% ../nbs/18_eval.ipynb #c064
 _DEFS = {
@@ -391,12 +398,12 @@ _DEFS = {
              "accuracy of open/closed at threshold 0.5",
 }
 
-def _evaluate(policy, spec, names, out, meta, warnings, seed, num_prompts, max_figures, world=None)->dict:
+def _evaluate(policy, spec, names, out, meta, warnings, seed, num_prompts, max_figures, world=None, closed_policy=None)->dict:
     "Evaluate episodes `names`, write the figures and reports."
     rng, inputs, pool = np.random.default_rng(seed), _Inputs(policy, spec), task_episodes(spec)
     recs, t0 = [], time.time()
     for i, name in enumerate(names):
-        r = evaluate_episode(policy, spec, name, rng, num_prompts, inputs, pool, world)
+        r = evaluate_episode(policy, spec, name, rng, num_prompts, inputs, pool, world, closed_policy)
         if "skipped" in r:
             msg = f"episode '{name}' skipped: {r['skipped']}"; log.warning(msg); warnings.append(msg); continue
         log.info(f"[{i + 1}/{len(names)}] {name}: teacher-forced {r['teacher_forced']['trans_mm']:.1f} mm, open-loop "
@@ -504,11 +511,15 @@ def eval_cli(argv:Optional[list]=None):
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--max-figures", type=int, default=6, help="trajectory figures to write")
     ap.add_argument("--no-closed-loop", action="store_true", help="skip the closed-loop rollouts (synthetic datasets)")
+    ap.add_argument("--server", default=None, help="ws://host:port of an icrt_serve of this run: run the closed-loop rollouts through it")
+    ap.add_argument("--token-file", default=None, help="file holding that server's token")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
+        token = Path(a.token_file).expanduser().read_text().strip() if a.token_file and Path(a.token_file).expanduser().is_file() else None
+        if a.token_file and token is None: raise EvalError(f"--token-file: no such file '{a.token_file}'")
         rep = evaluate_run(a.run_dir, a.dataset_json, a.split, a.episodes, a.out, a.checkpoint, a.num_prompts, a.seed,
-                           a.device, a.max_figures, not a.no_closed_loop)
+                           a.device, a.max_figures, not a.no_closed_loop, a.server, token)
     except (ICRTError, DatasetError) as e:
         sys.stderr.write(f"icrt_eval: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n"); sys.exit(1)
     sys.stdout.write(report_markdown(rep))

@@ -42,11 +42,37 @@ def test_smoke_preset_end_to_end(tmp_path):
     assert (out / "loss_curve.png").is_file() and "loss_curve.png" in md
     assert rep["evaluation"]["gifs"] and all((out / g).is_file() for g in rep["evaluation"]["gifs"])
     assert rep["limits"] and rep["limits"] in md
+    # the same evaluation through a policy server (icrt_serve on the trained run) gives the same results
+    ev_local = rep["evaluation"]["tasks"]
+    _served_evaluation_equals(out, ev_local)
     # --skip-generate reuses the dataset (no new HDF5 written) and trains a fresh run
     before = (out / "data" / "reach-goal-0.hdf5").stat().st_mtime_ns
     r2 = _run("--preset", "smoke", "--out", str(out), "--device", "cpu", "--skip-generate", "--seeds", "1")
     assert r2.returncode == 0, r2.stderr[-2000:]
     assert (out / "data" / "reach-goal-0.hdf5").stat().st_mtime_ns == before
+
+
+def _served_evaluation_equals(out, ev_local):
+    "icrt_bench_metaworld --skip-generate --skip-train --server URL on the run just trained: the same evaluation."
+    import time, urllib.request
+    from icrt.launch import free_port
+    port = free_port()
+    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "osmesa"), "OMP_NUM_THREADS": "1"}
+    srv = subprocess.Popen([sys.executable, "-m", "icrt.serve", str(out / "train" / "run"), "--port", str(port), "--device", "cpu",
+                            "--threads", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        for _ in range(600):
+            try: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1); break
+            except OSError: time.sleep(0.2)
+        r = _run("--preset", "smoke", "--out", str(out), "--device", "cpu", "--skip-generate", "--skip-train",
+                 "--server", f"ws://127.0.0.1:{port}")
+        assert r.returncode == 0, r.stderr[-2000:]
+    finally: srv.terminate(); srv.wait(20)
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["evaluation"]["server"] == f"ws://127.0.0.1:{port}"
+    for t, ev in ev_local.items():
+        for c in ("policy", "wrong_prompt", "expert"):
+            assert rep["evaluation"]["tasks"][t][c] == ev[c], (t, c)
 
 
 def _one_line_error(r, *needles):

@@ -20,8 +20,10 @@ import numpy as np
 import torch
 
 from ..config import (DatasetConfig, ExperimentConfig, ICRTError, LoggingConfig, ModelConfig, OptimizerConfig,
-                         PolicyConfig, SharedConfig, TrainerConfig, VisionEncoderConfig, config_to_dict, validate_config)
+                         PolicyConfig, SharedConfig, TrainerConfig, VisionEncoderConfig, config_to_dict, load_config,
+                         validate_config)
 from ..data.format import DatasetError
+from ..client import PolicyClient
 from ..inference import ICRTPolicy
 from ..sim.metaworld import (DEFAULT_CAMERAS, SUITES, evaluate_closed_loop, generate_metaworld_dataset, get_task,
                                 wilson_interval)
@@ -32,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'PRESETS', 'CONDITIONS', 'BenchError', 'resolve_preset', 'bench_config', 'window_length', 'stage_generate',
-           'stage_train', 'SimPolicy', 'stage_evaluate', 'report_table', 'plot_loss', 'limits_paragraph',
+           'stage_train', 'reuse_train', 'SimPolicy', 'stage_evaluate', 'report_table', 'plot_loss', 'limits_paragraph',
            'machine_info', 'param_counts', 'write_report', 'bench_metaworld', 'bench_metaworld_cli']
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c006
@@ -170,7 +172,18 @@ def stage_train(p:dict, out:Path, dataset_json:Path, device:str="auto")->tuple:
     info["epoch_loop_s"] = sum(r["time_s"] for r in _read_log(run_dir))  # compare with budget_s: the machine's load can change
     return run_dir, cfg, info
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c022
+# %% ../../nbs/33_bench.metaworld.ipynb #c023
+def reuse_train(out:Path)->tuple:
+    "(run folder, config, info) of the run already in out/train/run."
+    run_dir = out / "train" / "run"
+    if not (run_dir / "run.yaml").is_file() or not list(run_dir.glob("checkpoint-*.pth")):
+        raise BenchError(f"--skip-train: no trained run in '{run_dir}' (run the bench once without --skip-train)")
+    cfg = load_config(run_dir / "run.yaml")
+    info = dict(seq_length=cfg.shared_cfg.seq_length, budget_s=None, calibration_s=None, epoch_s=None,
+                epochs=cfg.trainer_cfg.epochs, epoch_loop_s=sum(r["time_s"] for r in _read_log(run_dir)), reused=True)
+    return run_dir, cfg, info
+
+# %% ../../nbs/33_bench.metaworld.ipynb #c025
 class SimPolicy:
     "An `ICRTPolicy` with a context just long enough for prompt + rollout."
     def __init__(self,
@@ -185,25 +198,32 @@ class SimPolicy:
     def act(self, observation:dict)->np.ndarray:  # (7,) absolute xyz, Euler XYZ, gripper
         return self.policy.act(observation)
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c024
-def stage_evaluate(p:dict, out:Path, run_dir:Path, device:str="auto")->dict:
+# %% ../../nbs/33_bench.metaworld.ipynb #c027
+def stage_evaluate(p:dict, out:Path, run_dir:Path, device:str="auto",
+                   server:Optional[str]=None, token:Optional[str]=None,  # run the rollouts through an icrt_serve of run_dir
+                  )->dict:
     "Closed-loop evaluation of the trained run (plus wrong-prompt control and expert) into out/eval."
     if (out / "eval").exists(): shutil.rmtree(out / "eval")
     policy = ICRTPolicy.from_run(run_dir, device=device)
+    actor = PolicyClient(server, token) if server else policy
+    if server and Path(actor.metadata["checkpoint"]).name != Path(policy.checkpoint).name:
+        log.warning("--server %s serves %s, this bench's run has %s", server, actor.metadata["checkpoint"], policy.checkpoint)
     meta = json.loads((out / "data" / "metaworld_meta.json").read_text())
-    sp, threads = SimPolicy(policy, p["max_steps"]), torch.get_num_threads()
+    sp, threads = SimPolicy(actor, p["max_steps"]), torch.get_num_threads()
     if policy.device.type == "cpu": torch.set_num_threads(1)  # one control step is many tiny matmuls: threads only add overhead
     try:
         res = evaluate_closed_loop(lambda sim: sp, p["tasks"], seeds=list(range(p["seeds"])), k_prompt=p["k_prompt"],
                                    max_steps=p["max_steps"], image_size=meta["image_size"], cameras=meta["cameras"],
                                    expert=True, wrong_prompt=len(p["tasks"]) > 1, out_dir=out / "eval",
                                    num_gifs=p["num_gifs"], min_len=p["min_len"])
-    finally: torch.set_num_threads(threads)
-    res["control_rate_hz"] = policy.control_rate
+    finally:
+        torch.set_num_threads(threads)
+        if server: actor.close()
+    res["control_rate_hz"], res["server"] = actor.control_rate, server
     res["params"] = param_counts(policy.model)
     return res
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c026
+# %% ../../nbs/33_bench.metaworld.ipynb #c029
 CONDITIONS = [("policy", "ICRT, same-task prompt"), ("wrong_prompt", "ICRT, wrong-task prompt"), ("expert", "scripted expert")]
 
 def _pool(results:dict, cond:str)->Optional[dict]:
@@ -213,7 +233,7 @@ def _pool(results:dict, cond:str)->Optional[dict]:
     return dict(successes=s, n=n, rate=s / n, ci95=list(wilson_interval(s, n)),
                 mean_length=float(np.mean([l for r in rs for l in r["length"]])))
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c028
+# %% ../../nbs/33_bench.metaworld.ipynb #c031
 def report_table(
     results:dict,   # evaluate_closed_loop(...)["tasks"]
     k_prompt:int,   # prompt size, for the labels
@@ -232,7 +252,7 @@ def report_table(
                         f"| {x['mean_length']:.1f} |")
     return "\n".join(rows)
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c032
+# %% ../../nbs/33_bench.metaworld.ipynb #c035
 def plot_loss(run_dir:Path, path:Path)->Optional[Path]:
     "Train (and validation) loss per epoch as a PNG; None when the log is empty."
     rows = _read_log(run_dir)
@@ -248,7 +268,7 @@ def plot_loss(run_dir:Path, path:Path)->Optional[Path]:
     fig.savefig(path, dpi=100); plt.close(fig)
     return Path(path)
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c034
+# %% ../../nbs/33_bench.metaworld.ipynb #c037
 def limits_paragraph(facts:dict)->str:
     "What the measurements say limits the result (one paragraph built from `facts`)."
     pol, wp, ex = facts["policy"], facts.get("wrong_prompt"), facts["expert"]
@@ -285,7 +305,7 @@ def limits_paragraph(facts:dict)->str:
         s.append(f"With {facts['n_rollouts_per_task']} rollout(s) per task the intervals are wide; the rates are indicative only.")
     return " ".join(s)
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c037
+# %% ../../nbs/33_bench.metaworld.ipynb #c040
 def machine_info()->dict:
     "nproc, CPU model, GPU name (if any), Python/torch versions."
     cpu = platform.processor() or ""
@@ -297,13 +317,13 @@ def machine_info()->dict:
     return dict(nproc=os.cpu_count(), cpu_model=cpu, gpu=gpu, python=platform.python_version(), torch=torch.__version__,
                 platform=platform.platform())
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c039
+# %% ../../nbs/33_bench.metaworld.ipynb #c042
 def param_counts(model:torch.nn.Module)->tuple:
     "(trainable, total) parameter counts of a model as built for its run (frozen parts have requires_grad False)."
     ps = list(model.parameters())
     return int(sum(p.numel() for p in ps if p.requires_grad)), int(sum(p.numel() for p in ps))
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c042
+# %% ../../nbs/33_bench.metaworld.ipynb #c045
 def _facts(p:dict, ev:dict, pooled:dict, rows:list, meta:dict, times:dict, train_info:dict)->dict:
     "The measured facts `limits_paragraph` reads."
     trainable, total = ev["params"]
@@ -315,7 +335,7 @@ def _facts(p:dict, ev:dict, pooled:dict, rows:list, meta:dict, times:dict, train
                 max_steps=p["max_steps"], n_rollouts_per_task=p["seeds"], budget_s=train_info.get("budget_s"),
                 calib_epoch_s=train_info.get("epoch_s"), mean_epoch_s=float(np.mean([r["time_s"] for r in rows])) if rows else 0.)
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c044
+# %% ../../nbs/33_bench.metaworld.ipynb #c047
 def write_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:dict, times:dict, train_info:dict)->dict:
     "Write out/report.md, out/report.json and the loss curve; return the report dict."
     rows = _read_log(run_dir)
@@ -343,18 +363,19 @@ def write_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:dict, 
                dataset=dict(episodes=len(meta["episodes"]), lengths={n: m["length"] for n, m in meta["episodes"].items()},
                             frames_per_second=meta["frames_per_second"]),
                evaluation=dict(tasks=ev["tasks"], pooled=pooled, k_prompt=ev["k_prompt"], seeds=ev["seeds"],
-                               control_rate_hz=ev.get("control_rate_hz"), gifs=[str(g.relative_to(out)) for g in gifs]),
+                               control_rate_hz=ev.get("control_rate_hz"), server=ev.get("server"),
+                               gifs=[str(g.relative_to(out)) for g in gifs]),
                table=table, limits=paragraph)
     (out / "report.json").write_text(json.dumps(rep, indent=1, default=float) + "\n")
     return rep
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c046
+# %% ../../nbs/33_bench.metaworld.ipynb #c049
 def _check_out(out:Path):
     "The output folder must be a folder (or creatable)."
     for q in [out, *out.parents]:
         if q.exists() and not q.is_dir(): raise BenchError(f"--out: '{q}' is a file, not a folder; choose another output folder")
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c048
+# %% ../../nbs/33_bench.metaworld.ipynb #c051
 def bench_metaworld(
     out,                          # output folder (data/, train/, eval/, report.md, report.json)
     preset:str="cpu",             # "smoke", "cpu" or "gpu"
@@ -363,6 +384,9 @@ def bench_metaworld(
     device:str="auto",            # training and policy device
     minutes:Optional[float]=None, # training budget (default: the preset's)
     skip_generate:bool=False,     # reuse out/data
+    skip_train:bool=False,        # reuse out/train/run
+    server:Optional[str]=None,    # evaluate through this icrt_serve (ws://host:port) of the run
+    token:Optional[str]=None,     # that server's token
     vision_encoder:Optional[str]=None,  # a local encoder checkpoint (kept frozen) instead of the preset's
     **overrides,                  # other preset entries (seeds, episodes_per_task, ...)
 )->dict:                          # the report dict (also in out/report.json)
@@ -374,14 +398,14 @@ def bench_metaworld(
     out.mkdir(parents=True, exist_ok=True)
     times, t = {}, time.time()
     ds = stage_generate(p, out, skip_generate); times["generate_s"] = time.time() - t; t = time.time()
-    run_dir, cfg, info = stage_train(p, out, ds, device); times["train_s"] = time.time() - t; t = time.time()
-    ev = stage_evaluate(p, out, run_dir, device); times["evaluate_s"] = time.time() - t; t = time.time()
+    run_dir, cfg, info = reuse_train(out) if skip_train else stage_train(p, out, ds, device); times["train_s"] = time.time() - t; t = time.time()
+    ev = stage_evaluate(p, out, run_dir, device, server, token); times["evaluate_s"] = time.time() - t; t = time.time()
     rep = write_report(out, p, cfg, run_dir, ev, times, info)
     rep["wall_times_s"]["report_s"] = time.time() - t
     (out / "report.json").write_text(json.dumps(rep, indent=1, default=float) + "\n")
     return rep
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c055
+# %% ../../nbs/33_bench.metaworld.ipynb #c058
 def bench_metaworld_cli(argv:Optional[list]=None):
     "Console script `icrt_bench_metaworld`: generate -> train -> evaluate -> report on Meta-World."
     ap = argparse.ArgumentParser(prog="icrt_bench_metaworld", description="Record Meta-World expert demonstrations, train "
@@ -398,11 +422,17 @@ def bench_metaworld_cli(argv:Optional[list]=None):
     ap.add_argument("--episodes-per-task", type=int, default=None, help="demonstrations per task (default: the preset's)")
     ap.add_argument("--seeds", type=int, default=None, help="evaluation seeds per task (default: the preset's)")
     ap.add_argument("--k-prompt", type=int, default=None, help="demonstrations per prompt (default: the preset's)")
+    ap.add_argument("--skip-train", action="store_true", help="evaluate the run already in OUT/train/run")
+    ap.add_argument("--server", default=None, help="ws://host:port of an icrt_serve of that run: evaluate through it")
+    ap.add_argument("--token-file", default=None, help="file holding that server's token")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import warnings; warnings.filterwarnings("ignore", message="Constant")
     try:
-        rep = bench_metaworld(a.out, a.preset, a.tasks, a.suite, a.device, a.minutes, a.skip_generate, a.vision_encoder,
+        tf = Path(a.token_file).expanduser() if a.token_file else None
+        if tf is not None and not tf.is_file(): raise BenchError(f"--token-file: no such file '{tf}'")
+        rep = bench_metaworld(a.out, a.preset, a.tasks, a.suite, a.device, a.minutes, a.skip_generate, skip_train=a.skip_train,
+                              vision_encoder=a.vision_encoder, server=a.server, token=tf.read_text().strip() if tf else None,
                               episodes_per_task=a.episodes_per_task, seeds=a.seeds, k_prompt=a.k_prompt)
     except (ICRTError, DatasetError, ImportError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__

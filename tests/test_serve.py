@@ -1,0 +1,198 @@
+"""icrt_serve in a real process on a free loopback port, driven by PolicyClient and by a raw websocket: served actions
+equal in-process ones, every bad input gets an error reply and the session goes on, sessions are limited, freed and
+kept apart."""
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import msgpack
+import numpy as np
+import pytest
+from websockets.sync.client import connect
+
+from icrt.client import PolicyClient, ServerError, pack, unpack
+from icrt.data.format import load_dataset_config
+from icrt.inference import ICRTPolicy
+from icrt.launch import free_port
+from test_inference import _observation, raw_episode
+
+TOKEN, MAX_LEN, LIMIT_MB = "s3cret-token", 1024, 24
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread): pass
+
+
+@pytest.fixture(scope="module")
+def server(run_dir, tmp_path_factory):
+    "icrt_serve on the tiny run: one thread, 8 sessions, a token, a 4 MiB request limit, 1024-token contexts."
+    port, d = free_port(), tmp_path_factory.mktemp("serve")
+    (d / "token").write_text(TOKEN + "\n")
+    log = open(d / "log.txt", "w")
+    p = subprocess.Popen([sys.executable, "-m", "icrt.serve", str(run_dir), "--port", str(port), "--device", "cpu", "--threads", "1",
+                          "--max-sessions", "8", "--token-file", str(d / "token"), "--max-request-mb", str(LIMIT_MB),
+                          "--max-len", str(MAX_LEN)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for _ in range(600):
+        try: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1); break
+        except OSError:
+            if p.poll() is not None: break
+            time.sleep(0.2)
+    else: pytest.fail("icrt_serve did not come up")
+    if p.poll() is not None: pytest.fail(f"icrt_serve exited: {(d / 'log.txt').read_text()[-2000:]}")
+    yield {"url": f"ws://127.0.0.1:{port}", "port": port, "log": d / "log.txt"}
+    p.terminate(); p.wait(20); log.close()
+
+
+@pytest.fixture(scope="module")
+def data(assets):
+    spec = load_dataset_config(assets.dataset_json)
+    eps = sorted(spec.epi_len)
+    return spec, [raw_episode(spec, e) for e in eps[:9]]
+
+
+def _health(server): return json.loads(urllib.request.urlopen(f"http://127.0.0.1:{server['port']}/healthz", timeout=5).read())
+
+
+def _run_local(run_dir, demo, episode, spec, steps, executed=True):
+    p = ICRTPolicy.from_run(run_dir)
+    p.reset(max_len=MAX_LEN); p.prompt([demo])
+    return np.stack([p.act(_observation(spec, episode, t), _executed(spec, episode, t) if executed and t else None) for t in range(steps)])
+
+
+def _executed(spec, ep, t):
+    return np.concatenate([ep[spec.action_keys[0]][t - 1], ep[spec.action_keys[1]][t - 1]]).astype(np.float64)
+
+
+def test_served_actions_equal_in_process(server, run_dir, data):
+    spec, eps = data
+    demo, ep = eps[0], eps[1]
+    local = _run_local(run_dir, demo, ep, spec, 12)
+    with PolicyClient(server["url"], token=TOKEN) as c:
+        assert c.metadata["image_keys"] == list(spec.image_keys) and c.metadata["num_pred_steps"] > 0
+        assert c.metadata["control_rate_hz"] > 0 and c.metadata["token_required"]
+        c.prompt([demo])
+        served = np.stack([c.act(_observation(spec, ep, t), _executed(spec, ep, t) if t else None) for t in range(12)])
+        np.testing.assert_array_equal(served, local)
+        assert c.last_chunk.shape == (c.num_pred_steps, 7) and c.last_timing["server_ms"] > 0
+        c.reset()  # back to the end of the prompt: the same episode again gives the same actions
+        again = np.stack([c.act(_observation(spec, ep, t), _executed(spec, ep, t) if t else None) for t in range(12)])
+        np.testing.assert_array_equal(again, local)
+
+
+def _raw(server, token=TOKEN):
+    ws = connect(server["url"], max_size=None, compression=None).__enter__()
+    ws.send(pack({"type": "hello", "token": token})); rep = unpack(ws.recv(timeout=30))
+    return ws, rep
+
+
+def _ask(ws, msg):
+    ws.send(msg if isinstance(msg, (bytes, str)) else pack(msg)); return unpack(ws.recv(timeout=60))
+
+
+def test_bad_inputs_get_error_replies_and_the_session_goes_on(server, data):
+    spec, eps = data
+    demo, ep = eps[0], eps[1]
+    obs = _observation(spec, ep, 0)
+    cam, pose = spec.image_keys[0], spec.proprio_keys[0]
+    ws, rep = _raw(server)
+    assert rep["type"] == "hello"
+    ok = lambda: _ask(ws, {"type": "act", "observation": obs})["type"] == "act"
+    bad = [
+        (b"\xc1\xc1 not msgpack", "not msgpack", None),
+        ("a text frame", "binary frame", None),
+        ({"type": "fly"}, "unknown message 'type' 'fly'", "type"),
+        ({"type": "act", "observation": obs}, "no prompt yet", None),
+    ]
+    for msg, needle, field in bad:
+        r = _ask(ws, msg)
+        assert r["type"] == "error" and needle in r["error"] and "\n" not in r["error"], (needle, r)
+        if field: assert r["field"] == field, r
+    n = MAX_LEN // (2 * len(demo[spec.action_keys[0]])) + 1
+    r = _ask(ws, {"type": "prompt", "episodes": [demo] * n})  # n demonstrations: longer than the 1024-token context
+    assert r["type"] == "error" and f"holds {MAX_LEN} tokens" in r["error"] and f"at most {MAX_LEN // 2} steps" in r["error"], r
+    assert _ask(ws, {"type": "prompt", "episodes": [demo]})["type"] == "prompt" and ok()
+    cases = [
+        ({**obs, cam: obs[cam][..., :2]}, f"camera '{cam}'"),                       # wrong shape
+        ({**obs, cam: obs[cam].astype(np.float32)}, f"camera '{cam}'"),             # wrong dtype
+        ({k: v for k, v in obs.items() if k != cam}, "lacks key(s)"),               # a missing camera
+        ({**obs, pose: np.full(6, np.nan)}, "NaN"),                                  # NaN in proprio
+        ({**obs, pose: np.array([0.0, np.inf, 0, 0, 0, 0])}, "NaN/inf"),            # inf in proprio
+    ]
+    for o, needle in cases:
+        r = _ask(ws, {"type": "act", "observation": o})
+        assert r["type"] == "error" and needle in r["error"], (needle, r)
+        assert ok(), needle                                                           # the next valid request works
+    big = pack({"type": "act", "observation": {**obs, cam: np.zeros((LIMIT_MB * 2**20 // 3 + 4096, 1, 3), np.uint8)}})
+    r = _ask(ws, big)
+    assert r["type"] == "error" and "larger than the server's limit" in r["error"], r
+    assert _ask(ws, {"type": "reset", "colour": 1})["type"] == "error"
+    assert ok()
+    assert _ask(ws, {"type": "close"})["type"] == "close"
+    ws.close()
+
+
+def test_wrong_token_is_closed_and_logged(server):
+    with pytest.raises(ServerError, match="wrong or missing 'token'"): PolicyClient(server["url"], token="guess")
+    with pytest.raises(ServerError, match="wrong or missing 'token'"): PolicyClient(server["url"])
+    time.sleep(0.2)
+    assert "wrong or missing token" in server["log"].read_text()
+    with PolicyClient(server["url"], token=TOKEN) as c: assert c.metadata["protocol"] == 1  # the server is still up
+
+
+def test_session_limit_and_disconnects_free_sessions(server, data):
+    spec, eps = data
+    clients = [PolicyClient(server["url"], token=TOKEN) for _ in range(8)]
+    try:
+        assert _health(server)["sessions"] == 8
+        with pytest.raises(ServerError, match=r"server full: 8 sessions are open \(--max-sessions 8\)"): PolicyClient(server["url"], token=TOKEN)
+        clients[0].prompt([eps[0]]); clients[0].act(_observation(spec, eps[1], 0))
+        clients[0].ws.close()          # gone mid-episode, without a 'close' message
+        for _ in range(50):
+            if _health(server)["sessions"] == 7: break
+            time.sleep(0.1)
+        assert _health(server)["sessions"] == 7
+        clients[0] = PolicyClient(server["url"], token=TOKEN)  # its place is free again
+    finally:
+        for c in clients: c.close()
+    assert "end after 1 steps" in server["log"].read_text()
+
+
+def test_eight_concurrent_sessions_equal_sequential_runs(server, run_dir, data):
+    "8 sessions x 200 steps at once, each its own prompt and episode: 0 errors, and each equals its in-process run."
+    spec, eps = data
+    steps, jobs = 200, [(eps[i % 9], eps[(i + 3) % 9]) for i in range(8)]
+    T = lambda ep: len(ep[spec.action_keys[0]])
+    obs_of = lambda ep, t: _observation(spec, ep, t % T(ep))
+    local = []
+    for demo, ep in jobs:
+        p = ICRTPolicy.from_run(run_dir); p.reset(max_len=MAX_LEN); p.prompt([demo])
+        local.append(np.stack([p.act(obs_of(ep, t)) for t in range(steps)]))
+    out, errors = {}, []
+    def go(i):
+        try:
+            with PolicyClient(server["url"], token=TOKEN) as c:
+                c.prompt([jobs[i][0]]); out[i] = np.stack([c.act(obs_of(jobs[i][1], t)) for t in range(steps)])
+        except Exception as e: errors.append(repr(e))
+    ths = [threading.Thread(target=go, args=(i,)) for i in range(8)]
+    for t in ths: t.start()
+    for t in ths: t.join()
+    assert errors == [] and len(out) == 8
+    for i in range(8): np.testing.assert_array_equal(out[i], local[i], err_msg=f"session {i}")
+
+
+def test_icrt_eval_closed_loop_through_the_server(server, run_dir, tmp_path):
+    "icrt_eval --server: the closed-loop rollouts run through the served policy and give the in-process results."
+    from icrt.eval import evaluate_run
+    a = evaluate_run(run_dir, episodes=2, out=tmp_path / "a", max_figures=0)
+    b = evaluate_run(run_dir, episodes=2, out=tmp_path / "b", max_figures=0, server=server["url"], token=TOKEN)
+    assert a["closed_loop"] is not None and a["server"] is None and b["server"] == server["url"]
+    for key in ("closed_loop",):
+        for k, v in a[key].items():
+            if isinstance(v, float): assert b[key][k] == pytest.approx(v, rel=1e-5, abs=1e-6), (key, k)
+            elif k != "chunk_offset": assert b[key][k] == v, (key, k)
+    sa = [e.get("closed_loop", {}).get("success") for e in a["episodes"]]
+    assert sa == [e.get("closed_loop", {}).get("success") for e in b["episodes"]] and None not in sa
