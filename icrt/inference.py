@@ -5,6 +5,7 @@
 # %% ../nbs/14_inference.ipynb #c003
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -28,8 +29,8 @@ from .models.vision import is_local_checkpoint
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'InferenceError', 'find_checkpoint', 'load_run_config', 'run_keys', 'RunFiles', 'find_run', 'preprocess_images',
-           'model_actions', 'episode_inputs', 'ICRTPolicy']
+__all__ = ['log', 'PRECISIONS', 'InferenceError', 'find_checkpoint', 'load_run_config', 'run_keys', 'RunFiles', 'find_run',
+           'preprocess_images', 'model_actions', 'episode_inputs', 'ICRTPolicy']
 
 # %% ../nbs/14_inference.ipynb #c006
 class InferenceError(ICRTError, ValueError):
@@ -204,6 +205,8 @@ def episode_inputs(
             "action": torch.from_numpy(model_actions(act, prop, use_delta)), "abs_action": torch.from_numpy(act.astype(np.float32))}
 
 # %% ../nbs/14_inference.ipynb #c043
+PRECISIONS = ("fp32", "bf16")
+
 class ICRTPolicy:
     "A trained ICRT as a robot policy: raw demonstrations in, absolute xyz + Euler XYZ + gripper actions out."
     def __init__(self,
@@ -211,9 +214,11 @@ class ICRTPolicy:
                  cfg:ExperimentConfig,        # its run's configuration
                  keys:Optional[dict]=None,    # image/proprio/action key names (default: run_keys(cfg))
                  checkpoint:Optional[Path]=None,  # where the weights came from
+                 precision:str="fp32",        # fp32, or bf16 (matrix products in bfloat16 under autocast; weights stay fp32)
                  **reset_kw,                  # action_exec_horizon / temporal_ensemble / max_len for ICRT.reset
                 ):
-        self.model, self.cfg, self.checkpoint = model.eval(), cfg, checkpoint
+        if precision not in PRECISIONS: raise InferenceError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
+        self.model, self.cfg, self.checkpoint, self.precision = model.eval(), cfg, checkpoint, precision
         self.keys = keys or run_keys(cfg)
         self.data_config = dict(model.data_config)
         self.use_delta = bool(cfg.shared_cfg.use_delta_action)
@@ -249,6 +254,7 @@ def from_run(cls:ICRTPolicy,
               run_dir:Union[str, Path, RunFiles],     # output_dir/log_name of a training run (or its find_run)
               checkpoint:Union[str, Path, None]=None, # default: the run's latest checkpoint-<N>.pth
               device:str="cpu",                       # cpu, cuda, cuda:N or auto
+              precision:str="fp32",                   # fp32 or bf16 (autocast)
               **reset_kw,                              # passed to reset (action_exec_horizon, temporal_ensemble, ...)
              )->ICRTPolicy:
     "Rebuild the policy of a run folder from its run.yaml and a checkpoint."
@@ -262,9 +268,15 @@ def from_run(cls:ICRTPolicy,
     model = ICRT.from_config(cfg)
     try: model.load_trainable_state_dict(ck["model"], strict=True)
     except ValueError as e: raise InferenceError(f"checkpoint: '{ck_path}' does not fit the model of {run_dir/'run.yaml'}: {e}") from None
-    return cls(model.to(dev), cfg, keys, ck_path, **reset_kw)
+    return cls(model.to(dev), cfg, keys, ck_path, precision, **reset_kw)
 
-# %% ../nbs/14_inference.ipynb #c050
+# %% ../nbs/14_inference.ipynb #c047
+@patch
+def autocast(self:ICRTPolicy):
+    "The precision context of the model calls: bf16 autocast on the policy's device, or nothing (fp32)."
+    return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else contextlib.nullcontext()
+
+# %% ../nbs/14_inference.ipynb #c052
 @patch
 def inputs(self:ICRTPolicy,
            episode:dict,          # raw, load_episode-style, or already converted (episode_inputs output)
@@ -276,17 +288,18 @@ def inputs(self:ICRTPolicy,
         return episode
     return episode_inputs(episode, self.keys, self.data_config, self.use_delta, self.skip, where)
 
-# %% ../nbs/14_inference.ipynb #c053
+# %% ../nbs/14_inference.ipynb #c055
 @patch
 def prompt(self:ICRTPolicy, episodes:list):
     "Encode demonstrations (raw or load_episode dicts), in order, as the prompt; a new prompt replaces the old and starts an episode."
     if isinstance(episodes, dict): episodes = [episodes]
     demos = [self.inputs(e, f"prompt episode {i}") for i, e in enumerate(episodes)]  # all checked before the context changes
-    try: self.model.prompt(demos)
+    try:
+        with self.autocast(): self.model.prompt(demos)
     except RuntimeError as e: raise InferenceError(f"prompt: {e}") from None  # longer than the context
     self._prev_proprio, self.step_times, self.t = None, [], 0
 
-# %% ../nbs/14_inference.ipynb #c056
+# %% ../nbs/14_inference.ipynb #c058
 @patch
 def step(self:ICRTPolicy,
           observation:torch.Tensor,          # (N, 3, S, S) normalised images
@@ -300,14 +313,14 @@ def step(self:ICRTPolicy,
     if executed is not None and self.t > 0:
         ex = _numbers(executed, "executed", f"step {self.t}", "vector")
         prev = torch.from_numpy(model_actions(ex, self._prev_proprio, self.use_delta))
-    out = self.model.get_action(observation, torch.from_numpy(proprio.astype(np.float32)), prev_action=prev)
+    with self.autocast(): out = self.model.get_action(observation, torch.from_numpy(proprio.astype(np.float32)), prev_action=prev)
     self.last_chunk = to_pose7(self.model.last_abs_chunk).cpu().numpy()           # (K, 7) latest absolute chunk
     a = (out[0] if out.ndim == 2 else out).cpu().numpy().astype(np.float64)         # (7,)
     self._prev_proprio, self.t = proprio, self.t + 1
     self.step_times.append(time.perf_counter() - t0)
     return a
 
-# %% ../nbs/14_inference.ipynb #c059
+# %% ../nbs/14_inference.ipynb #c061
 @patch
 def observation_inputs(self:ICRTPolicy,
                        observation:dict,   # {camera key: uint8 (H, W, 3), pose key: (6,)|(7,), gripper key: (1,)}
@@ -321,7 +334,7 @@ def observation_inputs(self:ICRTPolicy,
     frames = [_as_frames(observation[k], k)[:1] for k in self.image_keys]
     return preprocess_images(frames, self.data_config)[0], pose_vector(pose, grip)
 
-# %% ../nbs/14_inference.ipynb #c062
+# %% ../nbs/14_inference.ipynb #c064
 @patch
 def act(self:ICRTPolicy,
          observation:dict,                   # {camera key: uint8 (H, W, 3), pose key: (6,)|(7,), gripper key: (1,)}
@@ -339,7 +352,7 @@ def act(self:ICRTPolicy,
         ex = pose_vector(_numbers(e[:-1], "executed_action", where, "pose"), _numbers(e[-1:], "executed_action", where, "gripper"))
     return self.step(obs.to(self.device), prop, ex)
 
-# %% ../nbs/14_inference.ipynb #c065
+# %% ../nbs/14_inference.ipynb #c067
 @patch(as_prop=True)
 def control_rate(self:ICRTPolicy)->float:
     "Control steps per second, measured over the `step`/`act` calls since the last reset."

@@ -43,7 +43,7 @@ def _tensors(ep:dict)->dict:
 class Session:
     "One client's context: a policy on a fork of the served model, and its step latencies."
     def __init__(self, base:ICRTPolicy, sid:int, peer:str, max_len:Optional[int]=None):
-        self.policy = ICRTPolicy(base.model.fork(), base.cfg, base.keys, base.checkpoint, max_len=max_len)
+        self.policy = ICRTPolicy(base.model.fork(), base.cfg, base.keys, base.checkpoint, base.precision, max_len=max_len)
         self.sid, self.peer, self.max_len, self.prompted, self.act_ms = sid, peer, max_len, False, []
 
 # %% ../nbs/24_serve.ipynb #c007
@@ -126,13 +126,13 @@ def _metadata(self:PolicyServer)->dict:
     p, S = self.policy, self.policy.data_config["input_size"][-1]
     blank = {k: np.zeros((S, S, 3), np.uint8) for k in p.image_keys}
     blank |= {p.keys["proprio_keys"][0]: np.zeros(6), p.keys["proprio_keys"][1]: np.zeros(1)}
-    probe = ICRTPolicy(p.model.fork(), p.cfg, p.keys, p.checkpoint, max_len=64)
+    probe = ICRTPolicy(p.model.fork(), p.cfg, p.keys, p.checkpoint, p.precision, max_len=64)
     for _ in range(4): probe.act(blank)
     return {"protocol": PROTOCOL, "image_keys": list(p.image_keys), "proprio_keys": list(p.keys["proprio_keys"]),
             "action_keys": list(p.keys["action_keys"]), "image_size": [S, S], "frames": "uint8 (H, W, 3), any size: resized to image_size",
             "action_layout": ["x", "y", "z", "roll", "pitch", "yaw", "gripper"], "action_frame": "absolute, Euler XYZ in radians",
             "num_pred_steps": p.num_pred_steps, "control_rate_hz": round(1 / float(np.median(probe.step_times[1:])), 1),
-            "device": str(p.device), "checkpoint": str(p.checkpoint), "max_sessions": self.max_sessions,
+            "device": str(p.device), "precision": p.precision, "checkpoint": str(p.checkpoint), "max_sessions": self.max_sessions,
             "max_request_bytes": self.max_request_bytes, "token_required": self.token is not None}
 
 # %% ../nbs/24_serve.ipynb #c016
@@ -247,6 +247,7 @@ def serve_cli(argv:Optional[list]=None)->int:
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     ap.add_argument("--port", type=int, default=8765, help="port (default 8765)")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32, or bf16 autocast (GPU)")
     ap.add_argument("--max-sessions", type=int, default=8, help="sessions at once (default 8)")
     ap.add_argument("--token-file", default=None, help="file holding the token every client must send in hello")
     ap.add_argument("--max-request-mb", type=float, default=256, help="largest request in MiB (default 256)")
@@ -263,7 +264,7 @@ def serve_cli(argv:Optional[list]=None)->int:
             if not token: raise ICRTError(f"--token-file '{tf}' is empty: write the token into it")
         if not 0 < a.port < 65536: raise ICRTError(f"--port {a.port}: must be in 1..65535")
         if a.threads: torch.set_num_threads(a.threads)
-        policy = ICRTPolicy.from_run(a.run_dir, a.checkpoint, device=a.device)
+        policy = ICRTPolicy.from_run(a.run_dir, a.checkpoint, device=a.device, precision=a.precision)
         srv = PolicyServer(policy, a.host, a.port, a.max_sessions, token, int(a.max_request_mb * 2**20), a.max_len)
     except ICRTError as e: print(f"icrt_serve: error: {e}", file=sys.stderr); return 1
     try: asyncio.run(srv.serve())

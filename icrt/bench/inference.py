@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import resource
@@ -186,6 +187,8 @@ def format_table(res:dict)->str:
                  f"cached step {res['rows'][-1]['context']} / {res['rows'][0]['context']} tokens: {res['cached_ratio']:.2f}x   "
                  f"process peak RSS: {res['process_peak_rss_mb']:.0f} MiB   device: {res['device']} ({res['threads']} threads)"
                  + (f"   peak CUDA memory (cached steps): {res['cached_peak_mb']:.0f} MiB" if res["cached_peak_mb"] else ""))
+    step = res["rows"][-1]["cached_ms"] + res["vision_ms"]
+    lines.append(f"control step with vision at {res['rows'][-1]['context']} tokens: {step:.2f} ms = {1e3 / step:.1f} steps/s")
     if "prompt_ms" in res:
         lines.append(f"prompt of {res['prompt_demos']} x {res['prompt_steps']} steps ({res['prompt_tokens']} tokens): {res['prompt_ms']:.1f} ms "
                      f"(vision {res['prompt_vision_ms']:.1f}, tokenisers + transformer {res['prompt_transformer_ms']:.1f})   reset to the prompt: "
@@ -206,6 +209,7 @@ def bench_inference_cli(argv:Optional[list]=None)->int:
                    help="prompt to time encoding and reset() of (default: 2 demonstrations x 150 steps; 0 0: skip)")
     p.add_argument("--max-ratio", type=float, default=1.3, help="CPU check: cached step at the longest / shortest context")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32, or bf16 autocast of the model calls")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     a = p.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available(): p.error(f"--device {a.device}: CUDA is not available here")
@@ -214,8 +218,11 @@ def bench_inference_cli(argv:Optional[list]=None)->int:
     if a.threads: torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model = build_bench_model(a.config, a.device)
-    res = bench_inference(model, a.contexts, a.reps, a.uncached_reps, not a.no_uncached)
-    if a.prompt[0] > 0 and a.prompt[1] > 0: res |= bench_prompt(model, *a.prompt, reps=max(1, a.reps // 3))
+    ac = torch.autocast(torch.device(a.device).type, dtype=torch.bfloat16) if a.precision == "bf16" else contextlib.nullcontext()
+    with ac:
+        res = bench_inference(model, a.contexts, a.reps, a.uncached_reps, not a.no_uncached)
+        if a.prompt[0] > 0 and a.prompt[1] > 0: res |= bench_prompt(model, *a.prompt, reps=max(1, a.reps // 3))
+    res["precision"] = a.precision
     res["config"] = a.config
     print(format_table(res))
     if a.json: a.json.write_text(json.dumps(res, indent=1))

@@ -94,6 +94,7 @@ def bench_serve_cli(argv:Optional[list]=None)->int:
     ap.add_argument("--prompt-steps", type=int, default=20, help="steps of the prompt demonstration (default 20)")
     ap.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ap.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32, or bf16 autocast (GPU)")
     ap.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     a = ap.parse_args(argv)
     if min(a.clients) < 1 or a.steps < 2 or a.image < 8: ap.error("--clients >= 1, --steps >= 2 and --image >= 8")
@@ -101,7 +102,8 @@ def bench_serve_cli(argv:Optional[list]=None)->int:
     torch.set_num_threads(a.threads)
     from icrt.tiny import tiny_model
     torch.manual_seed(0)
-    pol = ICRTPolicy.from_run(a.run_dir, device=a.device) if a.run_dir else ICRTPolicy(tiny_model().eval(), ExperimentConfig(DatasetConfig("none.json")))
+    pol = ICRTPolicy.from_run(a.run_dir, device=a.device, precision=a.precision) if a.run_dir else \
+        ICRTPolicy(tiny_model().eval().to(a.device if a.device != "auto" else "cpu"), ExperimentConfig(DatasetConfig("none.json")), precision=a.precision)
     rows = [bench_serve(pol, n, a.steps, a.image, a.prompt_steps) for n in a.clients]
     print(f"icrt_bench_serve: {a.run_dir or 'tiny model'}, {a.image}x{a.image} frames x {len(pol.image_keys)} cameras, "
           f"{a.steps} steps per client, {rows[0]['device']}, {a.threads} thread(s); {rows[0]['machine']}")

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks of the model and training issues, as one prepared script (never run by CI).
 # Usage on a CUDA machine, from the repo root after `pip install -e ".[dev]"`:  bash tests/gpu/run_gpu_checks.sh [OUT_DIR]
-# Prints and saves: the inference latency table of the default model (ViT-B/16 x 2 cameras + 12x768 transformer, bf16)
-# vs context length, and the training throughput of the default recipe with and without --dataset-cfg.gpu-preprocess.
+# Prints and saves: the inference latency table of the default model (ViT-B/16 x 2 cameras + 12x768 transformer) vs
+# context length in fp32 and bf16 (with the prompt and reset costs), the policy server's latency, and the training throughput of the default recipe with and without --dataset-cfg.gpu-preprocess.
 set -euo pipefail
 out=${1:-${OUT:-gpu_results}}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
@@ -11,4 +11,9 @@ import subprocess, sys
 sys.exit(subprocess.call([sys.executable, "-m", "pytest", "-q", "tests/test_models_policy.py", "tests/test_dataset.py", "-k", "cuda or cache"]))
 PY
 icrt_bench_inference --config default --device cuda --contexts 50 300 600 1000 2000 --json "$out/inference.json" | tee "$out/inference.txt"
+# bf16 autocast, a two-demonstration prompt of 150 steps (600 tokens) and its reset; target >= 30 control steps/s with vision
+icrt_bench_inference --config default --device cuda --precision bf16 --contexts 600 1000 --no-uncached --prompt 2 150 \
+    --json "$out/inference_bf16.json" | tee "$out/inference_bf16.txt"
+# the policy server over loopback on the GPU: 1 and 8 concurrent sessions (tiny model; pass a run folder for a real one)
+icrt_bench_serve --device cuda --clients 1 8 --steps 200 --json "$out/serve.json" | tee "$out/serve.txt"
 icrt_bench_train --config default --steps 200 --num-workers 8 --json "$out/train.json" | tee "$out/train.txt"
