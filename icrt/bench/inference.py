@@ -192,7 +192,7 @@ def format_table(res:dict)->str:
     if "prompt_ms" in res:
         lines.append(f"prompt of {res['prompt_demos']} x {res['prompt_steps']} steps ({res['prompt_tokens']} tokens): {res['prompt_ms']:.1f} ms "
                      f"(vision {res['prompt_vision_ms']:.1f}, tokenisers + transformer {res['prompt_transformer_ms']:.1f})   reset to the prompt: "
-                     f"{1e3 * res['reset_ms']:.1f} us = {100 * res['reset_share']:.3f}% of a re-prompt")
+                     f"{1e3 * res['reset_ms']:.1f} us = {100 * res['reset_share']:.2g}% of a re-prompt")
     return "\n".join(lines)
 
 # %% ../../nbs/31_bench.inference.ipynb #c036
