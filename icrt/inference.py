@@ -205,8 +205,9 @@ def episode_inputs(
             "action": torch.from_numpy(model_actions(act, prop, use_delta)), "abs_action": torch.from_numpy(act.astype(np.float32))}
 
 # %% ../nbs/14_inference.ipynb #c043
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16")  # of ICRTPolicy's model calls (see `autocast` below)
 
+# %% ../nbs/14_inference.ipynb #c044
 class ICRTPolicy:
     "A trained ICRT as a robot policy: raw demonstrations in, absolute xyz + Euler XYZ + gripper actions out."
     def __init__(self,
@@ -221,8 +222,7 @@ class ICRTPolicy:
         self.model, self.cfg, self.checkpoint, self.precision = model.eval(), cfg, checkpoint, precision
         self.keys = keys or run_keys(cfg)
         self.data_config = dict(model.data_config)
-        self.use_delta = bool(cfg.shared_cfg.use_delta_action)
-        self.skip = 2 if cfg.dataset_cfg.skip_step else 1
+        self.use_delta, self.skip = bool(cfg.shared_cfg.use_delta_action), 2 if cfg.dataset_cfg.skip_step else 1
         self.step_times = []
         self.reset(**reset_kw)
 
@@ -248,7 +248,7 @@ class ICRTPolicy:
                          keep_prompt=keep_prompt)
         self._prev_proprio, self.step_times, self.t = None, [], 0
 
-# %% ../nbs/14_inference.ipynb #c045
+# %% ../nbs/14_inference.ipynb #c046
 @patch(cls_method=True)
 def from_run(cls:ICRTPolicy,
               run_dir:Union[str, Path, RunFiles],     # output_dir/log_name of a training run (or its find_run)
@@ -270,13 +270,13 @@ def from_run(cls:ICRTPolicy,
     except ValueError as e: raise InferenceError(f"checkpoint: '{ck_path}' does not fit the model of {run_dir/'run.yaml'}: {e}") from None
     return cls(model.to(dev), cfg, keys, ck_path, precision, **reset_kw)
 
-# %% ../nbs/14_inference.ipynb #c047
+# %% ../nbs/14_inference.ipynb #c048
 @patch
 def autocast(self:ICRTPolicy):
     "The precision context of the model calls: bf16 autocast on the policy's device, or nothing (fp32)."
     return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else contextlib.nullcontext()
 
-# %% ../nbs/14_inference.ipynb #c052
+# %% ../nbs/14_inference.ipynb #c053
 @patch
 def inputs(self:ICRTPolicy,
            episode:dict,          # raw, load_episode-style, or already converted (episode_inputs output)
@@ -288,7 +288,7 @@ def inputs(self:ICRTPolicy,
         return episode
     return episode_inputs(episode, self.keys, self.data_config, self.use_delta, self.skip, where)
 
-# %% ../nbs/14_inference.ipynb #c055
+# %% ../nbs/14_inference.ipynb #c056
 @patch
 def prompt(self:ICRTPolicy, episodes:list):
     "Encode demonstrations (raw or load_episode dicts), in order, as the prompt; a new prompt replaces the old and starts an episode."
@@ -299,7 +299,7 @@ def prompt(self:ICRTPolicy, episodes:list):
     except RuntimeError as e: raise InferenceError(f"prompt: {e}") from None  # longer than the context
     self._prev_proprio, self.step_times, self.t = None, [], 0
 
-# %% ../nbs/14_inference.ipynb #c058
+# %% ../nbs/14_inference.ipynb #c059
 @patch
 def step(self:ICRTPolicy,
           observation:torch.Tensor,          # (N, 3, S, S) normalised images
@@ -320,7 +320,7 @@ def step(self:ICRTPolicy,
     self.step_times.append(time.perf_counter() - t0)
     return a
 
-# %% ../nbs/14_inference.ipynb #c061
+# %% ../nbs/14_inference.ipynb #c062
 @patch
 def observation_inputs(self:ICRTPolicy,
                        observation:dict,   # {camera key: uint8 (H, W, 3), pose key: (6,)|(7,), gripper key: (1,)}
@@ -334,7 +334,7 @@ def observation_inputs(self:ICRTPolicy,
     frames = [_as_frames(observation[k], k)[:1] for k in self.image_keys]
     return preprocess_images(frames, self.data_config)[0], pose_vector(pose, grip)
 
-# %% ../nbs/14_inference.ipynb #c064
+# %% ../nbs/14_inference.ipynb #c065
 @patch
 def act(self:ICRTPolicy,
          observation:dict,                   # {camera key: uint8 (H, W, 3), pose key: (6,)|(7,), gripper key: (1,)}
@@ -352,7 +352,7 @@ def act(self:ICRTPolicy,
         ex = pose_vector(_numbers(e[:-1], "executed_action", where, "pose"), _numbers(e[-1:], "executed_action", where, "gripper"))
     return self.step(obs.to(self.device), prop, ex)
 
-# %% ../nbs/14_inference.ipynb #c067
+# %% ../nbs/14_inference.ipynb #c068
 @patch(as_prop=True)
 def control_rate(self:ICRTPolicy)->float:
     "Control steps per second, measured over the `step`/`act` calls since the last reset."
