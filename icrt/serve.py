@@ -132,7 +132,8 @@ def _metadata(self:PolicyServer)->dict:
             "action_keys": list(p.keys["action_keys"]), "image_size": [S, S], "frames": "uint8 (H, W, 3), any size: resized to image_size",
             "action_layout": ["x", "y", "z", "roll", "pitch", "yaw", "gripper"], "action_frame": "absolute, Euler XYZ in radians",
             "num_pred_steps": p.num_pred_steps, "control_rate_hz": round(1 / float(np.median(probe.step_times[1:])), 1),
-            "device": str(p.device), "precision": p.precision, "checkpoint": str(p.checkpoint), "max_sessions": self.max_sessions,
+            "device": str(p.device), "precision": p.precision, "compiled_step": bool(getattr(p.model, "_step_compiled", False)),
+            "checkpoint": str(p.checkpoint), "max_sessions": self.max_sessions,
             "max_request_bytes": self.max_request_bytes, "token_required": self.token is not None}
 
 # %% ../nbs/24_serve.ipynb #c016
@@ -248,6 +249,8 @@ def serve_cli(argv:Optional[list]=None)->int:
     ap.add_argument("--port", type=int, default=8765, help="port (default 8765)")
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32, or bf16 autocast (GPU)")
+    ap.add_argument("--compile", nargs="?", const="default", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                    help="torch.compile the fixed-shape control step (reduce-overhead: CUDA graphs where possible)")
     ap.add_argument("--max-sessions", type=int, default=8, help="sessions at once (default 8)")
     ap.add_argument("--token-file", default=None, help="file holding the token every client must send in hello")
     ap.add_argument("--max-request-mb", type=float, default=256, help="largest request in MiB (default 256)")
@@ -265,6 +268,7 @@ def serve_cli(argv:Optional[list]=None)->int:
         if not 0 < a.port < 65536: raise ICRTError(f"--port {a.port}: must be in 1..65535")
         if a.threads: torch.set_num_threads(a.threads)
         policy = ICRTPolicy.from_run(a.run_dir, a.checkpoint, device=a.device, precision=a.precision)
+        if a.compile: policy.model.compile_step(mode=None if a.compile == "default" else a.compile)  # compiled by the warm-up
         srv = PolicyServer(policy, a.host, a.port, a.max_sessions, token, int(a.max_request_mb * 2**20), a.max_len)
     except ICRTError as e: print(f"icrt_serve: error: {e}", file=sys.stderr); return 1
     try: asyncio.run(srv.serve())

@@ -268,3 +268,20 @@ def test_bench_cli_tiny(tmp_path):
 def test_bench_cli_bad_args():
     r = subprocess.run([sys.executable, "-m", "icrt.bench.inference", "--config", "huge"], capture_output=True, text=True)
     assert r.returncode != 0 and "invalid choice" in r.stderr
+
+
+@pytest.mark.slow
+def test_compiled_step_with_inductor_equals_eager():
+    "compile_step() with torch.compile's default backend (a C++ compiler; about a minute on 2 cores): the same actions."
+    from icrt.geometry import pose_to_pos_rot6d
+    b = tiny_batch(B=1, T=3, seed=4)
+    demo = {"observation": b["observation"][0], "proprio": b["proprio"][0, :, 0], "action": b["action"][0, :, 0, :10]}
+    pv = torch.cat([pose_to_pos_rot6d(torch.tensor([0.3, 0.1, 0.2, 0.1, -0.2, 0.3])), torch.tensor([0.5])])
+    def episode(m):
+        m.reset(max_len=64); m.prompt([demo])
+        return torch.stack([m.get_action(b["observation"][0, t % 3], pv) for t in range(6)])
+    m = tiny_model().eval()
+    ref = episode(m)
+    out = episode(m.compile_step())
+    assert m._step_compiled
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=0)

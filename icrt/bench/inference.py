@@ -210,6 +210,8 @@ def bench_inference_cli(argv:Optional[list]=None)->int:
     p.add_argument("--max-ratio", type=float, default=1.3, help="CPU check: cached step at the longest / shortest context")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32, or bf16 autocast of the model calls")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=["default", "reduce-overhead", "max-autotune"],
+                   help="time the fixed-shape step compiled with torch.compile (the warm-up step compiles)")
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     a = p.parse_args(argv)
     if a.device.startswith("cuda") and not torch.cuda.is_available(): p.error(f"--device {a.device}: CUDA is not available here")
@@ -218,11 +220,12 @@ def bench_inference_cli(argv:Optional[list]=None)->int:
     if a.threads: torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     model = build_bench_model(a.config, a.device)
+    if a.compile: model.compile_step(mode=None if a.compile == "default" else a.compile)
     ac = torch.autocast(torch.device(a.device).type, dtype=torch.bfloat16) if a.precision == "bf16" else contextlib.nullcontext()
     with ac:
         res = bench_inference(model, a.contexts, a.reps, a.uncached_reps, not a.no_uncached)
         if a.prompt[0] > 0 and a.prompt[1] > 0: res |= bench_prompt(model, *a.prompt, reps=max(1, a.reps // 3))
-    res["precision"] = a.precision
+    res["precision"], res["compile"] = a.precision, a.compile
     res["config"] = a.config
     print(format_table(res))
     if a.json: a.json.write_text(json.dumps(res, indent=1))

@@ -25,7 +25,7 @@ _log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['LLAMA_FLAG', 'LORA_TARGETS', 'PUBLISHED_LORA_TARGETS', 'PUBLISHED_BIASES', 'LlamaArgs', 'RMSNorm', 'FeedForward',
-           'rope_angles', 'apply_rope', 'KVCache', 'Attention', 'TransformerBlock', 'Transformer',
+           'rope_angles', 'apply_rope', 'KVCache', 'Attention', 'TransformerBlock', 'Transformer', 'rope_at',
            'load_meta_state_dict', 'save_llama_checkpoint', 'unpermute_hf_rows', 'load_hf_state_dict',
            'check_llama_dir', 'load_llama', 'build_transformer', 'apply_lora', 'add_biases', 'set_trainable',
            'merge_lora']
@@ -250,7 +250,44 @@ def forward(self:Transformer,
     if cache is not None: cache.length = start_pos + L
     return self.norm(h)
 
+# %% ../../nbs/08_models.llama.ipynb #c041
+def rope_at(
+    head_dim:int, pos:torch.Tensor, theta:float=10000.0,  # pos: (L,) integer positions
+)->tuple:  # (cos, sin), each (L, head_dim/2) float32
+    "Rotary angles at the positions of a tensor (as `rope_angles` at consecutive ones)."
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=pos.device, dtype=torch.float32) / head_dim))
+    ang = pos.to(torch.float32)[:, None] * inv[None]
+    return ang.cos(), ang.sin()
+
 # %% ../../nbs/08_models.llama.ipynb #c043
+def _attend_fixed(a:Attention, x, cos, sin, pos, cache:KVCache, layer:int):  # x (B, L, dim) -> (B, L, dim)
+    "Attention of the fixed-shape step: write k, v at `pos`, attend over the whole cache up to each query's position."
+    B, L, _ = x.shape
+    q = apply_rope(a.wq(x).view(B, L, a.n_heads, a.hd), cos, sin).transpose(1, 2)
+    k = apply_rope(a.wk(x).view(B, L, a.n_kv, a.hd), cos, sin).transpose(1, 2)
+    v = a.wv(x).view(B, L, a.n_kv, a.hd).transpose(1, 2)
+    K, V = cache.k[layer, :B], cache.v[layer, :B]                       # (B, KV, max_len, hd): views of the cache
+    K.index_copy_(2, pos, k.detach().to(K.dtype)); V.index_copy_(2, pos, v.detach().to(V.dtype))
+    mask = torch.arange(K.shape[2], device=x.device)[None] <= pos[:, None]  # (L, max_len): True = attend
+    K, V = K.to(q.dtype), V.to(q.dtype)
+    if a.n_kv != a.n_heads: K, V = K.repeat_interleave(a.n_heads // a.n_kv, 1), V.repeat_interleave(a.n_heads // a.n_kv, 1)
+    o = F.scaled_dot_product_attention(q, K, V, attn_mask=mask)
+    return a.wo(o.transpose(1, 2).reshape(B, L, a.n_heads * a.hd))
+
+@patch
+def step_fixed(self:Transformer,
+               h:torch.Tensor,     # (B, L, dim) new tokens
+               pos:torch.Tensor,   # (L,) their positions (int64)
+               cache:KVCache,      # allocated; its length is not changed (the caller sets it)
+              )->torch.Tensor:     # (B, L, dim) after the final norm
+    "The cached step with fixed shapes (whole-cache attention under a position mask), for torch.compile / CUDA graphs."
+    cos, sin = rope_at(self.args.head_dim, pos, self.args.rope_theta)
+    for i, b in enumerate(self.layers):
+        x = h + _attend_fixed(b.attention, b.attention_norm(h), cos, sin, pos, cache, i)
+        h = x + b.feed_forward(b.ffn_norm(x))
+    return self.norm(h)
+
+# %% ../../nbs/08_models.llama.ipynb #c049
 _ROW_SPLIT, _COL_SPLIT = ("wq", "wk", "wv", "w1", "w3"), ("wo", "w2")  # Meta model-parallel layout
 _IGNORED = ("tok_embeddings.", "output.", "rope.freqs", "lm_head.")
 
@@ -264,7 +301,7 @@ def _merge_shards(key:str, parts:list, dtype)->torch.Tensor:
     for p in parts: out.narrow(dim, off, p.shape[dim]).copy_(p); off += p.shape[dim]
     return out
 
-# %% ../../nbs/08_models.llama.ipynb #c045
+# %% ../../nbs/08_models.llama.ipynb #c051
 def load_meta_state_dict(
     ckpt_dir:Path,        # folder with params.json + consolidated.*.pth
     dtype=torch.float32,  # dtype of the returned tensors
@@ -284,7 +321,7 @@ def load_meta_state_dict(
         sd[k] = _merge_shards(k, [s[k] for s in shards], dtype)
     return sd
 
-# %% ../../nbs/08_models.llama.ipynb #c047
+# %% ../../nbs/08_models.llama.ipynb #c053
 def save_llama_checkpoint(
     model:Transformer,       # a plain transformer (merge LoRA first)
     out_dir:Union[str, Path],# folder to write params.json + consolidated.NN.pth into
@@ -305,7 +342,7 @@ def save_llama_checkpoint(
         torch.save(shard, out / f"consolidated.{r:02d}.pth")
     return out
 
-# %% ../../nbs/08_models.llama.ipynb #c049
+# %% ../../nbs/08_models.llama.ipynb #c055
 _HF_NAMES = {"self_attn.q_proj": "attention.wq", "self_attn.k_proj": "attention.wk", "self_attn.v_proj": "attention.wv",
              "self_attn.o_proj": "attention.wo", "mlp.gate_proj": "feed_forward.w1", "mlp.down_proj": "feed_forward.w2",
              "mlp.up_proj": "feed_forward.w3", "input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}
@@ -315,7 +352,7 @@ def unpermute_hf_rows(w:torch.Tensor, n_heads:int)->torch.Tensor: # (n_heads*hd,
     rows, cols = w.shape
     return w.reshape(n_heads, 2, rows // n_heads // 2, cols).transpose(1, 2).reshape(rows, cols)
 
-# %% ../../nbs/08_models.llama.ipynb #c051
+# %% ../../nbs/08_models.llama.ipynb #c057
 def _hf_args(path:Path)->LlamaArgs:
     "LlamaArgs of a Hugging Face LlamaConfig JSON."
     src = f"--model-cfg.policy-cfg.llama-ckpt-dir: '{path}'"
@@ -336,7 +373,7 @@ def _hf_args(path:Path)->LlamaArgs:
     if c.get("head_dim", a.head_dim) != a.head_dim: raise ConfigError(f"{src}: head_dim {c['head_dim']} != hidden_size/num_attention_heads")
     return _check_args(a, src)
 
-# %% ../../nbs/08_models.llama.ipynb #c053
+# %% ../../nbs/08_models.llama.ipynb #c059
 def load_hf_state_dict(
     ckpt_dir:Path,        # folder with config.json + *.safetensors
     args:LlamaArgs,       # its shape (for the q/k permutation)
@@ -364,7 +401,7 @@ def load_hf_state_dict(
                 sd[new] = t.to(dtype)
     return sd
 
-# %% ../../nbs/08_models.llama.ipynb #c055
+# %% ../../nbs/08_models.llama.ipynb #c061
 LLAMA_FLAG = "--model-cfg.policy-cfg.llama-ckpt-dir"
 
 def check_llama_dir(
@@ -382,7 +419,7 @@ def check_llama_dir(
                           "download the weights, or pass --model-cfg.policy-cfg.no-load-llama to train that shape from random init")
     return fmt
 
-# %% ../../nbs/08_models.llama.ipynb #c058
+# %% ../../nbs/08_models.llama.ipynb #c064
 def _meta_args(d:Path)->LlamaArgs: return LlamaArgs.from_json(d / "params.json")
 
 def load_llama(
@@ -401,7 +438,7 @@ def load_llama(
     _log.info("loaded %s Llama checkpoint %s: dim %d, %d layers, %d heads", fmt, d, args.dim, args.n_layers, args.n_heads)
     return load_strict(model, sd, f"{LLAMA_FLAG} '{d}': weights do not match the transformer its config describes", assign=True)
 
-# %% ../../nbs/08_models.llama.ipynb #c061
+# %% ../../nbs/08_models.llama.ipynb #c067
 def build_transformer(
     policy_cfg:PolicyConfig,  # scratch_llama_config, llama_ckpt_dir, load_llama are read
     dtype=None,               # parameter dtype (default float32)
@@ -415,7 +452,7 @@ def build_transformer(
     raise ConfigError("no transformer given: pass --model-cfg.policy-cfg.scratch-llama-config (e.g. custom_transformer) "
                       "or --model-cfg.policy-cfg.llama-ckpt-dir /path/to/llama-2-7b")
 
-# %% ../../nbs/08_models.llama.ipynb #c066
+# %% ../../nbs/08_models.llama.ipynb #c072
 LORA_TARGETS = ("wq", "wk", "wv", "wo")  # attention projections that get LoRA adapters
 PUBLISHED_LORA_TARGETS = LORA_TARGETS + ("w1", "w2", "w3")  # the published code adapts the feed-forward layers too
 
@@ -441,7 +478,7 @@ def apply_lora(
         if "lora_" not in k: p.requires_grad_(before.get(k, before.get(k.replace(".base_layer", ""), p.requires_grad)))
     return model
 
-# %% ../../nbs/08_models.llama.ipynb #c069
+# %% ../../nbs/08_models.llama.ipynb #c075
 PUBLISHED_BIASES = ("attention.wq", "attention.wo", "feed_forward.w1", "feed_forward.w2", "feed_forward.w3")
 
 def add_biases(
@@ -455,7 +492,7 @@ def add_biases(
             if lin.bias is None: lin.bias = nn.Parameter(torch.zeros(lin.out_features, dtype=lin.weight.dtype, device=lin.weight.device))
     return model
 
-# %% ../../nbs/08_models.llama.ipynb #c071
+# %% ../../nbs/08_models.llama.ipynb #c077
 def set_trainable(
     model:nn.Module,  # a Transformer (with or without LoRA)
     phase:str,        # "pretrain" or "finetune"
@@ -468,7 +505,7 @@ def set_trainable(
     if phase == "finetune" and not any("lora_" in k for k in names): _log.warning("finetune phase without LoRA adapters: only norms train")
     return names
 
-# %% ../../nbs/08_models.llama.ipynb #c073
+# %% ../../nbs/08_models.llama.ipynb #c079
 def merge_lora(model:nn.Module)->nn.Module:
     "Fold every LoRA adapter into its base weight and remove it (in place), for fast inference."
     from peft.tuners.lora import LoraLayer

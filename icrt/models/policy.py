@@ -413,7 +413,8 @@ def _feed(self:ICRT, h:Tensor)->Tensor:  # (1, n, dim) new tokens -> (1, n, dim)
                            "call reset(max_len=...) with a longer cache or shorten the prompt")
     if self._cache is None:
         self._cache = self.transformer.new_cache(1, self._max_len, h.device, h.dtype)
-    out = self.transformer(h, start_pos=self.pos, cache=self._cache)
+    if getattr(self, "_step_fn", None) is not None and h.shape[1] <= 2 and self.pos + 2 <= self._max_len: out = self._fixed_step(h)
+    else: out = self.transformer(h, start_pos=self.pos, cache=self._cache)
     self.pos += h.shape[1]
     return out
 
@@ -514,6 +515,36 @@ def fork(self:ICRT)->ICRT:
     return f
 
 # %% ../../nbs/10_models.policy.ipynb #c124
+@patch
+def compile_step(self:ICRT,
+                 enable:bool=True,            # False: back to the ordinary cached forward
+                 mode:Optional[str]=None,     # torch.compile mode ("reduce-overhead": CUDA graphs where possible)
+                 backend:str="inductor",      # torch.compile backend ("eager": capture only, for tests)
+                 compile:bool=True,           # False: the fixed-shape step without torch.compile
+                )->ICRT:
+    "Feed control steps through the fixed-shape transformer step, compiled (falls back to uncompiled if that fails)."
+    self._step_compiled = enable and compile
+    self._step_fn = None if not enable else torch.compile(self.transformer.step_fixed, mode=mode, backend=backend, dynamic=False) \
+        if compile else self.transformer.step_fixed
+    return self
+
+# %% ../../nbs/10_models.policy.ipynb #c125
+@patch
+def _fixed_step(self:ICRT, h:Tensor)->Tensor:  # (1, n <= 2, dim) -> (1, n, dim)
+    "One control step through `_step_fn` at positions pos, pos+1 (a placeholder token after a lone state)."
+    n = h.shape[1]
+    if n == 1: h = torch.cat([h, torch.zeros_like(h)], 1)
+    pos = torch.arange(self.pos, self.pos + 2, device=h.device)
+    try: out = self._step_fn(h, pos, self._cache)
+    except Exception as e:
+        if not self._step_compiled: raise
+        log.warning("compiled control step failed (%s: %s); going on without torch.compile", type(e).__name__, str(e).splitlines()[0][:200])
+        self.compile_step(compile=False)
+        out = self._step_fn(h, pos, self._cache)
+    self._cache.length = self.pos + n
+    return out[:, :n]
+
+# %% ../../nbs/10_models.policy.ipynb #c129
 def overfit_policy(model:ICRT, batch:dict, steps:int=200, lr:float=2e-3)->tuple:
     "Train `model` on one batch; return (first loss, mean of the last 10 losses)."
     model.train()

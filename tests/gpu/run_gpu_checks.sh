@@ -14,6 +14,9 @@ icrt_bench_inference --config default --device cuda --contexts 50 300 600 1000 2
 # bf16 autocast, a two-demonstration prompt of 150 steps (600 tokens) and its reset; target >= 30 control steps/s with vision
 icrt_bench_inference --config default --device cuda --precision bf16 --contexts 600 1000 --no-uncached --prompt 2 150 \
     --json "$out/inference_bf16.json" | tee "$out/inference_bf16.txt"
+# the same step compiled (torch.compile of the fixed-shape step; reduce-overhead asks for CUDA graphs)
+icrt_bench_inference --config default --device cuda --precision bf16 --compile reduce-overhead --contexts 600 1000 --no-uncached \
+    --prompt 0 0 --json "$out/inference_bf16_compiled.json" | tee "$out/inference_bf16_compiled.txt"
 # the policy server over loopback on the GPU: 1 and 8 concurrent sessions (tiny model; pass a run folder for a real one)
 icrt_bench_serve --device cuda --clients 1 8 --steps 200 --json "$out/serve.json" | tee "$out/serve.txt"
 icrt_bench_train --config default --steps 200 --num-workers 8 --json "$out/train.json" | tee "$out/train.txt"
