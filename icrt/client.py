@@ -101,12 +101,14 @@ def prompt(self:PolicyClient, episodes:list):
     self._call({"type": "prompt", "episodes": [episodes] if isinstance(episodes, dict) else list(episodes)})
     self.step_times = []
 
+# %% ../nbs/23_client.ipynb #c013
 @patch
 def reset(self:PolicyClient, **kw):
     "Start a new episode from the end of the prompt (keep_prompt=False: empty); kw as ICRTPolicy.reset."
     self._call({"type": "reset", **kw})
     self.step_times = []
 
+# %% ../nbs/23_client.ipynb #c014
 @patch
 def act(self:PolicyClient, observation:dict, executed_action=None)->np.ndarray:  # (7,) absolute xyz, Euler XYZ, gripper
     "One control step: the raw observation in, the action to execute out (`last_chunk`: the whole chunk)."
@@ -114,7 +116,7 @@ def act(self:PolicyClient, observation:dict, executed_action=None)->np.ndarray: 
     self.last_chunk = rep["chunk"]; self.step_times.append(self.last_timing["round_trip_ms"] / 1e3)
     return rep["action"]
 
-# %% ../nbs/23_client.ipynb #c013
+# %% ../nbs/23_client.ipynb #c015
 @patch(as_prop=True)
 def image_keys(self:PolicyClient)->list: return self.metadata["image_keys"]
 
@@ -126,6 +128,7 @@ def control_rate(self:PolicyClient)->float:
     "Control steps per second over the round trips of the `act` calls since the last prompt or reset."
     return len(self.step_times) / sum(self.step_times) if self.step_times else float("nan")
 
+# %% ../nbs/23_client.ipynb #c016
 @patch
 def close(self:PolicyClient):
     "End the session (the server frees its context) and close the connection."

@@ -21,6 +21,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from fastcore.basics import patch
 
 from .client import PROTOCOL, ProtocolError, pack, unpack
 from .config import ICRTError
@@ -47,8 +48,6 @@ class Session:
         self.sid, self.peer, self.max_len, self.prompted, self.act_ms = sid, peer, max_len, False, []
 
 # %% ../nbs/24_serve.ipynb #c007
-from fastcore.basics import patch
-
 @patch
 def _prompt(self:Session, msg:dict)->dict:
     eps = msg.get("episodes")
