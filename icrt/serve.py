@@ -67,6 +67,9 @@ def _prompt(self:Session, msg:dict)->dict:
 def _reset(self:Session, msg:dict)->dict:
     bad = sorted(set(msg) - set(RESET_KEYS) - {"type"})
     if bad: raise ProtocolError(f"reset: unknown field(s) {bad} (known: {', '.join(RESET_KEYS)})")
+    cap, n = self.max_len or self.policy.model.transformer.args.max_seq_len, msg.get("max_len")
+    if n is not None and (not isinstance(n, int) or not 1 <= n <= cap):
+        raise ProtocolError(f"reset: 'max_len' must be a whole number of tokens in 1..{cap} (this server's context: icrt_serve --max-len), got {n!r}")
     try: self.policy.reset(**{k: msg[k] for k in RESET_KEYS if k in msg and msg[k] is not None})
     except (TypeError, ValueError) as e: raise InferenceError(f"reset: {e}") from None
     if not msg.get("keep_prompt", True): self.prompted = False

@@ -130,6 +130,8 @@ def test_bad_inputs_get_error_replies_and_the_session_goes_on(server, data):
     r = _ask(ws, big)
     assert r["type"] == "error" and "larger than the server's limit" in r["error"], r
     assert _ask(ws, {"type": "reset", "colour": 1})["type"] == "error"
+    r = _ask(ws, {"type": "reset", "max_len": 10**9})  # a client cannot make the server allocate more than its context
+    assert r["type"] == "error" and f"in 1..{MAX_LEN}" in r["error"] and r["field"] == "max_len", r
     assert ok()
     assert _ask(ws, {"type": "close"})["type"] == "close"
     ws.close()
