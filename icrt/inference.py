@@ -248,7 +248,22 @@ class ICRTPolicy:
                          keep_prompt=keep_prompt)
         self._prev_proprio, self.step_times, self.t = None, [], 0
 
-# %% ../nbs/14_inference.ipynb #c046
+# %% ../nbs/14_inference.ipynb #c047
+def _frozen_from_pretrained(model:ICRT, cfg:ExperimentConfig, saved:dict):
+    "Finetune runs: load the `pretrained_path` weights the run started from, for the frozen tensors its checkpoint lacks."
+    pc, own = cfg.model_cfg.policy_cfg, model.state_dict()
+    if pc.phase != "finetune" or not pc.pretrained_path: return
+    trained = model.trainable_state_dict().keys()
+    frozen = [k for k in own if k.startswith("transformer.") and k not in trained and k not in saved]
+    if not frozen: return
+    pp = Path(pc.pretrained_path).expanduser()
+    if not pp.is_file():
+        log.warning("the run started from pretrained_path '%s', which is not here: its frozen transformer weights come from the "
+                    "Llama folder, not from that checkpoint", pp); return
+    try: model.load_trainable_state_dict(load_checkpoint(pp, "pretrained_path").get("model", {}), strict=False)
+    except ValueError as e: raise InferenceError(f"pretrained_path '{pp}' of the run does not fit its model: {e}") from None
+
+# %% ../nbs/14_inference.ipynb #c048
 @patch(cls_method=True)
 def from_run(cls:ICRTPolicy,
               run_dir:Union[str, Path, RunFiles],     # output_dir/log_name of a training run (or its find_run)
@@ -266,17 +281,18 @@ def from_run(cls:ICRTPolicy,
     try: dev = resolve_device(device)
     except ConfigError as e: raise InferenceError(str(e).replace("--device", "device", 1)) from None
     model = ICRT.from_config(cfg)
+    _frozen_from_pretrained(model, cfg, ck["model"])
     try: model.load_trainable_state_dict(ck["model"], strict=True)
     except ValueError as e: raise InferenceError(f"checkpoint: '{ck_path}' does not fit the model of {run_dir/'run.yaml'}: {e}") from None
     return cls(model.to(dev), cfg, keys, ck_path, precision, **reset_kw)
 
-# %% ../nbs/14_inference.ipynb #c048
+# %% ../nbs/14_inference.ipynb #c050
 @patch
 def autocast(self:ICRTPolicy):
     "The precision context of the model calls: bf16 autocast on the policy's device, or nothing (fp32)."
     return torch.autocast(self.device.type, dtype=torch.bfloat16) if self.precision == "bf16" else contextlib.nullcontext()
 
-# %% ../nbs/14_inference.ipynb #c053
+# %% ../nbs/14_inference.ipynb #c055
 @patch
 def inputs(self:ICRTPolicy,
            episode:dict,          # raw, load_episode-style, or already converted (episode_inputs output)
@@ -288,7 +304,7 @@ def inputs(self:ICRTPolicy,
         return episode
     return episode_inputs(episode, self.keys, self.data_config, self.use_delta, self.skip, where)
 
-# %% ../nbs/14_inference.ipynb #c056
+# %% ../nbs/14_inference.ipynb #c058
 @patch
 def prompt(self:ICRTPolicy, episodes:list):
     "Encode demonstrations (raw or load_episode dicts), in order, as the prompt; a new prompt replaces the old and starts an episode."
@@ -299,7 +315,7 @@ def prompt(self:ICRTPolicy, episodes:list):
     except RuntimeError as e: raise InferenceError(f"prompt: {e}") from None  # longer than the context
     self._prev_proprio, self.step_times, self.t = None, [], 0
 
-# %% ../nbs/14_inference.ipynb #c059
+# %% ../nbs/14_inference.ipynb #c061
 @patch
 def step(self:ICRTPolicy,
           observation:torch.Tensor,          # (N, 3, S, S) normalised images
@@ -320,7 +336,7 @@ def step(self:ICRTPolicy,
     self.step_times.append(time.perf_counter() - t0)
     return a
 
-# %% ../nbs/14_inference.ipynb #c062
+# %% ../nbs/14_inference.ipynb #c064
 @patch
 def observation_inputs(self:ICRTPolicy,
                        observation:dict,   # {camera key: uint8 (H, W, 3), pose key: (6,)|(7,), gripper key: (1,)}
@@ -334,7 +350,7 @@ def observation_inputs(self:ICRTPolicy,
     frames = [_as_frames(observation[k], k)[:1] for k in self.image_keys]
     return preprocess_images(frames, self.data_config)[0], pose_vector(pose, grip)
 
-# %% ../nbs/14_inference.ipynb #c065
+# %% ../nbs/14_inference.ipynb #c067
 @patch
 def act(self:ICRTPolicy,
          observation:dict,                   # {camera key: uint8 (H, W, 3), pose key: (6,)|(7,), gripper key: (1,)}
@@ -352,7 +368,7 @@ def act(self:ICRTPolicy,
         ex = pose_vector(_numbers(e[:-1], "executed_action", where, "pose"), _numbers(e[-1:], "executed_action", where, "gripper"))
     return self.step(obs.to(self.device), prop, ex)
 
-# %% ../nbs/14_inference.ipynb #c068
+# %% ../nbs/14_inference.ipynb #c070
 @patch(as_prop=True)
 def control_rate(self:ICRTPolicy)->float:
     "Control steps per second, measured over the `step`/`act` calls since the last reset."

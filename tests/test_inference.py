@@ -264,3 +264,19 @@ def test_reset_keeps_the_prompt(policy, assets):
     policy.prompt([demo]); np.testing.assert_array_equal(episode(), first)
     policy.reset(keep_prompt=False); assert policy.model.pos == 0
     policy.reset()
+
+
+def test_finetune_from_a_pretrained_transformer_restores_its_frozen_base(assets, tmp_path):
+    """Phase pretrain on the Llama folder trains the whole transformer; a phase-finetune run started from it
+    (--model-cfg.policy-cfg.pretrained-path) saves only LoRA, biases and norms. from_run must rebuild the frozen base
+    from the pretrain checkpoint, as training did, not from the Llama folder."""
+    flags = lambda *extra: scale_down(recipe_flags("finetune_llama2_7b"), assets, tmp_path, FAST + list(extra))
+    pre = train(parse_args(flags("--model-cfg.policy-cfg.phase", "pretrain", "--logging-cfg.log-name", "pre")))
+    pre_ck = sorted(pre.glob("checkpoint-*.pth"))[-1]
+    ft = train(parse_args(flags("--model-cfg.policy-cfg.pretrained-path", str(pre_ck), "--logging-cfg.log-name", "ft")))
+    saved = torch.load(sorted(ft.glob("checkpoint-*.pth"))[-1], weights_only=True)["model"]
+    key = "transformer.layers.0.attention.wq.weight"
+    assert key not in saved and "transformer.layers.0.attention.wq.base_layer.weight" not in saved  # the base is not in it
+    base = torch.load(pre_ck, weights_only=True)["model"][key]
+    got = ICRTPolicy.from_run(ft).model.transformer.state_dict()["layers.0.attention.wq.base_layer.weight"]
+    torch.testing.assert_close(got, base, atol=0, rtol=0)
