@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Optional
 
 import msgpack
@@ -15,7 +16,7 @@ from fastcore.basics import patch
 from .config import ICRTError
 
 # %% auto #0
-__all__ = ['PROTOCOL', 'ND', 'WIRE_DTYPES', 'ProtocolError', 'ServerError', 'pack', 'unpack', 'PolicyClient']
+__all__ = ['PROTOCOL', 'ND', 'WIRE_DTYPES', 'ProtocolError', 'ServerError', 'pack', 'unpack', 'PolicyClient', 'read_token']
 
 # %% ../nbs/23_client.ipynb #c005
 PROTOCOL = 1
@@ -141,3 +142,13 @@ def __enter__(self:PolicyClient): return self
 
 @patch
 def __exit__(self:PolicyClient, *exc): self.close()
+
+# %% ../nbs/23_client.ipynb #c018
+def read_token(path:Optional[str], flag:str="--token-file")->Optional[str]:  # the token, or None without a file
+    "The token in a token file (surrounding whitespace removed); a missing or empty file is an error naming the flag."
+    if path is None: return None
+    p = Path(path).expanduser()
+    if not p.is_file(): raise ICRTError(f"{flag}: no such file '{p}'")
+    token = p.read_text().strip()
+    if not token: raise ICRTError(f"{flag} '{p}' is empty: write the token into it")
+    return token

@@ -28,7 +28,7 @@ from .sim.core import rollout
 from .sim.synthetic import SyntheticSim
 from .geometry import chunk_actions, euler_to_matrix, pose_vector, rot6d_to_matrix, to_pose7
 from .inference import ICRTPolicy, find_run
-from .client import PolicyClient
+from .client import PolicyClient, read_token
 
 log = logging.getLogger(__name__)
 
@@ -516,8 +516,7 @@ def eval_cli(argv:Optional[list]=None):
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
-        token = Path(a.token_file).expanduser().read_text().strip() if a.token_file and Path(a.token_file).expanduser().is_file() else None
-        if a.token_file and token is None: raise EvalError(f"--token-file: no such file '{a.token_file}'")
+        token = read_token(a.token_file)
         rep = evaluate_run(a.run_dir, a.dataset_json, a.split, a.episodes, a.out, a.checkpoint, a.num_prompts, a.seed,
                            a.device, a.max_figures, not a.no_closed_loop, a.server, token)
     except (ICRTError, DatasetError) as e:

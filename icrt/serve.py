@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from fastcore.basics import patch
 
-from .client import PROTOCOL, ProtocolError, pack, unpack
+from .client import PROTOCOL, ProtocolError, pack, read_token, unpack
 from .config import ICRTError
 from .inference import ICRTPolicy, InferenceError
 
@@ -261,12 +261,7 @@ def serve_cli(argv:Optional[list]=None)->int:
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
-        token = None
-        if a.token_file is not None:
-            tf = Path(a.token_file).expanduser()
-            if not tf.is_file(): raise ICRTError(f"--token-file: no such file '{tf}'")
-            token = tf.read_text().strip()
-            if not token: raise ICRTError(f"--token-file '{tf}' is empty: write the token into it")
+        token = read_token(a.token_file)
         if not 0 < a.port < 65536: raise ICRTError(f"--port {a.port}: must be in 1..65535")
         if a.threads: torch.set_num_threads(a.threads)
         policy = ICRTPolicy.from_run(a.run_dir, a.checkpoint, device=a.device, precision=a.precision)

@@ -23,7 +23,7 @@ from ..config import (DatasetConfig, ExperimentConfig, ICRTError, LoggingConfig,
                          PolicyConfig, SharedConfig, TrainerConfig, VisionEncoderConfig, config_to_dict, load_config,
                          validate_config)
 from ..data.format import DatasetError
-from ..client import PolicyClient
+from ..client import PolicyClient, read_token
 from ..inference import ICRTPolicy
 from ..sim.metaworld import (DEFAULT_CAMERAS, SUITES, evaluate_closed_loop, generate_metaworld_dataset, get_task,
                                 wilson_interval)
@@ -429,10 +429,8 @@ def bench_metaworld_cli(argv:Optional[list]=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import warnings; warnings.filterwarnings("ignore", message="Constant")
     try:
-        tf = Path(a.token_file).expanduser() if a.token_file else None
-        if tf is not None and not tf.is_file(): raise BenchError(f"--token-file: no such file '{tf}'")
         rep = bench_metaworld(a.out, a.preset, a.tasks, a.suite, a.device, a.minutes, a.skip_generate, skip_train=a.skip_train,
-                              vision_encoder=a.vision_encoder, server=a.server, token=tf.read_text().strip() if tf else None,
+                              vision_encoder=a.vision_encoder, server=a.server, token=read_token(a.token_file),
                               episodes_per_task=a.episodes_per_task, seeds=a.seeds, k_prompt=a.k_prompt)
     except (ICRTError, DatasetError, ImportError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
