@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import statistics
 import sys
 import threading
 import time
@@ -22,7 +21,7 @@ from .loader import machine
 from ..client import PolicyClient
 from ..config import DatasetConfig, ExperimentConfig
 from ..inference import ICRTPolicy
-from ..serve import start_server, stop_server
+from ..serve import _pct, start_server, stop_server
 
 # %% auto #0
 __all__ = ['bench_inputs', 'bench_serve', 'bench_serve_cli']
@@ -51,8 +50,6 @@ def _client_run(url:str, demo:dict, observations:list, out:dict, i:int, barrier:
             acts.append(c.act(o)); rt.append(c.last_timing["round_trip_ms"]); sv.append(c.last_timing["server_ms"])
         out[i] = {"round_trip_ms": rt, "server_ms": sv, "actions": np.stack(acts)}
 
-def _p(xs:list, q:float)->float: return float(np.percentile(xs, q))
-
 # %% ../../nbs/34_bench.serve.ipynb #c007
 def bench_serve(
     policy:ICRTPolicy,      # the served policy
@@ -80,9 +77,9 @@ def bench_serve(
     if len(out) != clients: raise RuntimeError(f"icrt_bench_serve: {clients - len(out)} client(s) failed (see the log)")
     rt = [x for r in out.values() for x in r["round_trip_ms"][1:]]; sv = [x for r in out.values() for x in r["server_ms"][1:]]
     same = all(np.array_equal(r["actions"], np.stack(local)) for r in out.values())
-    return {"clients": clients, "steps": steps, "image": image, "in_process_p50_ms": _p(local_ms[1:], 50),
-            "round_trip_p50_ms": _p(rt, 50), "round_trip_p99_ms": _p(rt, 99), "server_p50_ms": _p(sv, 50), "server_p99_ms": _p(sv, 99),
-            "overhead_p50_ms": _p(rt, 50) - _p(local_ms[1:], 50), "throughput_steps_per_s": clients * steps / wall,
+    return {"clients": clients, "steps": steps, "image": image, "in_process_p50_ms": _pct(local_ms[1:], 50),
+            "round_trip_p50_ms": _pct(rt, 50), "round_trip_p99_ms": _pct(rt, 99), "server_p50_ms": _pct(sv, 50), "server_p99_ms": _pct(sv, 99),
+            "overhead_p50_ms": _pct(rt, 50) - _pct(local_ms[1:], 50), "throughput_steps_per_s": clients * steps / wall,
             "actions_equal_in_process": same, "threads": torch.get_num_threads(), "device": str(policy.device), "machine": machine()}
 
 # %% ../../nbs/34_bench.serve.ipynb #c011
