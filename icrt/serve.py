@@ -52,13 +52,9 @@ def _prompt(self:Session, msg:dict)->dict:
     eps = msg.get("episodes")
     if not isinstance(eps, list) or not eps or not all(isinstance(e, dict) for e in eps):
         raise ProtocolError("prompt: 'episodes' must be a non-empty list of demonstrations (maps of arrays)")
-    m = self.policy.model
-    try: self.policy.prompt([_tensors(e) for e in eps])
-    except InferenceError as e:
-        if "context full" not in str(e): raise
-        raise InferenceError(f"prompt: 'episodes' is longer than the context: it holds {m._max_len} tokens (2 per step, prompt and "
-                             f"episode together, so at most {m._max_len // 2} steps); send fewer or shorter demonstrations") from None
+    self.policy.prompt([_tensors(e) for e in eps])  # a prompt longer than the context: the model's error says how long fits
     self.prompted = True
+    m = self.policy.model
     return {"type": "prompt", "prompt_tokens": m._prompt_len, "max_tokens": m._max_len}
 
 # %% ../nbs/24_serve.ipynb #c008

@@ -409,8 +409,9 @@ def _resized_cache(self:ICRT, n:int, P:int):
 def _feed(self:ICRT, h:Tensor)->Tensor:  # (1, n, dim) new tokens -> (1, n, dim) outputs
     "Run new tokens through the transformer, appending to the key/value cache."
     if self.pos + h.shape[1] > self._max_len:
-        raise RuntimeError(f"inference context full: {self.pos} + {h.shape[1]} tokens > {self._max_len}; "
-                           "call reset(max_len=...) with a longer cache or shorten the prompt")
+        raise RuntimeError(f"inference context full: {self.pos} + {h.shape[1]} tokens > {self._max_len}: the context holds "
+                           f"{self._max_len} tokens (2 per step, so at most {self._max_len // 2} steps of prompt and episode "
+                           "together); call reset(max_len=...) with a longer cache or shorten the prompt")
     if self._cache is None:
         self._cache = self.transformer.new_cache(1, self._max_len, h.device, h.dtype)
     if getattr(self, "_step_fn", None) is not None and h.shape[1] <= 2 and self.pos + 2 <= self._max_len: out = self._fixed_step(h)
