@@ -28,6 +28,7 @@ requirements = [
     "fastcore>=1.12.3,<2",
     "websockets>=13",
     "msgpack>=1.0",
+    "simplejpeg>=1.7",  # libjpeg-turbo codec of the jpeg image layout
 ]
 extras = {
     "sim": ["metaworld>=3.1,<3.2", "mujoco>=3.3", "pillow>=9"],
@@ -37,6 +38,7 @@ extras = {
 console_scripts = [
     "icrt_check=icrt.data.format:check_cli",
     "icrt_convert=icrt.data.format:convert_cli",
+    "icrt_compress=icrt.data.compress:compress_cli",
     "icrt_synth=icrt.data.synthetic:synth_cli",
     "icrt_metaworld_gen=icrt.sim.metaworld:gen_cli",
     "icrt_bench_metaworld=icrt.bench.metaworld:bench_metaworld_cli",

@@ -4,9 +4,11 @@
 
 # %% auto #0
 __all__ = ['logger', 'DEFAULT_IMAGE_KEYS', 'DEFAULT_PROPRIO_KEYS', 'DEFAULT_ACTION_KEYS', 'EPISODE_LENGTHS',
-           'EPISODE_FRAME_SHAPE', 'DEMO_FRAME_SHAPE', 'SOURCE_SUFFIXES', 'DatasetError', 'frame_shape', 'read_frames',
-           'read_lowdim', 'EpisodeWriter', 'h5_tree', 'write_dataset_files', 'DatasetSpec', 'dataset_keys',
-           'load_dataset_config', 'check_dataset', 'format_summary', 'check_cli', 'convert', 'convert_cli']
+           'EPISODE_FRAME_SHAPE', 'DEMO_FRAME_SHAPE', 'SOURCE_SUFFIXES', 'IMAGE_LAYOUTS', 'JPEG_QUALITY',
+           'JPEG_SUBSAMPLING', 'DatasetError', 'frame_shape', 'check_quality', 'encode_frames', 'decode_frames',
+           'is_jpeg', 'read_frames', 'read_encoded', 'read_lowdim', 'EpisodeWriter', 'h5_tree', 'write_dataset_files',
+           'DatasetSpec', 'dataset_keys', 'load_dataset_config', 'check_dataset', 'format_summary', 'check_cli',
+           'convert', 'convert_cli']
 
 # %% ../../nbs/03_data.format.ipynb #c003
 import argparse
@@ -24,6 +26,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 from fastcore.basics import patch
+import simplejpeg
 from tqdm.auto import tqdm
 
 from ..config import ICRTError
@@ -38,6 +41,9 @@ EPISODE_LENGTHS = (30, 450)  # the episode lengths (steps, both ends included) a
 EPISODE_FRAME_SHAPE = (180, 320, 3)  # flat buffers of episodes named "*episode*" (DROID, ICRT-MT)
 DEMO_FRAME_SHAPE = (84, 84, 3)       # flat buffers of episodes named "*demo*" (robomimic)
 SOURCE_SUFFIXES = (".hdf5", ".h5", ".npz")  # episode files the converter reads
+IMAGE_LAYOUTS = ("flat", "plain", "jpeg")    # how frames are stored: raw (T, H*W*3), raw (T, H, W, 3), JPEG per frame
+JPEG_QUALITY = 90                            # default quality of the jpeg layout
+JPEG_SUBSAMPLING = "444"                     # full-resolution colour: small coloured objects keep their colour
 
 # %% ../../nbs/03_data.format.ipynb #c007
 class DatasetError(ICRTError, ValueError):
@@ -70,6 +76,7 @@ def frame_shape(
             raise DatasetError(f"{where()}: attribute frame_shape={fs} is not (H, W, 3)")
         return fs
     if ds.ndim == 4: return tuple(int(v) for v in ds.shape[1:])
+    if ds.ndim == 1: raise DatasetError(f"{where()}: a JPEG image dataset {tuple(ds.shape)} needs the frame_shape attribute (H, W, 3)")
     if ds.ndim == 2:
         name = episode_name.lower()
         if "episode" in name: return EPISODE_FRAME_SHAPE
@@ -93,6 +100,50 @@ def _check_range(ds, episode, key, start, stop):
                            f"episode's {ds.shape[0]} steps (is epi_len_mapping right? run icrt_check)")
 
 # %% ../../nbs/03_data.format.ipynb #c021
+def check_quality(q)->int:
+    "A JPEG quality 1-100, or a DatasetError."
+    if isinstance(q, bool) or not isinstance(q, (int, np.integer)) or not 1 <= q <= 100:
+        raise DatasetError(f"JPEG quality {q!r} is outside 1-100 (90 keeps frames within about 40 dB PSNR); pass 1-100")
+    return int(q)
+
+# %% ../../nbs/03_data.format.ipynb #c023
+def encode_frames(
+    frames:np.ndarray,           # (n, H, W, 3) uint8
+    quality:int=JPEG_QUALITY,    # 1-100
+)->np.ndarray:                   # (n,) object array of uint8 arrays, one JPEG each
+    "JPEG-encode frames for the jpeg layout."
+    q, out = check_quality(quality), np.empty(len(frames), dtype=object)
+    for i, f in enumerate(np.ascontiguousarray(frames)):
+        out[i] = np.frombuffer(simplejpeg.encode_jpeg(f, quality=q, colorspace="RGB", colorsubsampling=JPEG_SUBSAMPLING), np.uint8)
+    return out
+
+# %% ../../nbs/03_data.format.ipynb #c025
+def decode_frames(
+    buffers,                      # n encoded frames (uint8 arrays or bytes)
+    shape:tuple,                  # (H, W, 3) that every frame must have
+    where:str="",                 # "file: episode 'e': key 'k'" for messages
+    first:int=0,                  # index of buffers[0] in its episode (for messages)
+    out:np.ndarray=None,          # optional (n, H, W, 3) uint8 destination
+)->np.ndarray:                    # (n, H, W, 3) uint8
+    "Decode JPEG frames into one array, or raise a DatasetError naming the frame that does not decode."
+    h, w, c = shape
+    out = np.empty((len(buffers), h, w, c), np.uint8) if out is None else out
+    for i, b in enumerate(buffers):
+        try:
+            hh, ww, _, _ = simplejpeg.decode_jpeg_header(b)
+            if (hh, ww) != (h, w): raise ValueError(f"it is {hh}x{ww}")
+            simplejpeg.decode_jpeg(b, colorspace="RGB", buffer=out[i])
+        except ValueError as e:
+            raise DatasetError(f"{where}: frame {first + i} does not decode as a {h}x{w} JPEG ({e}); re-encode it from "
+                               "the raw data (icrt_compress) or drop the episode") from None
+    return out
+
+# %% ../../nbs/03_data.format.ipynb #c026
+def is_jpeg(ds:h5py.Dataset)->bool:
+    "Is `ds` an image dataset in the jpeg layout (by its attribute)?"
+    return ds.attrs.get("image_layout") == "jpeg"
+
+# %% ../../nbs/03_data.format.ipynb #c029
 def read_frames(
     group:h5py.Group,  # one episode group
     key:str,           # image key, e.g. "observation/exterior_image_1_left"
@@ -104,13 +155,30 @@ def read_frames(
     episode = group.name.rsplit("/", 1)[-1]
     _check_range(ds, episode, key, start, stop)
     h, w, c = frame_shape(ds, episode)
+    if is_jpeg(ds): return decode_frames(ds[start:stop], (h, w, c), _where(ds.file.filename, episode, key), start)
     frames = ds[start:stop]  # (n, H*W*3) or (n, H, W, 3)
     if frames.dtype != np.uint8 or frames.size != len(frames) * h * w * c:
         raise DatasetError(f"{_where(ds.file.filename, episode, key)}: {frames.dtype} frames of {frames.shape[1:]} "
                            f"do not hold uint8 {h}x{w}x{c} images")
     return frames.reshape(len(frames), h, w, c)
 
-# %% ../../nbs/03_data.format.ipynb #c024
+# %% ../../nbs/03_data.format.ipynb #c032
+def read_encoded(
+    group:h5py.Group,  # one episode group
+    key:str,           # image key of a jpeg-layout camera
+    start:int,         # first step
+    stop:int,          # one past the last step
+)->tuple:              # (list of uint8 arrays, one JPEG per frame; (H, W, 3))
+    "The encoded bytes of frames `start:stop` of a jpeg camera, and their frame shape."
+    ds = _dataset(group, key)
+    episode = group.name.rsplit("/", 1)[-1]
+    if not is_jpeg(ds):
+        raise DatasetError(f"{_where(ds.file.filename, episode, key)}: not a jpeg-layout camera; --dataset-cfg.gpu-decode "
+                           "needs a compressed dataset (icrt_compress CONFIG.json OUT)")
+    _check_range(ds, episode, key, start, stop)
+    return list(ds[start:stop]), frame_shape(ds, episode)
+
+# %% ../../nbs/03_data.format.ipynb #c035
 def read_lowdim(
     group:h5py.Group,  # one episode group
     key:str,           # e.g. "observation/cartesian_position"
@@ -127,18 +195,20 @@ def read_lowdim(
         raise DatasetError(f"{_where(ds.file.filename, episode, key)}: shape {tuple(ds.shape)}; expected (T,) or (T, D)")
     return x.astype(np.float32, copy=False)
 
-# %% ../../nbs/03_data.format.ipynb #c027
+# %% ../../nbs/03_data.format.ipynb #c038
 class EpisodeWriter:
     "Context manager writing episodes (one HDF5 group each) in the layout shown at the top of this notebook."
     def __init__(self,
         path,                     # HDF5 file to write
-        image_layout:str="flat",  # "flat": (T, H*W*3) as in ICRT-MT; "plain": (T, H, W, 3)
+        image_layout:str="flat",  # "flat": (T, H*W*3) as in ICRT-MT; "plain": (T, H, W, 3); "jpeg": a JPEG per frame
         mode:str="w",             # "w" truncate, "a" append episodes to an existing file
+        jpeg_quality:int=JPEG_QUALITY,  # quality of the jpeg layout (1-100)
     ):
-        if image_layout not in ("flat", "plain"):
-            raise DatasetError(f"image_layout={image_layout!r}: use 'flat' or 'plain'")
+        if image_layout not in IMAGE_LAYOUTS:
+            raise DatasetError(f"image_layout={image_layout!r}: use one of {', '.join(IMAGE_LAYOUTS)}")
         if mode not in ("w", "a"): raise DatasetError(f"mode={mode!r}: use 'w' or 'a'")
         self.path, self.image_layout, self.mode = Path(path), image_layout, mode
+        self.jpeg_quality = check_quality(jpeg_quality)
         self.file, self.lengths = None, {}  # lengths: {episode_name: T} of episodes written by this writer
     def __enter__(self):
         self.file = h5py.File(self.path, self.mode)
@@ -148,7 +218,7 @@ class EpisodeWriter:
         if self.file is not None: self.file.close()
         self.file = None
 
-# %% ../../nbs/03_data.format.ipynb #c028
+# %% ../../nbs/03_data.format.ipynb #c039
 def _is_image(a:np.ndarray)->bool: return a.dtype == np.uint8 and a.ndim == 4
 
 @patch
@@ -173,18 +243,27 @@ def write(self:EpisodeWriter,
     if T == 0: raise DatasetError(f"{_where(self.path, name, k0)}: episode has no steps")
     grp = self.file.create_group(name)
     for k, a in arrays.items():
-        if _is_image(a):
-            t, h, w, c = a.shape
-            if self.image_layout == "flat": ds = grp.create_dataset(k, data=a.reshape(t, h*w*c), chunks=(1, h*w*c))
-            else: ds = grp.create_dataset(k, data=a, chunks=(1, h, w, c))
-            ds.attrs["frame_shape"] = np.array([h, w, c], dtype=np.int64)
+        if _is_image(a): self._write_frames(grp, k, a)
         else:
             a = a.astype(np.float32)
             grp.create_dataset(k, data=a[:, None] if a.ndim == 1 else a)
     self.lengths[name] = T
     return T
 
-# %% ../../nbs/03_data.format.ipynb #c036
+# %% ../../nbs/03_data.format.ipynb #c041
+@patch
+def _write_frames(self:EpisodeWriter, grp:h5py.Group, key:str, a:np.ndarray)->h5py.Dataset:
+    "Write `(T, H, W, 3)` uint8 frames as dataset `key` of `grp` in the writer's image layout."
+    t, h, w, c = a.shape
+    if self.image_layout == "flat": ds = grp.create_dataset(key, data=a.reshape(t, h*w*c), chunks=(1, h*w*c))
+    elif self.image_layout == "plain": ds = grp.create_dataset(key, data=a, chunks=(1, h, w, c))
+    else:
+        ds = grp.create_dataset(key, data=encode_frames(a, self.jpeg_quality), dtype=h5py.vlen_dtype(np.uint8))
+        ds.attrs.update(image_layout="jpeg", jpeg_quality=self.jpeg_quality, jpeg_subsampling=JPEG_SUBSAMPLING)
+    ds.attrs["frame_shape"] = np.array([h, w, c], dtype=np.int64)
+    return ds
+
+# %% ../../nbs/03_data.format.ipynb #c051
 def h5_tree(
     path,                 # an HDF5 file
     max_episodes:int=2,   # how many episode groups to show
@@ -197,12 +276,14 @@ def h5_tree(
             def visit(k, obj):
                 if isinstance(obj, h5py.Dataset):
                     fs = f"  frame_shape={tuple(int(v) for v in obj.attrs['frame_shape'])}" if "frame_shape" in obj.attrs else ""
-                    lines.append(f"{ep}/{k}  {tuple(obj.shape)} {obj.dtype}{fs}")
+                    if is_jpeg(obj): fs += f"  jpeg quality {int(obj.attrs.get('jpeg_quality', 0))}"
+                    dt = "vlen uint8" if h5py.check_vlen_dtype(obj.dtype) is not None else obj.dtype
+                    lines.append(f"{ep}/{k}  {tuple(obj.shape)} {dt}{fs}")
             f[ep].visititems(visit)
         if len(names) > max_episodes: lines.append(f"... {len(names) - max_episodes} more episodes")
     return "\n".join(lines)
 
-# %% ../../nbs/03_data.format.ipynb #c039
+# %% ../../nbs/03_data.format.ipynb #c054
 def _dump_json(obj, path:Path):
     with open(path, "w") as f: json.dump(obj, f, indent=1); f.write("\n")
 
@@ -237,7 +318,7 @@ def write_dataset_files(
     _dump_json(cfg, out_dir/name)
     return out_dir/name
 
-# %% ../../nbs/03_data.format.ipynb #c043
+# %% ../../nbs/03_data.format.ipynb #c058
 @dataclass
 class DatasetSpec:
     "A loaded dataset config: resolved paths and merged side files."
@@ -256,7 +337,7 @@ class DatasetSpec:
     hdf5_keys_path: list = field(default_factory=list)  # [Path] the hdf5_keys JSON files (for messages)
     epi_len_path: list = field(default_factory=list)    # [Path] the epi_len_mapping JSON files (for messages)
 
-# %% ../../nbs/03_data.format.ipynb #c044
+# %% ../../nbs/03_data.format.ipynb #c059
 def _read_json(path:Path, problems:list, kind:type, what:str):
     "Parse JSON file `path` expecting a `kind`; on failure append a problem and return None."
     try: text = Path(path).read_text()
@@ -294,7 +375,7 @@ def _config_keys(cfg:dict, key:str, default:list, cfg_path:Path, problems:list)-
         problems.append(f"{cfg_path}: key '{key}': must be a non-empty list of dataset keys, got {v!r}"); return []
     return list(v)
 
-# %% ../../nbs/03_data.format.ipynb #c046
+# %% ../../nbs/03_data.format.ipynb #c061
 def dataset_keys(
     config_path,   # a dataset config JSON
 )->dict:           # {'image_keys', 'proprio_keys', 'action_keys'}; {} when the JSON cannot be read or its keys are malformed
@@ -306,7 +387,7 @@ def dataset_keys(
            (("image_keys", DEFAULT_IMAGE_KEYS), ("proprio_keys", DEFAULT_PROPRIO_KEYS), ("action_keys", DEFAULT_ACTION_KEYS))}
     return {} if problems else out
 
-# %% ../../nbs/03_data.format.ipynb #c048
+# %% ../../nbs/03_data.format.ipynb #c063
 def _load_side_files(cfg, root, cfg_path, problems):
     "hdf5_keys lists, merged epi_len and merged verb_to_episode, each entry checked."
     keys_paths = _config_paths(cfg, "hdf5_keys", root, cfg_path, problems)
@@ -336,7 +417,7 @@ def _load_side_files(cfg, root, cfg_path, problems):
             verb_to_episode[task] = list(dict.fromkeys(verb_to_episode.get(task, []) + eps))
     return keys_paths, hdf5_keys, len_paths, epi_len, verb_to_episode
 
-# %% ../../nbs/03_data.format.ipynb #c049
+# %% ../../nbs/03_data.format.ipynb #c064
 def _load_task_grouping(cfg, root, cfg_path, verb_to_episode, problems):
     v = cfg.get("task_grouping")
     if v is None: return None
@@ -358,7 +439,7 @@ def _load_task_grouping(cfg, root, cfg_path, verb_to_episode, problems):
             if t not in verb_to_episode: problems.append(f"{src}: key 'task_grouping': group '{g}': unknown task '{t}' (not in verb_to_episode)")
     return v
 
-# %% ../../nbs/03_data.format.ipynb #c050
+# %% ../../nbs/03_data.format.ipynb #c065
 def _cross_check(spec:DatasetSpec, problems:list, verb_paths:list):
     "Fill episode_file / episode_task and report episodes that the side files disagree on."
     for i, names in enumerate(spec.hdf5_keys):
@@ -379,7 +460,7 @@ def _cross_check(spec:DatasetSpec, problems:list, verb_paths:list):
             if ep not in spec.episode_file and spec.hdf5_keys:
                 problems.append(f"{vfiles}: episode '{ep}': task '{task}' lists it but no hdf5_keys file does")
 
-# %% ../../nbs/03_data.format.ipynb #c051
+# %% ../../nbs/03_data.format.ipynb #c066
 def _collect_spec(config_path)->tuple:
     "Load a dataset config as far as possible: (DatasetSpec or None, problems)."
     problems = []
@@ -408,7 +489,7 @@ def _collect_spec(config_path)->tuple:
 
 
 
-# %% ../../nbs/03_data.format.ipynb #c054
+# %% ../../nbs/03_data.format.ipynb #c069
 def load_dataset_config(
     path,  # a dataset config JSON (dataset_path, hdf5_keys, epi_len_mapping_json, verb_to_episode, ...)
 )->DatasetSpec:
@@ -419,8 +500,9 @@ def load_dataset_config(
         raise DatasetError(problems[0] + more)
     return spec
 
-# %% ../../nbs/03_data.format.ipynb #c061
+# %% ../../nbs/03_data.format.ipynb #c076
 def _check_image(ds, where, ep, problems, info):
+    if is_jpeg(ds): return _check_jpeg(ds, where, ep, problems, info)
     if ds.dtype != np.uint8: problems.append(f"{where}: images are {ds.dtype}, expected uint8")
     try: fs = frame_shape(ds, ep)
     except DatasetError as e: problems.append(str(e)); return
@@ -431,6 +513,23 @@ def _check_image(ds, where, ep, problems, info):
     elif ds.ndim not in (2, 4): problems.append(f"{where}: image dataset of shape {tuple(ds.shape)}; expected (T, H, W, 3) or (T, H*W*3)")
     info.setdefault("shape", set()).add(fs); info.setdefault("dtype", set()).add(str(ds.dtype))
     info.setdefault("layout", set()).add("flat" if ds.ndim == 2 else "plain")
+
+def _check_jpeg(ds, where, ep, problems, info, block:int=64):
+    "A jpeg camera: shape attribute, a known quality, and every frame decoding at that shape."
+    if ds.ndim != 1 or h5py.check_vlen_dtype(ds.dtype) != np.uint8:
+        problems.append(f"{where}: a jpeg-layout camera must be a (T,) dataset of variable-length uint8, got {ds.dtype} {tuple(ds.shape)}"); return
+    q = ds.attrs.get("jpeg_quality")
+    if not isinstance(q, (int, np.integer)) or not 1 <= q <= 100:
+        problems.append(f"{where}: attribute jpeg_quality={q!r} is not a quality 1-100 (icrt_compress writes it)"); return
+    try: fs = frame_shape(ds, ep)
+    except DatasetError as e: problems.append(str(e)); return
+    out = np.empty((min(block, len(ds)), *fs), np.uint8)
+    for a in range(0, len(ds), block):  # decode every frame: a damaged one is named, not trained on
+        b = ds[a:a + block]
+        try: decode_frames(b, fs, where, a, out[:len(b)])
+        except DatasetError as e: problems.append(str(e)); break
+    info.setdefault("shape", set()).add(fs); info.setdefault("dtype", set()).add("jpeg")
+    info.setdefault("layout", set()).add(f"jpeg q{int(ds.attrs['jpeg_quality'])}")
 
 def _check_lowdim(ds, where, key, problems, info):
     if ds.ndim not in (1, 2) or not np.issubdtype(ds.dtype, np.number):
@@ -446,7 +545,7 @@ def _check_lowdim(ds, where, key, problems, info):
     if "gripper" in key and d != 1: problems.append(f"{where}: gripper with {d} numbers per step; expected 1")
     info.setdefault("shape", set()).add((d,)); info.setdefault("dtype", set()).add(str(ds.dtype))
 
-# %% ../../nbs/03_data.format.ipynb #c062
+# %% ../../nbs/03_data.format.ipynb #c077
 def _check_episode(grp, h5, ep, spec, problems, key_info)->int|None:
     "Check one episode group; returns its number of steps (None when unknown)."
     steps = {}
@@ -472,7 +571,7 @@ def _check_episode(grp, h5, ep, spec, problems, key_info)->int|None:
         problems.append(f"{_where(h5, ep, ref)}: has {T} steps but epi_len_mapping says {spec.epi_len[ep]}")
     return T
 
-# %% ../../nbs/03_data.format.ipynb #c063
+# %% ../../nbs/03_data.format.ipynb #c078
 def _length_stats(lengths:list)->dict:
     "min, max, mean, median of the episode lengths, and how many are outside the 30-450 steps a run keeps."
     if not lengths: return {}
@@ -480,7 +579,7 @@ def _length_stats(lengths:list)->dict:
     return dict(min=int(a.min()), max=int(a.max()), mean=round(float(a.mean()), 1), median=float(np.median(a)),
                 outside_30_450=int(((a < EPISODE_LENGTHS[0]) | (a > EPISODE_LENGTHS[1])).sum()))
 
-# %% ../../nbs/03_data.format.ipynb #c066
+# %% ../../nbs/03_data.format.ipynb #c081
 def check_dataset(
     config_path,            # a dataset config JSON
     max_episodes:int=None,  # check only the first N episodes (all when None)
@@ -517,7 +616,7 @@ def check_dataset(
                         "record or convert longer episodes (or split long ones)")
     return summary, problems
 
-# %% ../../nbs/03_data.format.ipynb #c078
+# %% ../../nbs/03_data.format.ipynb #c093
 def format_summary(summary:dict)->str:
     "Human-readable text of a `check_dataset` summary."
     L = summary.get("length", {})
@@ -533,7 +632,7 @@ def format_summary(summary:dict)->str:
         lines.append(f"  {k}: {shapes} {'/'.join(info.get('dtype', []))}{layout}")
     return "\n".join(lines)
 
-# %% ../../nbs/03_data.format.ipynb #c081
+# %% ../../nbs/03_data.format.ipynb #c096
 def check_cli(argv:list=None):
     "Console script `icrt_check CONFIG.json`: print a summary (exit 0) or every problem (exit 1)."
     p = argparse.ArgumentParser(prog="icrt_check", description="Check an ICRT dataset config, its side JSON files and "
@@ -549,7 +648,7 @@ def check_cli(argv:list=None):
         sys.exit(1)
     print(json.dumps(summary, indent=1, default=list) if args.json else format_summary(summary))
 
-# %% ../../nbs/03_data.format.ipynb #c085
+# %% ../../nbs/03_data.format.ipynb #c100
 def _npz_header(zf:zipfile.ZipFile, key:str)->tuple:
     "(shape, dtype) of array `key` of an open .npz without loading it."
     with zf.open(key + ".npy") as fp:
@@ -558,7 +657,7 @@ def _npz_header(zf:zipfile.ZipFile, key:str)->tuple:
         shape, _, dtype = read(fp)
     return tuple(shape), np.dtype(dtype)
 
-# %% ../../nbs/03_data.format.ipynb #c088
+# %% ../../nbs/03_data.format.ipynb #c103
 def _source_headers(path:Path, keys:list)->dict:
     "{key: (shape, dtype)} of an episode file, or a DatasetError naming the file and the missing key."
     try:
@@ -575,7 +674,7 @@ def _source_headers(path:Path, keys:list)->dict:
         if k not in heads: raise DatasetError(f"{_where(path, key=k)}: missing (every episode file needs {', '.join(keys)})")
     return heads
 
-# %% ../../nbs/03_data.format.ipynb #c090
+# %% ../../nbs/03_data.format.ipynb #c105
 def _validate_source(path:Path, image_keys:list, lowdim_keys:list)->int:
     "Check keys, steps and dtypes (headers) and low-dim values of one episode file; returns its T."
     heads = _source_headers(path, image_keys + lowdim_keys)
@@ -593,14 +692,14 @@ def _validate_source(path:Path, image_keys:list, lowdim_keys:list)->int:
         if bad.any(): raise DatasetError(f"{_where(path, key=k)}: NaN/inf at steps {np.unique(np.nonzero(bad)[0])[:5].tolist()}")
     return T
 
-# %% ../../nbs/03_data.format.ipynb #c092
+# %% ../../nbs/03_data.format.ipynb #c107
 def _load_source(path:Path, keys:list)->dict:
     "All `keys` of one episode file as arrays."
     if path.suffix == ".npz":
         with np.load(path) as z: return {k: z[k] for k in keys}
     with h5py.File(path, "r") as f: return {k: f[k][()] for k in keys}
 
-# %% ../../nbs/03_data.format.ipynb #c094
+# %% ../../nbs/03_data.format.ipynb #c109
 def _scan_source(src:Path)->dict:
     "{task: [episode files]} of a recordings folder, or a DatasetError."
     if not src.is_dir(): raise DatasetError(f"{src}: source folder not found")
@@ -613,7 +712,7 @@ def _scan_source(src:Path)->dict:
         found[d.name] = files
     return found
 
-# %% ../../nbs/03_data.format.ipynb #c097
+# %% ../../nbs/03_data.format.ipynb #c112
 def _check_out(src:Path, out:Path, overwrite:bool):
     s, o = src.resolve(), out.resolve()
     if o == s or s in o.parents or o in s.parents:
@@ -622,7 +721,7 @@ def _check_out(src:Path, out:Path, overwrite:bool):
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DatasetError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
 
-# %% ../../nbs/03_data.format.ipynb #c099
+# %% ../../nbs/03_data.format.ipynb #c114
 def _swap_in(tmp:Path, out:Path):
     "Move the finished `tmp` folder to `out`, replacing what is there only now."
     if out.is_dir() and not any(out.iterdir()): out.rmdir()
@@ -631,11 +730,11 @@ def _swap_in(tmp:Path, out:Path):
         out.rename(old); tmp.rename(out); shutil.rmtree(old)
     else: tmp.rename(out)
 
-# %% ../../nbs/03_data.format.ipynb #c100
+# %% ../../nbs/03_data.format.ipynb #c115
 def convert(
     src,                        # recordings: SRC/<task>/<episode>.hdf5|.h5|.npz
     out,                        # output folder (created; replaced only with overwrite)
-    image_layout:str="flat",    # "flat" (T, H*W*3) like ICRT-MT, or "plain" (T, H, W, 3)
+    image_layout:str="flat",    # "flat" (T, H*W*3) like ICRT-MT, "plain" (T, H, W, 3), or "jpeg" (a JPEG per frame)
     overwrite:bool=False,       # replace an existing non-empty `out`
     image_keys:list=None,       # default DEFAULT_IMAGE_KEYS
     proprio_keys:list=None,     # default DEFAULT_PROPRIO_KEYS
@@ -643,10 +742,12 @@ def convert(
     train_split:float=0.95,     # written into the dataset config
     hdf5_name:str="dataset.hdf5",  # name of the merged HDF5 file
     progress:bool=None,         # tqdm bar: None = only on a terminal
+    jpeg_quality:int=JPEG_QUALITY,  # quality of the jpeg layout (1-100)
 )->Path:                        # out/dataset_config.json
     "Convert per-episode recordings into one HDF5 file, its side JSON files and a dataset config."
     src, out = Path(src), Path(out)
-    if image_layout not in ("flat", "plain"): raise DatasetError(f"image_layout={image_layout!r}: use 'flat' or 'plain'")
+    if image_layout not in IMAGE_LAYOUTS: raise DatasetError(f"image_layout={image_layout!r}: use one of {', '.join(IMAGE_LAYOUTS)}")
+    check_quality(jpeg_quality)
     image_keys, lowdim_keys = list(image_keys or DEFAULT_IMAGE_KEYS), list(proprio_keys or DEFAULT_PROPRIO_KEYS) + list(action_keys or DEFAULT_ACTION_KEYS)
     tasks = _scan_source(src)
     _check_out(src, out, overwrite)
@@ -657,7 +758,7 @@ def convert(
     try:
         epi_len, v2e, names = {}, {}, []
         bar = tqdm(total=sum(map(len, tasks.values())), desc="icrt_convert", unit="episode", disable=None if progress is None else not progress)
-        with bar, EpisodeWriter(tmp/hdf5_name, image_layout) as w:
+        with bar, EpisodeWriter(tmp/hdf5_name, image_layout, jpeg_quality=jpeg_quality) as w:
             for task, files in tasks.items():
                 for i, p in enumerate(files):
                     data = _load_source(p, image_keys + lowdim_keys)
@@ -672,19 +773,20 @@ def convert(
     logger.info("wrote %d episodes of %d tasks to %s", len(names), len(tasks), out)
     return out/"dataset_config.json"
 
-# %% ../../nbs/03_data.format.ipynb #c106
+# %% ../../nbs/03_data.format.ipynb #c121
 def convert_cli(argv:list=None):
     "Console script `icrt_convert SRC OUT`: convert per-episode recordings into an ICRT dataset."
     p = argparse.ArgumentParser(prog="icrt_convert", description="Convert recordings (SRC/<task>/<episode>.hdf5|.h5|.npz) "
                                 "into one HDF5 file, its side JSON files and OUT/dataset_config.json.")
     p.add_argument("src", help="folder with one sub-folder per task, one file per episode")
     p.add_argument("out", help="output folder")
-    p.add_argument("--image-layout", choices=["flat", "plain"], default="flat",
-                   help="flat (T, H*W*3) like ICRT-MT, or plain (T, H, W, 3)")
+    p.add_argument("--image-layout", choices=list(IMAGE_LAYOUTS), default="flat",
+                   help="flat (T, H*W*3) like ICRT-MT, plain (T, H, W, 3), or jpeg (one JPEG per frame, ~11x smaller)")
+    p.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY, help=f"quality of --image-layout jpeg, 1-100 (default {JPEG_QUALITY})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     p.add_argument("--train-split", type=float, default=0.95, help="fraction of episodes for training")
     args = p.parse_args(argv)
-    try: cfg = convert(args.src, args.out, args.image_layout, args.overwrite, train_split=args.train_split)
+    try: cfg = convert(args.src, args.out, args.image_layout, args.overwrite, train_split=args.train_split, jpeg_quality=args.jpeg_quality)
     except (DatasetError, OSError) as e:
         print(f"icrt_convert: error: {e}", file=sys.stderr); sys.exit(1)
     spec = load_dataset_config(cfg)

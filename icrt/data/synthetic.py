@@ -19,7 +19,7 @@ import numpy as np
 from fastcore.basics import patch
 from tqdm.auto import tqdm
 from .format import (EpisodeWriter, write_dataset_files, DEFAULT_IMAGE_KEYS, DEFAULT_PROPRIO_KEYS,
-                              DEFAULT_ACTION_KEYS)
+                              DEFAULT_ACTION_KEYS, IMAGE_LAYOUTS, JPEG_QUALITY)
 
 # %% ../../nbs/04_data.synthetic.ipynb #c006
 @dataclass(frozen=True)
@@ -571,12 +571,13 @@ def make_synthetic_dataset(
     height:int=180,             # image height
     width:int=320,              # image width
     seed:int=0,                 # master seed; episode (k, i) uses seed (seed, k, i)
-    image_layout:str="flat",    # "flat" (T, H*W*3) buffers as in ICRT-MT, or "plain" (T, H, W, 3)
+    image_layout:str="flat",    # "flat" (T, H*W*3) buffers as in ICRT-MT, "plain" (T, H, W, 3), or "jpeg"
     min_len:int=30,             # shortest episode
     max_len:int=150,            # longest episode
     train_split:float=0.95,     # written into the dataset config
     progress:bool=True,         # show a tqdm bar
     jitter:Optional[float]=None,  # None: objects anywhere; else at fixed homes +- jitter (m), see `SyntheticScene.sample`
+    jpeg_quality:int=JPEG_QUALITY,  # quality of the jpeg layout
 )->Path:                        # the dataset_config.json
     "Write a multi-task synthetic ICRT dataset and return its dataset config."
     _check_sizes(num_tasks, episodes_per_task, height, width, min_len, max_len)
@@ -584,7 +585,7 @@ def make_synthetic_dataset(
     h5, tasks = out / "synthetic.hdf5", TASKS[:num_tasks]
     names, epi_len, verb_to_episode, world = [], {}, {t.name: [] for t in tasks}, {}
     jobs = [(k, t, i) for k, t in enumerate(tasks) for i in range(episodes_per_task)]
-    with EpisodeWriter(h5, image_layout=image_layout) as w:
+    with EpisodeWriter(h5, image_layout=image_layout, jpeg_quality=jpeg_quality) as w:
         for k, t, i in tqdm(jobs, desc="synthetic episodes", disable=not progress, leave=False):
             rng = np.random.default_rng([seed, k, i])
             scene = SyntheticScene.sample(rng, height, width, jitter)
@@ -600,7 +601,7 @@ def make_synthetic_dataset(
     return write_dataset_files(out, [h5], [names], epi_len, verb_to_episode, DEFAULT_IMAGE_KEYS, DEFAULT_PROPRIO_KEYS,
                                DEFAULT_ACTION_KEYS, train_split=train_split, task_grouping=task_grouping(tasks))
 
-# %% ../../nbs/04_data.synthetic.ipynb #c096
+# %% ../../nbs/04_data.synthetic.ipynb #c098
 def load_world(
     dataset:Union[str, Path],  # a synthetic dataset folder or its dataset_config.json
 )->Optional[dict]:             # the world file's content, or None for a dataset that is not synthetic
@@ -613,7 +614,7 @@ def load_world(
     if missing: raise ValueError(f"{f}: missing key(s) {missing}; regenerate the dataset")
     return w
 
-# %% ../../nbs/04_data.synthetic.ipynb #c099
+# %% ../../nbs/04_data.synthetic.ipynb #c101
 def episode_world(
     world:dict,   # `load_world` output
     name:str,     # an episode of that dataset
@@ -625,7 +626,7 @@ def episode_world(
     scene = SyntheticScene.sample(rng, world["height"], world["width"], world.get("jitter"))
     return get_task(task), scene, expert_episode(task, scene, rng, world["min_len"], world["max_len"])
 
-# %% ../../nbs/04_data.synthetic.ipynb #c103
+# %% ../../nbs/04_data.synthetic.ipynb #c105
 def synth_cli(argv:list=None):
     "Console script `icrt_synth`: write a synthetic multi-task dataset."
     p = argparse.ArgumentParser(prog="icrt_synth", description="Write a synthetic multi-task ICRT dataset "
@@ -636,15 +637,16 @@ def synth_cli(argv:list=None):
     p.add_argument("--height", type=int, default=180, help="image height (default 180)")
     p.add_argument("--width", type=int, default=320, help="image width (default 320)")
     p.add_argument("--seed", type=int, default=0, help="master seed (default 0)")
-    p.add_argument("--image-layout", choices=["flat", "plain"], default="flat", help="image storage (default flat)")
+    p.add_argument("--image-layout", choices=list(IMAGE_LAYOUTS), default="flat", help="image storage (default flat)")
+    p.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY, help=f"quality of --image-layout jpeg (default {JPEG_QUALITY})")
     p.add_argument("--min-len", type=int, default=30, help="shortest episode (default 30)")
     p.add_argument("--max-len", type=int, default=150, help="longest episode (default 150)")
     a = p.parse_args(argv)
     try:
         t0 = time.time()
         cfg = make_synthetic_dataset(a.out, a.tasks, a.episodes_per_task, a.height, a.width, a.seed, a.image_layout,
-                                     a.min_len, a.max_len)
-    except ValueError as e: p.error(str(e))
+                                     a.min_len, a.max_len, jpeg_quality=a.jpeg_quality)
+    except ValueError as e: p.error(str(e).splitlines()[0])
     lens = json.loads((Path(a.out) / "epi_len_mapping.json").read_text())
     print(f"wrote {len(lens)} episodes ({sum(lens.values())} steps, {a.tasks} tasks, {a.height}x{a.width}) "
           f"in {time.time() - t0:.1f} s\ndataset config: {cfg}")
