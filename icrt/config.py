@@ -84,6 +84,7 @@ class DatasetConfig:
     goal_conditioned: bool = False  # replace the first step of a window with the trajectory's final frame
     dataset_fraction: float = 1.0  # keep this fraction of each task's episodes
     gpu_preprocess: bool = False  # loader returns uint8 frames; resize/crop/normalise/augment run batched on the device
+    gpu_decode: bool = False  # with gpu_preprocess and a jpeg dataset: the loader ships JPEG bytes, decoded on the device (nvJPEG)
 
 # %% ../nbs/00_config.ipynb #c018
 @dataclass

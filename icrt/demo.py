@@ -129,14 +129,14 @@ def gap_figure(
     return fig
 
 # %% ../nbs/19_demo.ipynb #c022
-def _data(out:Path, seed:int, episodes_per_task:int)->Path:
+def _data(out:Path, seed:int, episodes_per_task:int, image_layout:str="flat")->Path:
     "The demo's synthetic dataset in `out/data` (made once, kept for later runs)."
     dj = out/"data"/"dataset_config.json"
     if dj.is_file(): return dj
     return make_synthetic_dataset(out/"data", num_tasks=DEMO["num_tasks"], episodes_per_task=episodes_per_task,
                                   height=DEMO["height"], width=DEMO["width"], seed=seed, min_len=DEMO["min_len"],
                                   max_len=DEMO["max_len"], train_split=DEMO["train_split"], progress=False,
-                                  jitter=DEMO["jitter"])
+                                  jitter=DEMO["jitter"], image_layout=image_layout)
 
 # %% ../nbs/19_demo.ipynb #c023
 def _check_out(out:Path):
@@ -154,6 +154,7 @@ def run_demo(
     eval_episodes:Optional[int]=None,      # held-out episodes to evaluate (default: all)
     target:float=2.0,              # wrong/same error ratio that counts as in-context learning
     threads:int=1,                 # torch CPU threads while the demo runs
+    image_layout:str="flat",       # how the synthetic frames are stored: flat (raw) or jpeg (compressed)
 )->dict:                           # demo_summary.json's content
     "Make the data, train a small ICRT on the CPU, evaluate it and report the in-context gap."
     out = Path(out).expanduser(); _check_out(out); epochs = epochs_for(minutes)
@@ -161,14 +162,15 @@ def run_demo(
     if eps < 6: raise DemoError(f"--episodes-per-task {eps}: need at least 6 (4 for training and some held out per task)")
     if threads < 1: raise DemoError(f"--threads must be >= 1, got {threads}")
     before = torch.get_num_threads(); torch.set_num_threads(threads)
-    try: return _run(out, epochs, minutes, seed, eps, eval_episodes, target, threads)
+    if image_layout not in ("flat", "jpeg"): raise DemoError(f"--image-layout {image_layout!r}: use flat or jpeg")
+    try: return _run(out, epochs, minutes, seed, eps, eval_episodes, target, threads, image_layout)
     finally: torch.set_num_threads(before)
 
 # %% ../nbs/19_demo.ipynb #c028
-def _run(out, epochs, minutes, seed, eps, eval_episodes, target, threads)->dict:
+def _run(out, epochs, minutes, seed, eps, eval_episodes, target, threads, image_layout="flat")->dict:
     "The body of `run_demo`."
     out.mkdir(parents=True, exist_ok=True); t0 = time.time()
-    dj = _data(out, seed, eps)
+    dj = _data(out, seed, eps, image_layout)
     enc = out/"encoder.pth"
     if not enc.is_file(): tiny_vision_encoder(enc, img_size=DEMO["img_size"], seed=seed)
     flags = demo_flags(dj, enc, out, epochs, seed)
@@ -179,7 +181,7 @@ def _run(out, epochs, minutes, seed, eps, eval_episodes, target, threads)->dict:
     s = gap_summary(rep, target)
     gap_figure(rep).savefig(out/"eval"/"figures"/"in_context_gap.png", dpi=100)
     summary = {**{k: v for k, v in s.items() if k != "line"}, "summary": s["line"], "epochs": epochs, "minutes": minutes,
-               "seed": seed, "threads": threads, "cpus": os.cpu_count(), "episodes_evaluated": rep["num_episodes"], "run_dir": str(run), "report": str(out/"eval"/"report.json"),
+               "seed": seed, "threads": threads, "image_layout": image_layout, "cpus": os.cpu_count(), "episodes_evaluated": rep["num_episodes"], "run_dir": str(run), "report": str(out/"eval"/"report.json"),
                "seconds": {"data": round(t1 - t0, 1), "train": round(t2 - t1, 1), "eval": round(t3 - t2, 1), "total": round(t3 - t0, 1)}}
     (out/"demo_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
@@ -196,9 +198,11 @@ def demo_cli(argv:Optional[list]=None):
                     help=f"synthetic episodes per task (default {DEMO['episodes_per_task']}; fewer for a quick look)")
     ap.add_argument("--eval-episodes", type=int, default=None, help="held-out episodes to evaluate (default: all)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: robust on a busy machine)")
+    ap.add_argument("--image-layout", choices=["flat", "jpeg"], default="flat",
+                    help="store the synthetic frames raw (flat, default) or JPEG-compressed (jpeg)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try: s = run_demo(a.out, a.minutes, a.seed, a.episodes_per_task, a.eval_episodes, threads=a.threads)
+    try: s = run_demo(a.out, a.minutes, a.seed, a.episodes_per_task, a.eval_episodes, threads=a.threads, image_layout=a.image_layout)
     except (ICRTError, DatasetError) as e:  # every user error of the library (InferenceError, EvalError, ... included)
         sys.stderr.write(f"icrt_demo: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n"); sys.exit(1)
     sys.stdout.write((Path(s["report"]).with_suffix(".md")).read_text())

@@ -216,6 +216,12 @@ def _parser()->argparse.ArgumentParser:
     p.add_argument("--make-dataset", metavar="DIR", help="write a 180x320 two-camera benchmark dataset in DIR and use it")
     p.add_argument("--scale-check", action="store_true", help="compare peak memory on a dataset and one 4x larger")
     p.add_argument("--scale-repeats", type=int, default=3, help="runs per dataset in the scale check (median taken)")
+    p.add_argument("--compression", metavar="DIR", help="raw vs JPEG: bytes, PSNR, warm/cold samples/s (data made in DIR)")
+    p.add_argument("--quality", type=int, default=90, help="JPEG quality of --compression (default 90)")
+    p.add_argument("--no-metaworld", action="store_true", help="--compression on the synthetic frames only")
+    p.add_argument("--learning", metavar="DIR", help="train the demo on raw and on JPEG frames per seed (runs in DIR)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="seeds of --learning (default 0 1)")
+    p.add_argument("--minutes", type=float, default=10.0, help="training budget of each --learning run (default 10)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     return p
 
@@ -253,7 +259,16 @@ def _scale_check(a):
         print(f"scale check: median peak memory ratio 4x/1x = {med[1] / med[0]:.3f} "
               f"({'OK: within 10%' if med[1] <= 1.1 * med[0] else 'over 10%'})")
 
-# %% ../../nbs/30_bench.loader.ipynb #c040
+# %% ../../nbs/30_bench.loader.ipynb #c041
+def _compression_cli(a:argparse.Namespace):
+    "The --compression and --learning parts of icrt_bench_loader."
+    from .compress import bench_learning, format_compression, format_learning, run_compression_bench
+    if a.compression:
+        print(format_compression(run_compression_bench(a.compression, a.quality, a.seq_length, a.samples, not a.no_metaworld)))
+    if a.learning:
+        print(format_learning(bench_learning(a.learning, tuple(a.seeds), a.minutes)))
+
+# %% ../../nbs/30_bench.loader.ipynb #c042
 def bench_loader_cli(argv:Optional[list]=None):
     "icrt_bench_loader: samples/s and peak memory of the fast loader vs the published-style baseline."
     p = _parser()
@@ -261,12 +276,14 @@ def bench_loader_cli(argv:Optional[list]=None):
     if a.one:
         print(json.dumps(bench_loader(**json.loads(a.one)))); return
     if a.make_dataset: a.config = str(write_bench_dataset(a.make_dataset))
-    if not a.config and not a.scale_check: p.error("give a dataset CONFIG, --make-dataset DIR or --scale-check")
+    if not (a.config or a.scale_check or a.compression or a.learning):
+        p.error("give a dataset CONFIG, --make-dataset DIR, --scale-check, --compression DIR or --learning DIR")
     print(f"machine: {machine()}")
+    if a.compression or a.learning: return _compression_cli(a)
     if a.config:
         if not Path(a.config).is_file(): p.error(f"dataset config '{a.config}' not found")
         _compare(a)
     if a.scale_check: _scale_check(a)
 
-# %% ../../nbs/30_bench.loader.ipynb #c042
+# %% ../../nbs/30_bench.loader.ipynb #c044
 if __name__ == "__main__" and "__file__" in globals(): bench_loader_cli()

@@ -20,14 +20,16 @@ from fastcore.basics import patch
 
 from ..config import ConfigError, DatasetConfig, SharedConfig
 from ..geometry import absolute_to_delta, pose_vector
-from .format import EPISODE_LENGTHS, DatasetError, DatasetSpec, load_dataset_config, read_frames, read_lowdim
+import simplejpeg
+from .format import (EPISODE_LENGTHS, DatasetError, DatasetSpec, load_dataset_config, read_encoded, read_frames,
+                              read_lowdim)
 from .image import (AUG_RATIO, AUG_SCALE, BRIGHTNESS, CONTRAST, DEFAULT_DATA_CONFIG, _input_hw, is_wrist,
                              preprocess_batch, preprocess_frames, sample_box)
 
 # %% auto #0
 __all__ = ['MIN_LEN', 'MAX_LEN', 'MIN_DEMOS', 'log', 'select_episodes', 'split_episodes', 'group_by_task', 'task_ratios',
            'rebalance_counts', 'plan_tasks', 'stride_of', 'window_starts', 'EpochPlan', 'build_plan', 'window_pieces',
-           'make_masks', 'SequenceDataset', 'load_episode', 'DistributedSubEpochSampler']
+           'make_masks', 'SequenceDataset', 'collate_samples', 'load_episode', 'DistributedSubEpochSampler']
 
 # %% ../../nbs/06_data.dataset.ipynb #c007
 MIN_LEN, MAX_LEN = EPISODE_LENGTHS               # episode lengths kept, in steps (both ends included)
@@ -230,6 +232,8 @@ class SequenceDataset(torch.utils.data.Dataset):
         self.vision_transform, self.no_aug_vision_transform = vision_transform, no_aug_vision_transform or vision_transform
         if vision_transform is not None and dataset_cfg.gpu_preprocess:
             raise ConfigError("--dataset-cfg.gpu-preprocess cannot be used with a custom vision_transform; drop one of them")
+        if dataset_cfg.gpu_decode and not dataset_cfg.gpu_preprocess:
+            raise ConfigError("--dataset-cfg.gpu-decode ships JPEG bytes to the device, so it needs --dataset-cfg.gpu-preprocess too")
         self.spec = load_dataset_config(dataset_cfg.dataset_json)
         self.T, self.K, self.seed = int(shared_cfg.seq_length), int(shared_cfg.num_pred_steps), int(shared_cfg.seed)
         self.skip = 2 if dataset_cfg.skip_step else 1
@@ -411,14 +415,27 @@ def _frame_params(self:SequenceDataset, key:str, shape:tuple, rng)->tuple:
 
 # %% ../../nbs/06_data.dataset.ipynb #c080
 @patch
+def _camera(self:SequenceDataset, g:h5py.Group, key:str, a:int, b:int)->tuple:
+    "Steps a..b-1 (after skip_step) of one camera: (uint8 (n, H, W, 3) or (n,) JPEG buffers with gpu_decode, (H, W, 3))."
+    if not self.cfg.gpu_decode:
+        f = self._rows(g, key, a, b, reader=read_frames); return f, f.shape[1:]
+    s = self.skip
+    x, shape = read_encoded(g, key, a * s, (b - 1) * s + 1)
+    return (x[::s] if s > 1 else x), shape
+
+# %% ../../nbs/06_data.dataset.ipynb #c083
+@patch
 def _observation(self:SequenceDataset, frames:list, boxes:list, colors:list)->dict:
     "Per camera lists of uint8 (T, H, W, 3), (T, 4), (T, 2) -> the sample's observation entries."
     if self.cfg.gpu_preprocess:
-        shapes = {f.shape[1:] for f in frames}
+        shapes = {simplejpeg.decode_jpeg_header(f[0])[:2] for f in frames} if self.cfg.gpu_decode else {f.shape[1:] for f in frames}
         if len(shapes) > 1:
             raise DatasetError(f"--dataset-cfg.gpu-preprocess needs every camera to share one frame shape, got {sorted(shapes)}")
-        return {"observation": torch.from_numpy(np.stack(frames, 1)),                # (T, N, H, W, 3) uint8
-                "aug": {"box": torch.from_numpy(np.stack(boxes, 1)), "color": torch.from_numpy(np.stack(colors, 1))}}
+        aug = {"box": torch.from_numpy(np.stack(boxes, 1)), "color": torch.from_numpy(np.stack(colors, 1))}
+        if not self.cfg.gpu_decode: return {"observation": torch.from_numpy(np.stack(frames, 1)), "aug": aug}  # (T, N, H, W, 3)
+        order = [f[t] for t in range(len(frames[0])) for f in frames]                   # (t, n) order
+        return {"jpeg": torch.from_numpy(np.concatenate(order)), "aug": aug, "jpeg_hw": torch.tensor(shapes.pop()),
+                "jpeg_sizes": torch.tensor([len(x) for x in order], dtype=torch.int64).view(len(frames[0]), len(frames))}
     if self.vision_transform is not None: return {"observation": self._custom_transform(frames, boxes, colors)}
     Sh, Sw = _input_hw(self.data_config)
     obs = torch.empty((len(frames[0]), len(frames), 3, Sh, Sw), dtype=torch.float32)  # (T, N, 3, S, S)
@@ -426,7 +443,7 @@ def _observation(self:SequenceDataset, frames:list, boxes:list, colors:list)->di
         preprocess_frames(torch.from_numpy(f), torch.from_numpy(b), torch.from_numpy(c), self.data_config, out=obs[:, n])
     return {"observation": obs}
 
-# %% ../../nbs/06_data.dataset.ipynb #c083
+# %% ../../nbs/06_data.dataset.ipynb #c086
 @patch
 def _custom_transform(self:SequenceDataset, frames, boxes, colors)->torch.Tensor:
     "User-supplied transforms, applied per run of equal colour after the colour jitter (compatibility path)."
@@ -440,7 +457,7 @@ def _custom_transform(self:SequenceDataset, frames, boxes, colors)->torch.Tensor
         cams.append(torch.cat([tf(x[s:e]) for s, e in zip(cuts[:-1], cuts[1:])]))
     return torch.stack(cams, 1)
 
-# %% ../../nbs/06_data.dataset.ipynb #c086
+# %% ../../nbs/06_data.dataset.ipynb #c089
 @patch
 def __getitem__(self:SequenceDataset, index:int)->dict:
     "The sample of window `index`: observation, proprio, action, prompt_mask and weight_mask (see Masks above)."
@@ -457,8 +474,8 @@ def __getitem__(self:SequenceDataset, index:int)->dict:
         prop.append(p); act.append(self._actions(p, q, e))
         g = self._group(ep)
         for ci, key in enumerate(self.spec.image_keys):
-            f = self._rows(g, key, a, b, reader=read_frames)
-            bx, col = self._frame_params(key, f.shape[1:], rng)
+            f, shape = self._camera(g, key, a, b)
+            bx, col = self._frame_params(key, shape, rng)
             frames[ci].append(f); boxes[ci].append(np.tile(bx, (b - a, 1))); colors[ci].append(np.tile(col, (b - a, 1)))
         lens.append(b - a); ends.append(b == L); tl.append(L)
     pm, wm = make_masks(lens, ends, tl, self.cfg.num_weighted_steps, rng)
@@ -468,7 +485,16 @@ def __getitem__(self:SequenceDataset, index:int)->dict:
     return {**obs, "proprio": torch.from_numpy(cat(prop).astype(np.float32)), "action": torch.from_numpy(cat(act)),
             "prompt_mask": torch.from_numpy(pm), "weight_mask": torch.from_numpy(wm)}
 
-# %% ../../nbs/06_data.dataset.ipynb #c109
+# %% ../../nbs/06_data.dataset.ipynb #c112
+def collate_samples(samples:list)->dict:
+    "Default collation, except the `jpeg` byte strings of gpu_decode samples, which are concatenated."
+    if "jpeg" not in samples[0]: return torch.utils.data.default_collate(samples)
+    rest = torch.utils.data.default_collate([{k: v for k, v in x.items() if k != "jpeg"} for x in samples])
+    return {**rest, "jpeg": torch.cat([x["jpeg"] for x in samples])}
+
+SequenceDataset.collate_fn = staticmethod(collate_samples)
+
+# %% ../../nbs/06_data.dataset.ipynb #c115
 @patch
 def _goal_sample(self:SequenceDataset, start:int, rng)->dict:
     "A goal-conditioned window: [final step] + the trajectory's first T-1 steps (padded)."
@@ -480,9 +506,9 @@ def _goal_sample(self:SequenceDataset, start:int, rng)->dict:
     sel = np.concatenate([[L - 1], np.arange(n), np.full(self.T - 1 - n, n - 1)]).astype(np.int64)  # (T,)
     g = self._group(ep); frames, boxes, colors = [], [], []
     for key in self.spec.image_keys:
-        f = np.concatenate([self._rows(g, key, L - 1, L, reader=read_frames), self._rows(g, key, 0, n, reader=read_frames)])
-        f = f[np.minimum(np.concatenate([[0], np.arange(1, self.T)]), n)]
-        bx, col = self._frame_params(key, f.shape[1:], rng)
+        (last, shape), (first, _) = self._camera(g, key, L - 1, L), self._camera(g, key, 0, n)
+        f = np.concatenate([last, first])[np.minimum(np.concatenate([[0], np.arange(1, self.T)]), n)]
+        bx, col = self._frame_params(key, shape, rng)
         frames.append(f)
         boxes.append(np.tile(bx, (self.T, 1)).astype(np.int64)); colors.append(np.tile(col, (self.T, 1)).astype(np.float32))
     pm = np.zeros(self.T, np.float32); pm[1:n + 1] = 1
@@ -491,7 +517,7 @@ def _goal_sample(self:SequenceDataset, start:int, rng)->dict:
     return {**self._observation(frames, boxes, colors), "proprio": torch.from_numpy(p[sel].astype(np.float32)),
             "action": torch.from_numpy(act[sel]), "prompt_mask": torch.from_numpy(pm), "weight_mask": torch.from_numpy(wm)}
 
-# %% ../../nbs/06_data.dataset.ipynb #c114
+# %% ../../nbs/06_data.dataset.ipynb #c120
 @patch
 def save_split(self:SequenceDataset, out_dir:Union[str, Path])->tuple:
     "Write train_split.json and val_split.json (episode name lists) into `out_dir`."
@@ -502,7 +528,7 @@ def save_split(self:SequenceDataset, out_dir:Union[str, Path])->tuple:
         tmp.write_text(json.dumps(self.split_episodes[name], indent=1)); tmp.replace(p); paths.append(p)
     return tuple(paths)
 
-# %% ../../nbs/06_data.dataset.ipynb #c117
+# %% ../../nbs/06_data.dataset.ipynb #c123
 @patch
 def action_statistics(self:SequenceDataset,
     min_std:float=1e-3,  # floor of the std: a column that barely varies (a fixed orientation) must not blow up when divided by it
@@ -520,7 +546,7 @@ def action_statistics(self:SequenceDataset,
     std = np.maximum(np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0)), min_std)
     return {"mean": mean.tolist(), "std": std.tolist(), "min": lo.tolist(), "max": hi.tolist(), "count": int(n)}
 
-# %% ../../nbs/06_data.dataset.ipynb #c120
+# %% ../../nbs/06_data.dataset.ipynb #c126
 def load_episode(
     spec:Union[DatasetSpec, str, Path],  # a DatasetSpec or a dataset config path
     episode:str,                         # episode name
@@ -537,7 +563,7 @@ def load_episode(
         return {"frames": {k: read_frames(g, k, 0, T) for k in spec.image_keys}, "proprio": vec(spec.proprio_keys),
                 "actions": vec(spec.action_keys), "task": spec.episode_task.get(episode), "length": T}
 
-# %% ../../nbs/06_data.dataset.ipynb #c123
+# %% ../../nbs/06_data.dataset.ipynb #c129
 class DistributedSubEpochSampler(torch.utils.data.Sampler):
     "Rank- and sub-epoch-split indices, deterministic in (seed, epoch), resumable mid-epoch."
     def __init__(self,
@@ -561,7 +587,7 @@ class DistributedSubEpochSampler(torch.utils.data.Sampler):
         if int(epoch) != self.epoch: self.start = 0
         self.epoch = int(epoch)
 
-# %% ../../nbs/06_data.dataset.ipynb #c126
+# %% ../../nbs/06_data.dataset.ipynb #c132
 @patch
 def indices(self:DistributedSubEpochSampler)->list:
     "This rank's full index list for the current epoch."
@@ -573,7 +599,7 @@ def indices(self:DistributedSubEpochSampler)->list:
     off = self.rank * self.split_epoch + self.epoch % self.split_epoch
     return idx[off::self.num_replicas * self.split_epoch][:self.num_samples]
 
-# %% ../../nbs/06_data.dataset.ipynb #c129
+# %% ../../nbs/06_data.dataset.ipynb #c135
 @patch
 def __iter__(self:DistributedSubEpochSampler):
     "This rank's indices from the resume offset on (the offset is then dropped)."
@@ -581,14 +607,14 @@ def __iter__(self:DistributedSubEpochSampler):
     self.start = 0
     return iter(idx)
 
-# %% ../../nbs/06_data.dataset.ipynb #c131
+# %% ../../nbs/06_data.dataset.ipynb #c137
 @patch
 def state_dict(self:DistributedSubEpochSampler, consumed:int=0)->dict:
     "Position to resume from: the epoch and the samples of it already trained on."
     return {"epoch": self.epoch, "consumed": int(consumed), "seed": self.seed, "num_replicas": self.num_replicas,
             "split_epoch": self.split_epoch}
 
-# %% ../../nbs/06_data.dataset.ipynb #c133
+# %% ../../nbs/06_data.dataset.ipynb #c139
 @patch
 def load_state_dict(self:DistributedSubEpochSampler, sd:dict):
     "Resume: the next iteration of epoch sd['epoch'] starts after sd['consumed'] samples."

@@ -168,7 +168,7 @@ def read_encoded(
     key:str,           # image key of a jpeg-layout camera
     start:int,         # first step
     stop:int,          # one past the last step
-)->tuple:              # (list of uint8 arrays, one JPEG per frame; (H, W, 3))
+)->tuple:              # ((n,) object array of uint8 arrays, one JPEG per frame; (H, W, 3))
     "The encoded bytes of frames `start:stop` of a jpeg camera, and their frame shape."
     ds = _dataset(group, key)
     episode = group.name.rsplit("/", 1)[-1]
@@ -176,7 +176,7 @@ def read_encoded(
         raise DatasetError(f"{_where(ds.file.filename, episode, key)}: not a jpeg-layout camera; --dataset-cfg.gpu-decode "
                            "needs a compressed dataset (icrt_compress CONFIG.json OUT)")
     _check_range(ds, episode, key, start, stop)
-    return list(ds[start:stop]), frame_shape(ds, episode)
+    return ds[start:stop], frame_shape(ds, episode)
 
 # %% ../../nbs/03_data.format.ipynb #c035
 def read_lowdim(
@@ -500,20 +500,7 @@ def load_dataset_config(
         raise DatasetError(problems[0] + more)
     return spec
 
-# %% ../../nbs/03_data.format.ipynb #c076
-def _check_image(ds, where, ep, problems, info):
-    if is_jpeg(ds): return _check_jpeg(ds, where, ep, problems, info)
-    if ds.dtype != np.uint8: problems.append(f"{where}: images are {ds.dtype}, expected uint8")
-    try: fs = frame_shape(ds, ep)
-    except DatasetError as e: problems.append(str(e)); return
-    if ds.ndim == 2 and ds.shape[1] != fs[0]*fs[1]*fs[2]:
-        problems.append(f"{where}: flat image buffer has {ds.shape[1]} bytes per frame but a {fs[0]}x{fs[1]}x{fs[2]} frame needs {fs[0]*fs[1]*fs[2]}")
-    elif ds.ndim == 4 and tuple(ds.shape[1:]) != fs:
-        problems.append(f"{where}: frames are {tuple(ds.shape[1:])} but attribute frame_shape says {fs}")
-    elif ds.ndim not in (2, 4): problems.append(f"{where}: image dataset of shape {tuple(ds.shape)}; expected (T, H, W, 3) or (T, H*W*3)")
-    info.setdefault("shape", set()).add(fs); info.setdefault("dtype", set()).add(str(ds.dtype))
-    info.setdefault("layout", set()).add("flat" if ds.ndim == 2 else "plain")
-
+# %% ../../nbs/03_data.format.ipynb #c077
 def _check_jpeg(ds, where, ep, problems, info, block:int=64):
     "A jpeg camera: shape attribute, a known quality, and every frame decoding at that shape."
     if ds.ndim != 1 or h5py.check_vlen_dtype(ds.dtype) != np.uint8:
@@ -531,6 +518,20 @@ def _check_jpeg(ds, where, ep, problems, info, block:int=64):
     info.setdefault("shape", set()).add(fs); info.setdefault("dtype", set()).add("jpeg")
     info.setdefault("layout", set()).add(f"jpeg q{int(ds.attrs['jpeg_quality'])}")
 
+# %% ../../nbs/03_data.format.ipynb #c078
+def _check_image(ds, where, ep, problems, info):
+    if is_jpeg(ds): return _check_jpeg(ds, where, ep, problems, info)
+    if ds.dtype != np.uint8: problems.append(f"{where}: images are {ds.dtype}, expected uint8")
+    try: fs = frame_shape(ds, ep)
+    except DatasetError as e: problems.append(str(e)); return
+    if ds.ndim == 2 and ds.shape[1] != fs[0]*fs[1]*fs[2]:
+        problems.append(f"{where}: flat image buffer has {ds.shape[1]} bytes per frame but a {fs[0]}x{fs[1]}x{fs[2]} frame needs {fs[0]*fs[1]*fs[2]}")
+    elif ds.ndim == 4 and tuple(ds.shape[1:]) != fs:
+        problems.append(f"{where}: frames are {tuple(ds.shape[1:])} but attribute frame_shape says {fs}")
+    elif ds.ndim not in (2, 4): problems.append(f"{where}: image dataset of shape {tuple(ds.shape)}; expected (T, H, W, 3) or (T, H*W*3)")
+    info.setdefault("shape", set()).add(fs); info.setdefault("dtype", set()).add(str(ds.dtype))
+    info.setdefault("layout", set()).add("flat" if ds.ndim == 2 else "plain")
+
 def _check_lowdim(ds, where, key, problems, info):
     if ds.ndim not in (1, 2) or not np.issubdtype(ds.dtype, np.number):
         problems.append(f"{where}: {ds.dtype} dataset of shape {tuple(ds.shape)}; expected numeric (T, D)"); return
@@ -545,7 +546,7 @@ def _check_lowdim(ds, where, key, problems, info):
     if "gripper" in key and d != 1: problems.append(f"{where}: gripper with {d} numbers per step; expected 1")
     info.setdefault("shape", set()).add((d,)); info.setdefault("dtype", set()).add(str(ds.dtype))
 
-# %% ../../nbs/03_data.format.ipynb #c077
+# %% ../../nbs/03_data.format.ipynb #c079
 def _check_episode(grp, h5, ep, spec, problems, key_info)->int|None:
     "Check one episode group; returns its number of steps (None when unknown)."
     steps = {}
@@ -571,7 +572,7 @@ def _check_episode(grp, h5, ep, spec, problems, key_info)->int|None:
         problems.append(f"{_where(h5, ep, ref)}: has {T} steps but epi_len_mapping says {spec.epi_len[ep]}")
     return T
 
-# %% ../../nbs/03_data.format.ipynb #c078
+# %% ../../nbs/03_data.format.ipynb #c080
 def _length_stats(lengths:list)->dict:
     "min, max, mean, median of the episode lengths, and how many are outside the 30-450 steps a run keeps."
     if not lengths: return {}
@@ -579,7 +580,7 @@ def _length_stats(lengths:list)->dict:
     return dict(min=int(a.min()), max=int(a.max()), mean=round(float(a.mean()), 1), median=float(np.median(a)),
                 outside_30_450=int(((a < EPISODE_LENGTHS[0]) | (a > EPISODE_LENGTHS[1])).sum()))
 
-# %% ../../nbs/03_data.format.ipynb #c081
+# %% ../../nbs/03_data.format.ipynb #c083
 def check_dataset(
     config_path,            # a dataset config JSON
     max_episodes:int=None,  # check only the first N episodes (all when None)
@@ -616,7 +617,7 @@ def check_dataset(
                         "record or convert longer episodes (or split long ones)")
     return summary, problems
 
-# %% ../../nbs/03_data.format.ipynb #c093
+# %% ../../nbs/03_data.format.ipynb #c095
 def format_summary(summary:dict)->str:
     "Human-readable text of a `check_dataset` summary."
     L = summary.get("length", {})
@@ -632,7 +633,7 @@ def format_summary(summary:dict)->str:
         lines.append(f"  {k}: {shapes} {'/'.join(info.get('dtype', []))}{layout}")
     return "\n".join(lines)
 
-# %% ../../nbs/03_data.format.ipynb #c096
+# %% ../../nbs/03_data.format.ipynb #c098
 def check_cli(argv:list=None):
     "Console script `icrt_check CONFIG.json`: print a summary (exit 0) or every problem (exit 1)."
     p = argparse.ArgumentParser(prog="icrt_check", description="Check an ICRT dataset config, its side JSON files and "
@@ -648,7 +649,7 @@ def check_cli(argv:list=None):
         sys.exit(1)
     print(json.dumps(summary, indent=1, default=list) if args.json else format_summary(summary))
 
-# %% ../../nbs/03_data.format.ipynb #c100
+# %% ../../nbs/03_data.format.ipynb #c102
 def _npz_header(zf:zipfile.ZipFile, key:str)->tuple:
     "(shape, dtype) of array `key` of an open .npz without loading it."
     with zf.open(key + ".npy") as fp:
@@ -657,7 +658,7 @@ def _npz_header(zf:zipfile.ZipFile, key:str)->tuple:
         shape, _, dtype = read(fp)
     return tuple(shape), np.dtype(dtype)
 
-# %% ../../nbs/03_data.format.ipynb #c103
+# %% ../../nbs/03_data.format.ipynb #c105
 def _source_headers(path:Path, keys:list)->dict:
     "{key: (shape, dtype)} of an episode file, or a DatasetError naming the file and the missing key."
     try:
@@ -674,7 +675,7 @@ def _source_headers(path:Path, keys:list)->dict:
         if k not in heads: raise DatasetError(f"{_where(path, key=k)}: missing (every episode file needs {', '.join(keys)})")
     return heads
 
-# %% ../../nbs/03_data.format.ipynb #c105
+# %% ../../nbs/03_data.format.ipynb #c107
 def _validate_source(path:Path, image_keys:list, lowdim_keys:list)->int:
     "Check keys, steps and dtypes (headers) and low-dim values of one episode file; returns its T."
     heads = _source_headers(path, image_keys + lowdim_keys)
@@ -692,14 +693,14 @@ def _validate_source(path:Path, image_keys:list, lowdim_keys:list)->int:
         if bad.any(): raise DatasetError(f"{_where(path, key=k)}: NaN/inf at steps {np.unique(np.nonzero(bad)[0])[:5].tolist()}")
     return T
 
-# %% ../../nbs/03_data.format.ipynb #c107
+# %% ../../nbs/03_data.format.ipynb #c109
 def _load_source(path:Path, keys:list)->dict:
     "All `keys` of one episode file as arrays."
     if path.suffix == ".npz":
         with np.load(path) as z: return {k: z[k] for k in keys}
     with h5py.File(path, "r") as f: return {k: f[k][()] for k in keys}
 
-# %% ../../nbs/03_data.format.ipynb #c109
+# %% ../../nbs/03_data.format.ipynb #c111
 def _scan_source(src:Path)->dict:
     "{task: [episode files]} of a recordings folder, or a DatasetError."
     if not src.is_dir(): raise DatasetError(f"{src}: source folder not found")
@@ -712,7 +713,7 @@ def _scan_source(src:Path)->dict:
         found[d.name] = files
     return found
 
-# %% ../../nbs/03_data.format.ipynb #c112
+# %% ../../nbs/03_data.format.ipynb #c114
 def _check_out(src:Path, out:Path, overwrite:bool):
     s, o = src.resolve(), out.resolve()
     if o == s or s in o.parents or o in s.parents:
@@ -721,7 +722,7 @@ def _check_out(src:Path, out:Path, overwrite:bool):
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise DatasetError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
 
-# %% ../../nbs/03_data.format.ipynb #c114
+# %% ../../nbs/03_data.format.ipynb #c116
 def _swap_in(tmp:Path, out:Path):
     "Move the finished `tmp` folder to `out`, replacing what is there only now."
     if out.is_dir() and not any(out.iterdir()): out.rmdir()
@@ -730,7 +731,7 @@ def _swap_in(tmp:Path, out:Path):
         out.rename(old); tmp.rename(out); shutil.rmtree(old)
     else: tmp.rename(out)
 
-# %% ../../nbs/03_data.format.ipynb #c115
+# %% ../../nbs/03_data.format.ipynb #c117
 def convert(
     src,                        # recordings: SRC/<task>/<episode>.hdf5|.h5|.npz
     out,                        # output folder (created; replaced only with overwrite)
@@ -747,9 +748,8 @@ def convert(
     "Convert per-episode recordings into one HDF5 file, its side JSON files and a dataset config."
     src, out = Path(src), Path(out)
     if image_layout not in IMAGE_LAYOUTS: raise DatasetError(f"image_layout={image_layout!r}: use one of {', '.join(IMAGE_LAYOUTS)}")
-    check_quality(jpeg_quality)
     image_keys, lowdim_keys = list(image_keys or DEFAULT_IMAGE_KEYS), list(proprio_keys or DEFAULT_PROPRIO_KEYS) + list(action_keys or DEFAULT_ACTION_KEYS)
-    tasks = _scan_source(src)
+    check_quality(jpeg_quality); tasks = _scan_source(src)
     _check_out(src, out, overwrite)
     for files in tasks.values():
         for p in files: _validate_source(p, image_keys, lowdim_keys)
@@ -773,7 +773,7 @@ def convert(
     logger.info("wrote %d episodes of %d tasks to %s", len(names), len(tasks), out)
     return out/"dataset_config.json"
 
-# %% ../../nbs/03_data.format.ipynb #c121
+# %% ../../nbs/03_data.format.ipynb #c123
 def convert_cli(argv:list=None):
     "Console script `icrt_convert SRC OUT`: convert per-episode recordings into an ICRT dataset."
     p = argparse.ArgumentParser(prog="icrt_convert", description="Convert recordings (SRC/<task>/<episode>.hdf5|.h5|.npz) "

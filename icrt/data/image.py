@@ -6,15 +6,18 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .format import decode_frames
+
 # %% auto #0
-__all__ = ['AUG_SCALE', 'AUG_RATIO', 'CONTRAST', 'BRIGHTNESS', 'DEFAULT_DATA_CONFIG', 'is_wrist', 'sample_box',
-           'preprocess_frames', 'preprocess_batch']
+__all__ = ['AUG_SCALE', 'AUG_RATIO', 'CONTRAST', 'BRIGHTNESS', 'DEFAULT_DATA_CONFIG', 'JPEG_KEYS', 'is_wrist', 'sample_box',
+           'preprocess_frames', 'decode_jpeg_batch', 'preprocess_batch']
 
 # %% ../../nbs/05_data.image.ipynb #c006
 AUG_SCALE, AUG_RATIO = (0.65, 1.0), (1.0, 1.0)  # random resized crop of exterior cameras
@@ -93,6 +96,28 @@ def preprocess_frames(
     return out
 
 # %% ../../nbs/05_data.image.ipynb #c027
+JPEG_KEYS = ("jpeg", "jpeg_sizes", "jpeg_hw")  # batch entries of encoded frames (gpu_decode)
+
+def decode_jpeg_batch(
+    data:torch.Tensor,    # (total,) uint8: the JPEG files of a batch, back to back
+    sizes:torch.Tensor,   # (B, T, N) int64: bytes of each frame, in that order
+    hw:tuple,             # (H, W) of every frame
+    device:Union[str, torch.device]="cpu",
+)->torch.Tensor:          # (B, T, N, H, W, 3) uint8 on `device`
+    "Decode a batch of JPEG frames on `device`: nvJPEG on CUDA, libjpeg-turbo (simplejpeg) elsewhere."
+    dev, (H, W) = torch.device(device), hw
+    n = sizes.reshape(-1).tolist()
+    if dev.type == "cuda":
+        from torchvision.io import ImageReadMode, decode_jpeg
+        with warnings.catch_warnings():  # torchvision 0.29 flags its image codecs as deprecated; the CUDA one has no successor yet
+            warnings.simplefilter("ignore", DeprecationWarning)
+            imgs = decode_jpeg(list(torch.split(data.cpu(), n)), mode=ImageReadMode.RGB, device=dev)
+        return torch.stack(imgs).permute(0, 2, 3, 1).reshape(*sizes.shape, H, W, 3)
+    buf, ends = data.numpy(), np.cumsum(n)
+    frames = decode_frames([buf[e - k:e] for e, k in zip(ends, n)], (H, W, 3))
+    return torch.from_numpy(frames).view(*sizes.shape, H, W, 3).to(dev)
+
+# %% ../../nbs/05_data.image.ipynb #c031
 def preprocess_batch(
     batch:dict,                      # a collated batch; "observation" uint8 (B, T, N, H, W, 3) + "aug" when gpu_preprocess
     data_config:Optional[dict]=None, # timm data config (default ViT-B/16 MAE's)
@@ -101,8 +126,9 @@ def preprocess_batch(
 )->dict:                             # same keys on `device`; "observation" (B, T, N, 3, S, S) float32; no "aug"
     "Move a batch to `device`, turning uint8 frames into normalised float observations there."
     dc = {**DEFAULT_DATA_CONFIG, **(data_config or {})}
-    out = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items() if k not in ("observation", "aug")}
-    obs = batch["observation"]
+    out = {k: v.to(device, non_blocking=non_blocking) for k, v in batch.items() if k not in ("observation", "aug", *JPEG_KEYS)}
+    obs = batch["observation"] if "jpeg" not in batch else \
+        decode_jpeg_batch(batch["jpeg"], batch["jpeg_sizes"], tuple(batch["jpeg_hw"][0].tolist()), device)
     if obs.dtype != torch.uint8 or "aug" not in batch:
         out["observation"] = obs.to(device, non_blocking=non_blocking); return out
     B, T, N, H, W, _ = obs.shape
