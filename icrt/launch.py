@@ -57,24 +57,66 @@ def free_port()->int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0)); return s.getsockname()[1]
 
-# %% ../nbs/13_launch.ipynb #c015
+# %% ../nbs/13_launch.ipynb #c016
+def _endpoint(ep:str)->str:
+    "`ep` when it is host:port; a one-line ConfigError otherwise."
+    host, _, port = str(ep).rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(f"rdzv_endpoint '{ep}' is not host:port; give a node every node can reach and a free port, "
+                          "e.g. rdzv_endpoint='node001:29500'")
+    return str(ep)
+
+# %% ../nbs/13_launch.ipynb #c018
+def _node_flags(
+    nproc_per_node:int, master_port:Optional[int], nnodes:int, node_rank:Optional[int],
+    rdzv_backend:Optional[str], rdzv_endpoint:Optional[str], rdzv_id:Optional[str], max_restarts:int,
+)->list:  # torchrun's own flags, before `-m module`
+    "The launcher flags of `torchrun_command`: one node with a port, or a rendezvous of several."
+    if nnodes < 1: raise ConfigError(f"nnodes must be >= 1, got {nnodes}")
+    if max_restarts < 0: raise ConfigError(f"max_restarts must be >= 0, got {max_restarts}")
+    if node_rank is not None and not 0 <= node_rank < nnodes:
+        raise ConfigError(f"node_rank {node_rank} is not in [0, {nnodes}) for nnodes {nnodes}; give each node its own index from 0")
+    restarts = ["--max-restarts", str(max_restarts)] if max_restarts else []
+    if nnodes == 1 and rdzv_endpoint is None and rdzv_backend is None:
+        if not max_restarts: return [f"--nproc_per_node={nproc_per_node}", f"--master_port={master_port or free_port()}"]
+        rdzv_endpoint, master_port = f"127.0.0.1:{master_port or free_port()}", None  # restartable: c10d on this machine
+    if master_port is not None:
+        raise ConfigError(f"master_port {master_port} is for one node; a multi-node run uses the port of rdzv_endpoint (host:port): drop master_port")
+    if rdzv_endpoint is None:
+        raise ConfigError(f"nnodes {nnodes} needs rdzv_endpoint='host:port': a node every node can reach (e.g. the job's first) and a free port")
+    backend = rdzv_backend or "c10d"
+    if backend not in ("c10d", "static"): raise ConfigError(f"rdzv_backend '{backend}' is not supported; use 'c10d' (or 'static')")
+    if backend == "static" and node_rank is None: raise ConfigError("rdzv_backend 'static' needs node_rank (0 on the endpoint's node)")
+    out = ["--nnodes", str(nnodes), "--nproc-per-node", str(nproc_per_node), "--rdzv-backend", backend,
+           "--rdzv-endpoint", _endpoint(rdzv_endpoint)]
+    if rdzv_id is not None: out += ["--rdzv-id", str(rdzv_id)]
+    if backend == "static": out += ["--node-rank", str(node_rank)]  # c10d assigns the ranks itself
+    return out + restarts
+
+# %% ../nbs/13_launch.ipynb #c020
 def torchrun_command(
     run:Union[ExperimentConfig, Sequence[str]],  # a config, or the training flags
     nproc_per_node:int=1,                        # processes (GPUs) on this machine
-    master_port:Optional[int]=None,              # rendezvous port (default: a free one)
+    master_port:Optional[int]=None,              # single-node rendezvous port (default: a free one)
     module:str="icrt.train",                     # the module torchrun runs
+    nnodes:int=1,                                # machines in the job
+    node_rank:Optional[int]=None,                # this machine's index (used by the static rendezvous only)
+    rdzv_backend:Optional[str]=None,             # 'c10d' (default with several nodes) or 'static'
+    rdzv_endpoint:Optional[str]=None,            # host:port of the rendezvous, the same on every node
+    rdzv_id:Optional[str]=None,                  # the job's id, the same on every node (e.g. $SLURM_JOB_ID)
+    max_restarts:int=0,                          # times torchrun restarts the workers after a failure
 )->list:
     "The exact `torchrun` command line that trains `run`."
     if nproc_per_node < 1: raise ConfigError(f"nproc_per_node must be >= 1, got {nproc_per_node}")
+    head = _node_flags(nproc_per_node, master_port, nnodes, node_rank, rdzv_backend, rdzv_endpoint, rdzv_id, max_restarts)
     flags = config_to_flags(run) if isinstance(run, ExperimentConfig) else [str(a) for a in run]
-    return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc_per_node}",
-            f"--master_port={master_port or free_port()}", "-m", module, *flags]
+    return [sys.executable, "-m", "torch.distributed.run", *head, "-m", module, *flags]
 
-# %% ../nbs/13_launch.ipynb #c018
+# %% ../nbs/13_launch.ipynb #c027
 class LaunchError(ICRTError, RuntimeError):
     "A launched run exited with a non-zero status (its own one-line error is already on screen)."
 
-# %% ../nbs/13_launch.ipynb #c020
+# %% ../nbs/13_launch.ipynb #c029
 def run_streaming(cmd:Sequence[str], env:Optional[dict]=None, cwd=None)->int:
     "Run `cmd`, copying its stdout+stderr live to ours; return its exit status."
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=cwd)
@@ -82,21 +124,29 @@ def run_streaming(cmd:Sequence[str], env:Optional[dict]=None, cwd=None)->int:
         sys.stdout.write(chunk.decode(errors="replace")); sys.stdout.flush()
     return proc.wait()
 
-# %% ../nbs/13_launch.ipynb #c022
+# %% ../nbs/13_launch.ipynb #c032
 def launch(
     run:Union[ExperimentConfig, Sequence[str]],  # a config, or the training flags
     nproc_per_node:int=1,                        # processes (GPUs) on this machine
-    master_port:Optional[int]=None,              # rendezvous port (default: a free one)
+    master_port:Optional[int]=None,              # single-node rendezvous port (default: a free one)
     env:Optional[dict]=None,                     # extra environment variables for the run
     dry_run:bool=False,                          # only print the command
+    nnodes:int=1,                                # machines in the job (one `launch` on each)
+    node_rank:Optional[int]=None,                # this machine's index (used by the static rendezvous only)
+    rdzv_backend:Optional[str]=None,             # 'c10d' (default with several nodes) or 'static'
+    rdzv_endpoint:Optional[str]=None,            # host:port of the rendezvous, the same on every node
+    rdzv_id:Optional[str]=None,                  # the job's id, the same on every node
+    max_restarts:int=0,                          # times torchrun restarts the workers after a failure
 )->Path:                                         # the run folder
     "Print and run the `torchrun` command of `run`; return its run folder."
     cfg = run if isinstance(run, ExperimentConfig) else parse_args(list(run))
-    cmd = torchrun_command(run, nproc_per_node, master_port)
-    print("$ torchrun " + shlex.join(cmd[4:]), flush=True)
+    cmd = torchrun_command(run, nproc_per_node, master_port, nnodes=nnodes, node_rank=node_rank, rdzv_backend=rdzv_backend,
+                           rdzv_endpoint=rdzv_endpoint, rdzv_id=rdzv_id, max_restarts=max_restarts)
+    print("$ torchrun " + shlex.join(cmd[3:]), flush=True)
     if not dry_run:
         e = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         if nproc_per_node > 1: e.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc_per_node)))
+        if max_restarts: e.setdefault("TORCH_DISABLE_SHARE_RDZV_TCP_STORE", "1")  # a fresh store for every attempt
         rc = run_streaming(cmd, env=e)
         if rc != 0: raise LaunchError(f"torchrun exited with status {rc}: {shlex.join(cmd)}")
     return cfg.run_dir

@@ -11,6 +11,7 @@ import logging
 import math
 import os
 import random
+import socket
 import sys
 import time
 from contextlib import nullcontext
@@ -36,9 +37,9 @@ from .models.vision import build_vision_encoder, is_local_checkpoint
 log = logging.getLogger("icrt.train")
 
 # %% auto #0
-__all__ = ['log', 'USER_ERRORS', 'TrainingError', 'preflight', 'Dist', 'setup_distributed', 'build_datasets', 'build_model',
-           'base_lr', 'lr_at', 'build_optimizer', 'train_one_epoch', 'evaluate', 'get_rng_state', 'set_rng_state',
-           'random_frozen_state', 'make_checkpoint', 'restore_checkpoint', 'train', 'main']
+__all__ = ['log', 'USER_ERRORS', 'TrainingError', 'preflight', 'Dist', 'setup_distributed', 'check_same_config', 'build_datasets',
+           'build_model', 'base_lr', 'lr_at', 'build_optimizer', 'train_one_epoch', 'evaluate', 'get_rng_state',
+           'set_rng_state', 'random_frozen_state', 'make_checkpoint', 'restore_checkpoint', 'train', 'main']
 
 # %% ../nbs/12_train.ipynb #c009
 class TrainingError(ICRTError, RuntimeError):
@@ -116,6 +117,64 @@ def setup_distributed(device:str)->Dist:
     return Dist(rank, ws, lr, dev)
 
 # %% ../nbs/12_train.ipynb #c026
+def _flat(d:dict, prefix:str="")->dict:
+    "A nested config dict as {'group.field': value}."
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict): out.update(_flat(v, f"{prefix}{k}."))
+        else: out[prefix + k] = v
+    return out
+
+# %% ../nbs/12_train.ipynb #c028
+def _first_difference(
+    configs:list,  # (host, flat config) of every rank, in rank order
+)->Optional[str]:  # the error message, None when every rank agrees with rank 0
+    "Name the first field in which a rank's config differs from rank 0's."
+    h0, c0 = configs[0]
+    for r, (h, c) in enumerate(configs[1:], 1):
+        for k in dict.fromkeys([*c0, *c]):
+            a, b = c0.get(k, "<unset>"), c.get(k, "<unset>")
+            if a != b:
+                return (f"rank {r}'s config (on {h}) differs from rank 0's (on {h0}): {k} (--{k.replace('_', '-')}) is {b!r} "
+                        f"on rank {r}, {a!r} on rank 0; launch every node with the same flags")
+    return None
+
+# %% ../nbs/12_train.ipynb #c030
+def check_same_config(cfg:ExperimentConfig, d:Dist):
+    "Refuse, on every rank, a run whose ranks were given different configs."
+    if d.world_size == 1: return
+    configs = [None] * d.world_size
+    dist.all_gather_object(configs, (socket.gethostname(), _flat(config_to_dict(cfg))))
+    msg = _first_difference(configs)
+    if msg is not None: raise TrainingError(msg)
+
+# %% ../nbs/12_train.ipynb #c033
+def _newest_checkpoint(run_dir:Path)->Optional[Path]:
+    "The `checkpoint-<N>.pth` of the largest N in `run_dir` (None when there is none)."
+    found = [(int(n), p) for p in Path(run_dir).glob("checkpoint-*.pth") if (n := p.stem.removeprefix("checkpoint-")).isdigit()]
+    return max(found)[1] if found else None
+
+# %% ../nbs/12_train.ipynb #c035
+def _restart_resume(cfg:ExperimentConfig, d:Dist)->tuple:  # (cfg, whether the run is already finished)
+    "After a torchrun restart, `cfg` resuming from the run folder's newest checkpoint (the same one on every rank)."
+    count = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if d.world_size > 1:
+        t = torch.tensor([count], device=d.device); dist.all_reduce(t, op=dist.ReduceOp.MAX); count = int(t.item())
+    shared = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # one store for every attempt
+    if d.is_main and count == 0 and shared and os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0") != "0":
+        log.warning("torchrun --max-restarts with a store shared across attempts: a restart may fail to connect; "
+                    "set TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for torchrun (icrt.launch does), with --rdzv-backend c10d")
+    if count == 0 or cfg.shared_cfg.resume is not None: return cfg, False
+    pick = [str(ck) if d.is_main and (ck := _newest_checkpoint(cfg.run_dir)) is not None else None]
+    if d.world_size > 1: dist.broadcast_object_list(pick, src=0)
+    if pick[0] is None:
+        log.info(f"restart {count} by torchrun: no checkpoint in '{cfg.run_dir}' yet, starting from scratch"); return cfg, False
+    if int(Path(pick[0]).stem.removeprefix("checkpoint-")) + 1 >= cfg.trainer_cfg.epochs:  # the name holds the epoch
+        log.info(f"restart {count} by torchrun: {pick[0]} is the last epoch's checkpoint, the run is finished"); return cfg, True
+    log.info(f"restart {count} by torchrun: resuming from {pick[0]}")
+    return replace(cfg, shared_cfg=replace(cfg.shared_cfg, resume=pick[0])), False
+
+# %% ../nbs/12_train.ipynb #c039
 def build_datasets(cfg:ExperimentConfig, data_config:dict, run_dir:Optional[Path]):
     "Training and validation `SequenceDataset`s; the validation set is None when it holds no usable task."
     train = SequenceDataset(cfg.dataset_cfg, cfg.shared_cfg, split="train", data_config=data_config)
@@ -127,7 +186,7 @@ def build_datasets(cfg:ExperimentConfig, data_config:dict, run_dir:Optional[Path
         if val is not None: val.save_split(run_dir)
     return train, val
 
-# %% ../nbs/12_train.ipynb #c029
+# %% ../nbs/12_train.ipynb #c042
 def _same_layout(ck:dict, cfg:ExperimentConfig, pp:str):
     "Refuse a pretrained checkpoint of the other module layout (`published_layout`), naming the flag that fits it."
     saved = ((ck.get("config") or {}).get("model_cfg") or {}).get("policy_cfg", {}).get("published_layout")
@@ -152,7 +211,7 @@ def build_model(cfg:ExperimentConfig, device:torch.device, vision_encoder=None)-
         log.info(f"loaded {pp}: {len(sd) - len(unexpected)} tensors ({len(missing)} new, {len(unexpected)} unused)")
     return model.to(device)
 
-# %% ../nbs/12_train.ipynb #c034
+# %% ../nbs/12_train.ipynb #c047
 def _action_stats(train_ds, stats:Optional[dict], cfg:ExperimentConfig)->Optional[dict]:  # plain lists, or None
     "The statistics that normalise action targets: `stats` read from the `scale_action` file, or the training split's (`auto`)."
     sa = cfg.shared_cfg.scale_action
@@ -160,20 +219,20 @@ def _action_stats(train_ds, stats:Optional[dict], cfg:ExperimentConfig)->Optiona
     st = train_ds.action_statistics() if sa == "auto" else stats
     return {k: [float(x) for x in np.asarray(v).reshape(-1)] for k, v in st.items() if k in ("mean", "std", "min", "max")}
 
-# %% ../nbs/12_train.ipynb #c037
+# %% ../nbs/12_train.ipynb #c050
 def _make_loader(ds, sampler, cfg:ExperimentConfig, d:Dist, train:bool)->DataLoader:
     nw = min(cfg.trainer_cfg.num_workers, os.cpu_count() or 1)
     return DataLoader(ds, batch_size=cfg.shared_cfg.batch_size, sampler=sampler, num_workers=nw, drop_last=train,
-                      pin_memory=cfg.trainer_cfg.pin_memory and d.device.type == "cuda")
+                      pin_memory=cfg.trainer_cfg.pin_memory and d.device.type == "cuda", collate_fn=getattr(ds, "collate_fn", None))
 
-# %% ../nbs/12_train.ipynb #c040
+# %% ../nbs/12_train.ipynb #c054
 def base_lr(cfg:ExperimentConfig, world_size:int=1)->float:
     "The peak learning rate of a run."
     oc = cfg.optimizer_cfg
     if oc.lr is not None: return oc.lr
     return oc.blr * cfg.shared_cfg.batch_size * cfg.trainer_cfg.accum_iter * world_size / 256
 
-# %% ../nbs/12_train.ipynb #c042
+# %% ../nbs/12_train.ipynb #c056
 def lr_at(
     epoch:float,  # fractional epoch: epoch + iteration / iterations per epoch
     peak:float,   # the peak rate (`base_lr`)
@@ -185,22 +244,22 @@ def lr_at(
     t = (epoch - oc.warmup_epochs) / max(total - oc.warmup_epochs, 1e-8)
     return oc.min_lr + (peak - oc.min_lr) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
-# %% ../nbs/12_train.ipynb #c045
+# %% ../nbs/12_train.ipynb #c059
 def build_optimizer(model:ICRT, cfg:ExperimentConfig, peak:float)->torch.optim.Optimizer:
     "AdamW over the trainable parameters of `model`, decay only on weight matrices."
     groups = model.param_groups(cfg.optimizer_cfg.weight_decay)
     return torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.95))
 
-# %% ../nbs/12_train.ipynb #c048
+# %% ../nbs/12_train.ipynb #c062
 def _to_device(batch:dict, device:torch.device)->dict:
     "Move a (nested) batch of tensors to `device`."
     return {k: _to_device(v, device) if isinstance(v, dict) else v.to(device, non_blocking=True) for k, v in batch.items()}
 
-# %% ../nbs/12_train.ipynb #c050
+# %% ../nbs/12_train.ipynb #c064
 def _autocast(device:torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
 
-# %% ../nbs/12_train.ipynb #c052
+# %% ../nbs/12_train.ipynb #c066
 def _accumulate(sums:dict, loss:torch.Tensor, parts:dict):
     "Add an iteration's total loss and its named parts to the running sums."
     for k, v in {**parts, "loss": loss.item()}.items(): sums[k] = sums.get(k, 0.) + float(v)
@@ -212,7 +271,7 @@ def _reduce_mean(sums:dict, count:int, d:Dist)->dict:
     if d.world_size > 1: dist.all_reduce(t)
     return {k: (t[i] / max(t[-1].item(), 1)).item() for i, k in enumerate(keys)}
 
-# %% ../nbs/12_train.ipynb #c054
+# %% ../nbs/12_train.ipynb #c068
 def train_one_epoch(model, ddp_model, loader, optimizer, epoch:int, peak:float, cfg:ExperimentConfig, d:Dist,
                     data_config:dict)->dict:
     "Train for one epoch; return the epoch's mean losses, last lr and throughput."
@@ -241,7 +300,7 @@ def train_one_epoch(model, ddp_model, loader, optimizer, epoch:int, peak:float, 
     out.update(lr=lr, samples_per_s=count * cfg.shared_cfg.batch_size * d.world_size / (time.time() - t0))
     return out
 
-# %% ../nbs/12_train.ipynb #c060
+# %% ../nbs/12_train.ipynb #c074
 @torch.no_grad()
 def evaluate(model, loader, cfg:ExperimentConfig, d:Dist, data_config:dict)->dict:
     "Mean validation losses."
@@ -253,7 +312,7 @@ def evaluate(model, loader, cfg:ExperimentConfig, d:Dist, data_config:dict)->dic
         _accumulate(sums, loss, ld); count += 1
     return _reduce_mean(sums, count, d)
 
-# %% ../nbs/12_train.ipynb #c063
+# %% ../nbs/12_train.ipynb #c077
 def get_rng_state()->dict:
     "All random generators' states, as plain data."
     v, keys, g = random.getstate()
@@ -263,7 +322,7 @@ def get_rng_state()->dict:
     if torch.cuda.is_available(): st["cuda"] = torch.cuda.get_rng_state_all()
     return st
 
-# %% ../nbs/12_train.ipynb #c065
+# %% ../nbs/12_train.ipynb #c079
 def set_rng_state(st:dict):
     "Restore the generators saved by `get_rng_state`."
     v, keys, g = st["python"]; random.setstate((v, tuple(keys), g))
@@ -272,7 +331,7 @@ def set_rng_state(st:dict):
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available(): torch.cuda.set_rng_state_all(st["cuda"])
 
-# %% ../nbs/12_train.ipynb #c068
+# %% ../nbs/12_train.ipynb #c082
 def random_frozen_state(model:ICRT, cfg:ExperimentConfig)->dict:
     "Frozen weights no file can give back: a randomly initialised vision encoder or transformer that is not trained."
     pc, keep = cfg.model_cfg.policy_cfg, set(model.trainable_state_dict())
@@ -282,7 +341,7 @@ def random_frozen_state(model:ICRT, cfg:ExperimentConfig)->dict:
         prefixes.append("transformer.")
     return {k: v.detach() for k, v in model.state_dict().items() if k.startswith(tuple(prefixes)) and k not in keep} if prefixes else {}
 
-# %% ../nbs/12_train.ipynb #c070
+# %% ../nbs/12_train.ipynb #c084
 def make_checkpoint(model, optimizer, scaler, sampler, epoch:int, cfg:ExperimentConfig, d:Dist)->dict:
     "Everything needed to continue a run after `epoch`, as tensors and plain data."
     rng = get_rng_state()
@@ -294,7 +353,7 @@ def make_checkpoint(model, optimizer, scaler, sampler, epoch:int, cfg:Experiment
             "epoch": epoch, "rng": rng, "sampler": sampler.state_dict(), "config": config_to_dict(cfg),
             "world_size": d.world_size}
 
-# %% ../nbs/12_train.ipynb #c072
+# %% ../nbs/12_train.ipynb #c086
 def restore_checkpoint(ck:dict, model, optimizer, scaler, sampler, d:Dist)->int:
     "Put model, optimiser, scaler, sampler and random state back; return the epoch to start from."
     model.load_trainable_state_dict(ck["model"], strict=True)
@@ -305,7 +364,7 @@ def restore_checkpoint(ck:dict, model, optimizer, scaler, sampler, d:Dist)->int:
     else: log.warning(f"checkpoint was written by {len(rng)} processes, this run has {d.world_size}: random state not restored")
     return ck["epoch"] + 1
 
-# %% ../nbs/12_train.ipynb #c076
+# %% ../nbs/12_train.ipynb #c090
 def _load_resume(cfg:ExperimentConfig)->Optional[dict]:
     "The checkpoint of `--shared-cfg.resume` (None for a new run); refused when it leaves no epoch to train."
     path, epochs = cfg.shared_cfg.resume, cfg.trainer_cfg.epochs
@@ -319,7 +378,7 @@ def _load_resume(cfg:ExperimentConfig)->Optional[dict]:
                             f"nothing to train (epochs count from 0); pass --trainer-cfg.epochs {ck['epoch'] + 2} or more")
     return ck
 
-# %% ../nbs/12_train.ipynb #c079
+# %% ../nbs/12_train.ipynb #c093
 def _save_checkpoint(model, f:SimpleNamespace, epoch:int, cfg:ExperimentConfig, d:Dist, run_dir:Path):
     "Write `checkpoint-<epoch>.pth` (main process); every process raises if that write failed."
     f.sampler.set_epoch(epoch + 1)  # the position to continue from: the start of the next epoch
@@ -332,12 +391,12 @@ def _save_checkpoint(model, f:SimpleNamespace, epoch:int, cfg:ExperimentConfig, 
         if failed.item() and err is None: raise TrainingError(f"the main process could not write checkpoint-{epoch}.pth; stopping")
     if err is not None: raise err
 
-# %% ../nbs/12_train.ipynb #c082
+# %% ../nbs/12_train.ipynb #c096
 def _setup_logging(is_main:bool):
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", force=True)
 
-# %% ../nbs/12_train.ipynb #c084
+# %% ../nbs/12_train.ipynb #c098
 class _Loggers:
     "TensorBoard scalars in `log_dir` (default: the run folder), and Weights & Biases when a project is named."
     def __init__(self, cfg:ExperimentConfig, run_dir:Path):
@@ -360,14 +419,14 @@ class _Loggers:
         if self.tb is not None: self.tb.close()
         if self.wandb is not None: self.wandb.finish()
 
-# %% ../nbs/12_train.ipynb #c086
+# %% ../nbs/12_train.ipynb #c100
 def _log_epoch(stats:dict, run_dir:Path, loggers:_Loggers):
     "Append one JSON line to log.txt and send the scalars to TensorBoard (and W&B)."
     with open(run_dir/"log.txt", "a") as f: f.write(json.dumps(stats) + "\n")
     loggers.log(stats)
     log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
 
-# %% ../nbs/12_train.ipynb #c089
+# %% ../nbs/12_train.ipynb #c103
 def _write_run_files(cfg:ExperimentConfig, run_dir:Path, train_ds, val_ds, stats:Optional[dict]):
     "Make the run folder; write run.yaml, the split files and the action statistics; remove stale temporary files."
     try:
@@ -382,7 +441,7 @@ def _write_run_files(cfg:ExperimentConfig, run_dir:Path, train_ds, val_ds, stats
         raise TrainingError(f"cannot write to the run folder '{run_dir}' ({e.strerror or e}); choose a writable "
                             "--logging-cfg.output-dir") from None
 
-# %% ../nbs/12_train.ipynb #c092
+# %% ../nbs/12_train.ipynb #c106
 def _prepare_fit(cfg:ExperimentConfig, d:Dist, model, train_ds, val_ds, resume:Optional[dict])->SimpleNamespace:
     "Loaders, optimiser, scaler, the (DDP) model to call, and the first epoch, restored from `resume` when given."
     sc = cfg.shared_cfg
@@ -406,10 +465,13 @@ def _prepare_fit(cfg:ExperimentConfig, d:Dist, model, train_ds, val_ds, resume:O
     return SimpleNamespace(sampler=sampler, loader=loader, val_loader=val_loader, peak=peak, optimizer=optimizer,
                            scaler=scaler, ddp_model=ddp_model, start=start)
 
-# %% ../nbs/12_train.ipynb #c095
+# %% ../nbs/12_train.ipynb #c109
 def train(cfg:ExperimentConfig)->Path:
     "Run the experiment `cfg` (alone or as one `torchrun` process); return its run folder."
     d = setup_distributed(cfg.device); _setup_logging(d.is_main)
+    check_same_config(cfg, d)  # before anything is read, built or written
+    cfg, finished = _restart_resume(cfg, d)
+    if finished: return cfg.run_dir
     cfg = preflight(cfg); run_dir, sc = cfg.run_dir, cfg.shared_cfg
     stats = load_action_stats(sc.scale_action) if sc.scale_action not in (None, "auto") else None  # the one read of the file
     resume = _load_resume(cfg)
@@ -426,7 +488,7 @@ def train(cfg:ExperimentConfig)->Path:
         log.info(f"--no-train: built everything ({sum(p.numel() for p in model.parameters()):,} parameters); stopping"); return run_dir
     return _fit(cfg, d, model, train_ds, data_config, run_dir, f)
 
-# %% ../nbs/12_train.ipynb #c096
+# %% ../nbs/12_train.ipynb #c110
 def _fit(cfg:ExperimentConfig, d:Dist, model, train_ds, data_config:dict, run_dir:Path, f:SimpleNamespace)->Path:
     "The epoch loop of `train`, from `f.start` to the last epoch."
     loggers = _Loggers(cfg, run_dir) if d.is_main else None
@@ -450,7 +512,7 @@ def _fit(cfg:ExperimentConfig, d:Dist, model, train_ds, data_config:dict, run_di
     if d.world_size > 1: dist.barrier()
     return run_dir
 
-# %% ../nbs/12_train.ipynb #c104
+# %% ../nbs/12_train.ipynb #c118
 USER_ERRORS = (ICRTError,)  # every error a user can cause: config, data, checkpoint, training
 
 def main(argv:Optional[list]=None):
