@@ -569,7 +569,8 @@ def gen_cli(argv:list=None):
     p.add_argument("--num-procs", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--extra-steps", type=int, default=10, help="steps kept after success (default 10)")
     p.add_argument("--min-len", type=int, default=30, help="shortest episode (default 30)")
-    p.add_argument("--image-layout", choices=["flat", "plain"], default="flat", help="image storage (default flat)")
+    p.add_argument("--image-layout", choices=["flat", "plain", "jpeg"], default="flat",
+                   help="image storage (default flat; jpeg: one JPEG per frame at quality 90)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
