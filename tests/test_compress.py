@@ -28,10 +28,13 @@ def raw(tmp_path_factory):
                                   min_len=30, max_len=40, progress=False)
 
 
-def cli(*args, **kw):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-c", "from icrt.data.compress import compress_cli; compress_cli()", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True, **kw)
+def cli(*args, slow=False, **kw):
+    "`icrt_compress ARGS` in its own process group; `slow`: every shard takes 0.5 s more (tests/slow_compress.py)."
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
+    run = ["-m", "slow_compress"] if slow else ["-c", "from icrt.data.compress import compress_cli; compress_cli()"]
+    return subprocess.Popen([sys.executable, *run, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, start_new_session=True, **kw)
 
 
 def frames_of(cfg):
@@ -54,7 +57,7 @@ def test_parallel_output_equals_serial(raw, tmp_path):
 
 def test_sigkill_then_resume_finishes(raw, tmp_path):
     out = tmp_path / "out"
-    p = cli(raw, out, "--workers", "2", "--shard-episodes", "2")
+    p = cli(raw, out, "--workers", "2", "--shard-episodes", "2", slow=True)
     part = out.with_name("out.partial")
     t0 = time.time()
     while not list(part.glob("part-*.hdf5")) and time.time() - t0 < 120: time.sleep(0.05)
@@ -74,7 +77,7 @@ def test_sigkill_then_resume_finishes(raw, tmp_path):
 
 def test_ctrl_c_says_how_to_resume(raw, tmp_path):
     out = tmp_path / "out"
-    p = cli(raw, out, "--workers", "1", "--shard-episodes", "1")
+    p = cli(raw, out, "--workers", "1", "--shard-episodes", "1", slow=True)
     t0 = time.time()
     while not list(out.with_name("out.partial").glob("part-*.hdf5")) and time.time() - t0 < 120: time.sleep(0.05)
     p.send_signal(signal.SIGINT); _, err = p.communicate(timeout=60)
