@@ -33,8 +33,10 @@ def cli(*args, slow=False, **kw):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
     run = ["-m", "slow_compress"] if slow else ["-c", "from icrt.data.compress import compress_cli; compress_cli()"]
+    # SIGINT back to its default: a job started in the background by a non-interactive shell (as CI may) inherits it ignored,
+    # and Python then never raises KeyboardInterrupt
     return subprocess.Popen([sys.executable, *run, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, start_new_session=True, **kw)
+                            env=env, start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def frames_of(cfg):
