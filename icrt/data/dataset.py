@@ -15,12 +15,12 @@ from typing import Optional, Union
 
 import h5py
 import numpy as np
+import simplejpeg
 import torch
 from fastcore.basics import patch
 
 from ..config import ConfigError, DatasetConfig, SharedConfig
 from ..geometry import absolute_to_delta, pose_vector
-import simplejpeg
 from .format import (EPISODE_LENGTHS, DatasetError, DatasetSpec, load_dataset_config, read_encoded, read_frames,
                               read_lowdim)
 from .image import (AUG_RATIO, AUG_SCALE, BRIGHTNESS, CONTRAST, DEFAULT_DATA_CONFIG, _input_hw, is_wrist,
