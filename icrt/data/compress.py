@@ -54,10 +54,10 @@ def _copy_episode(src:h5py.Group, w:EpisodeWriter, image_keys:list, psnr_every:i
         if key not in image_keys:
             dst.create_dataset(key, data=obj[()], dtype=obj.dtype); dst[key].attrs.update(dict(obj.attrs)); return
         frames = read_frames(src, key, 0, obj.shape[0])                # (T, H, W, 3), decoded if already jpeg
-        ds = w._write_frames(dst, key, frames)
-        st["raw"] += frames.nbytes; st["jpeg"] += sum(len(b) for b in ds[()]); st["frames"] += len(frames)
+        enc = w._write_frames(dst, key, frames)[()]                    # the stored JPEGs, read back once
+        st["raw"] += frames.nbytes; st["jpeg"] += sum(len(b) for b in enc); st["frames"] += len(frames)
         idx = np.arange(0, len(frames), psnr_every)
-        back = decode_frames(ds[idx.tolist()], frames.shape[1:]).astype(np.float64)   # the sample, as a reader sees it
+        back = decode_frames(enc[idx], frames.shape[1:]).astype(np.float64)   # the sample, as a reader sees it
         err = ((back - frames[idx]) ** 2).reshape(len(idx), -1).mean(1)  # per-frame MSE
         st["sse"] += float(err.sum() * frames[0].size); st["px"] += int(len(idx) * frames[0].size)
         st["psnr"] += [float(10 * np.log10(255**2 / max(e, 1e-10))) for e in err]
