@@ -32,12 +32,13 @@ requirements = [
 ]
 extras = {
     "sim": ["metaworld>=3.1,<3.2", "mujoco>=3.3", "pillow>=9"],
+    "convert": ["pyarrow>=14", "av>=12"],  # icrt_convert --from lerobot/droid: Parquet columns, MP4 frames
     "dev": ["nbdev==2.4.14", "execnb<0.2", "fastcore>=1.12.3,<2", "pytest>=7", "ipykernel>=6", "transformers>=4.40"],
 }
 
 console_scripts = [
     "icrt_check=icrt.data.format:check_cli",
-    "icrt_convert=icrt.data.format:convert_cli",
+    "icrt_convert=icrt.data.convert:convert_cli",
     "icrt_compress=icrt.data.compress:compress_cli",
     "icrt_synth=icrt.data.synthetic:synth_cli",
     "icrt_metaworld_gen=icrt.sim.metaworld:gen_cli",
@@ -51,6 +52,7 @@ console_scripts = [
     "icrt_import_published=icrt.published:import_published_cli",
     "icrt_serve=icrt.serve:serve_cli",
     "icrt_bench_serve=icrt.bench.serve:bench_serve_cli",
+    "icrt_bench_convert=icrt.bench.convert:bench_convert_cli",
 ]
 
 setuptools.setup(

@@ -29,10 +29,10 @@ def raw(tmp_path_factory):
 
 
 def cli(*args, slow=False, **kw):
-    "`icrt_compress ARGS` in its own process group; `slow`: every shard takes 0.5 s more (tests/slow_compress.py)."
+    "`icrt_compress ARGS` in its own process group; `slow`: every shard takes 0.5 s more (tests/slow_tool.py)."
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests"), os.environ.get("PYTHONPATH", "")]),
                OMP_NUM_THREADS="1")
-    run = ["-m", "slow_compress"] if slow else ["-c", "from icrt.data.compress import compress_cli; compress_cli()"]
+    run = ["-m", "slow_tool", "compress"] if slow else ["-c", "from icrt.data.compress import compress_cli; compress_cli()"]
     # SIGINT back to its default: a job started in the background by a non-interactive shell (as CI may) inherits it ignored,
     # and Python then never raises KeyboardInterrupt
     return subprocess.Popen([sys.executable, *run, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -90,7 +90,7 @@ def test_ctrl_c_says_how_to_resume(raw, tmp_path):
 
 def test_bad_quality_and_self_overwrite_are_one_line(raw, tmp_path):
     for args, needle in [((raw, tmp_path / "q", "--quality", "101"), "JPEG quality 101 is outside 1-100"),
-                         ((raw, Path(raw).parent), "output folder holds the input dataset")]:
+                         ((raw, Path(raw).parent), "output folder overlaps the input")]:
         p = cli(*args); _, err = p.communicate(timeout=120)
         assert p.returncode == 1 and needle in err and err.count("\n") == 1, err
     assert not (tmp_path / "q").exists() and not (tmp_path / "q.partial").exists()

@@ -7,8 +7,7 @@ __all__ = ['logger', 'DEFAULT_IMAGE_KEYS', 'DEFAULT_PROPRIO_KEYS', 'DEFAULT_ACTI
            'EPISODE_FRAME_SHAPE', 'DEMO_FRAME_SHAPE', 'SOURCE_SUFFIXES', 'IMAGE_LAYOUTS', 'JPEG_QUALITY',
            'JPEG_SUBSAMPLING', 'DatasetError', 'frame_shape', 'check_quality', 'encode_frames', 'decode_frames',
            'is_jpeg', 'read_frames', 'read_encoded', 'read_lowdim', 'EpisodeWriter', 'h5_tree', 'write_dataset_files',
-           'DatasetSpec', 'dataset_keys', 'load_dataset_config', 'check_dataset', 'format_summary', 'check_cli',
-           'convert', 'convert_cli']
+           'DatasetSpec', 'dataset_keys', 'load_dataset_config', 'check_dataset', 'format_summary', 'check_cli']
 
 # %% ../../nbs/03_data.format.ipynb #c003
 import argparse
@@ -16,10 +15,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
-import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,7 +23,6 @@ import h5py
 import numpy as np
 from fastcore.basics import patch
 import simplejpeg
-from tqdm.auto import tqdm
 
 from ..config import ICRTError
 
@@ -648,146 +643,3 @@ def check_cli(argv:list=None):
         for pr in problems: print(f"  {pr}", file=sys.stderr)
         sys.exit(1)
     print(json.dumps(summary, indent=1, default=list) if args.json else format_summary(summary))
-
-# %% ../../nbs/03_data.format.ipynb #c102
-def _npz_header(zf:zipfile.ZipFile, key:str)->tuple:
-    "(shape, dtype) of array `key` of an open .npz without loading it."
-    with zf.open(key + ".npy") as fp:
-        version = np.lib.format.read_magic(fp)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(fp)
-    return tuple(shape), np.dtype(dtype)
-
-# %% ../../nbs/03_data.format.ipynb #c105
-def _source_headers(path:Path, keys:list)->dict:
-    "{key: (shape, dtype)} of an episode file, or a DatasetError naming the file and the missing key."
-    try:
-        if path.suffix == ".npz":
-            with zipfile.ZipFile(path) as zf:
-                have = {n[:-4] for n in zf.namelist() if n.endswith(".npy")}
-                heads = {k: _npz_header(zf, k) for k in keys if k in have}
-        else:
-            with h5py.File(path, "r") as f:
-                heads = {k: (tuple(f[k].shape), f[k].dtype) for k in keys if isinstance(f.get(k), h5py.Dataset)}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise DatasetError(f"{path}: cannot read episode file ({e})") from None
-    for k in keys:
-        if k not in heads: raise DatasetError(f"{_where(path, key=k)}: missing (every episode file needs {', '.join(keys)})")
-    return heads
-
-# %% ../../nbs/03_data.format.ipynb #c107
-def _validate_source(path:Path, image_keys:list, lowdim_keys:list)->int:
-    "Check keys, steps and dtypes (headers) and low-dim values of one episode file; returns its T."
-    heads = _source_headers(path, image_keys + lowdim_keys)
-    k0 = image_keys[0]; T = heads[k0][0][0] if heads[k0][0] else 0
-    for k, (shape, dtype) in heads.items():
-        where = _where(path, key=k)
-        if not shape or shape[0] != T: raise DatasetError(f"{where}: has {shape[0] if shape else 0} steps but '{k0}' has {T}")
-        if k in image_keys and (dtype != np.uint8 or len(shape) != 4 or shape[-1] != 3):
-            raise DatasetError(f"{where}: images must be uint8 (T, H, W, 3), got {dtype} {shape}")
-        if k in lowdim_keys and (len(shape) not in (1, 2) or not np.issubdtype(dtype, np.number)):
-            raise DatasetError(f"{where}: must be numeric (T,) or (T, D), got {dtype} {shape}")
-    if T == 0: raise DatasetError(f"{_where(path, key=k0)}: episode has no steps")
-    for k, x in _load_source(path, lowdim_keys).items():  # low-dim arrays are small: check their values too
-        bad = ~np.isfinite(np.asarray(x, dtype=np.float64))
-        if bad.any(): raise DatasetError(f"{_where(path, key=k)}: NaN/inf at steps {np.unique(np.nonzero(bad)[0])[:5].tolist()}")
-    return T
-
-# %% ../../nbs/03_data.format.ipynb #c109
-def _load_source(path:Path, keys:list)->dict:
-    "All `keys` of one episode file as arrays."
-    if path.suffix == ".npz":
-        with np.load(path) as z: return {k: z[k] for k in keys}
-    with h5py.File(path, "r") as f: return {k: f[k][()] for k in keys}
-
-# %% ../../nbs/03_data.format.ipynb #c111
-def _scan_source(src:Path)->dict:
-    "{task: [episode files]} of a recordings folder, or a DatasetError."
-    if not src.is_dir(): raise DatasetError(f"{src}: source folder not found")
-    tasks = sorted(d for d in src.iterdir() if d.is_dir() and not d.name.startswith("."))
-    if not tasks: raise DatasetError(f"{src}: no task folders; expected SRC/<task>/<episode>.hdf5|.h5|.npz")
-    found = {}
-    for d in tasks:
-        files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix in SOURCE_SUFFIXES)
-        if not files: raise DatasetError(f"{d}: task folder without episode files ({', '.join(SOURCE_SUFFIXES)})")
-        found[d.name] = files
-    return found
-
-# %% ../../nbs/03_data.format.ipynb #c114
-def _check_out(src:Path, out:Path, overwrite:bool):
-    s, o = src.resolve(), out.resolve()
-    if o == s or s in o.parents or o in s.parents:
-        raise DatasetError(f"{out}: output folder overlaps the source folder {src}; pick another OUT")
-    if out.exists() and not out.is_dir(): raise DatasetError(f"{out}: exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise DatasetError(f"{out}: already exists; pass --overwrite (overwrite=True) to replace it")
-
-# %% ../../nbs/03_data.format.ipynb #c116
-def _swap_in(tmp:Path, out:Path):
-    "Move the finished `tmp` folder to `out`, replacing what is there only now."
-    if out.is_dir() and not any(out.iterdir()): out.rmdir()
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old); tmp.rename(out); shutil.rmtree(old)
-    else: tmp.rename(out)
-
-# %% ../../nbs/03_data.format.ipynb #c117
-def convert(
-    src,                        # recordings: SRC/<task>/<episode>.hdf5|.h5|.npz
-    out,                        # output folder (created; replaced only with overwrite)
-    image_layout:str="flat",    # "flat" (T, H*W*3) like ICRT-MT, "plain" (T, H, W, 3), or "jpeg" (a JPEG per frame)
-    overwrite:bool=False,       # replace an existing non-empty `out`
-    image_keys:list=None,       # default DEFAULT_IMAGE_KEYS
-    proprio_keys:list=None,     # default DEFAULT_PROPRIO_KEYS
-    action_keys:list=None,      # default DEFAULT_ACTION_KEYS
-    train_split:float=0.95,     # written into the dataset config
-    hdf5_name:str="dataset.hdf5",  # name of the merged HDF5 file
-    progress:bool=None,         # tqdm bar: None = only on a terminal
-    jpeg_quality:int=JPEG_QUALITY,  # quality of the jpeg layout (1-100)
-)->Path:                        # out/dataset_config.json
-    "Convert per-episode recordings into one HDF5 file, its side JSON files and a dataset config."
-    src, out = Path(src), Path(out)
-    if image_layout not in IMAGE_LAYOUTS: raise DatasetError(f"image_layout={image_layout!r}: use one of {', '.join(IMAGE_LAYOUTS)}")
-    image_keys, lowdim_keys = list(image_keys or DEFAULT_IMAGE_KEYS), list(proprio_keys or DEFAULT_PROPRIO_KEYS) + list(action_keys or DEFAULT_ACTION_KEYS)
-    check_quality(jpeg_quality); tasks = _scan_source(src)
-    _check_out(src, out, overwrite)
-    for files in tasks.values():
-        for p in files: _validate_source(p, image_keys, lowdim_keys)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        epi_len, v2e, names = {}, {}, []
-        bar = tqdm(total=sum(map(len, tasks.values())), desc="icrt_convert", unit="episode", disable=None if progress is None else not progress)
-        with bar, EpisodeWriter(tmp/hdf5_name, image_layout, jpeg_quality=jpeg_quality) as w:
-            for task, files in tasks.items():
-                for i, p in enumerate(files):
-                    data = _load_source(p, image_keys + lowdim_keys)
-                    name = f"{task}_episode_{i}"
-                    epi_len[name] = w.write(name, data)
-                    w.file[name].attrs["source_file"] = str(p.relative_to(src))
-                    names.append(name); v2e.setdefault(task, []).append(name); bar.update()
-        write_dataset_files(tmp, [tmp/hdf5_name], [names], epi_len, v2e, image_keys, proprio_keys, action_keys, train_split)
-        _swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True); raise
-    logger.info("wrote %d episodes of %d tasks to %s", len(names), len(tasks), out)
-    return out/"dataset_config.json"
-
-# %% ../../nbs/03_data.format.ipynb #c123
-def convert_cli(argv:list=None):
-    "Console script `icrt_convert SRC OUT`: convert per-episode recordings into an ICRT dataset."
-    p = argparse.ArgumentParser(prog="icrt_convert", description="Convert recordings (SRC/<task>/<episode>.hdf5|.h5|.npz) "
-                                "into one HDF5 file, its side JSON files and OUT/dataset_config.json.")
-    p.add_argument("src", help="folder with one sub-folder per task, one file per episode")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--image-layout", choices=list(IMAGE_LAYOUTS), default="flat",
-                   help="flat (T, H*W*3) like ICRT-MT, plain (T, H, W, 3), or jpeg (one JPEG per frame, ~11x smaller)")
-    p.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY, help=f"quality of --image-layout jpeg, 1-100 (default {JPEG_QUALITY})")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
-    p.add_argument("--train-split", type=float, default=0.95, help="fraction of episodes for training")
-    args = p.parse_args(argv)
-    try: cfg = convert(args.src, args.out, args.image_layout, args.overwrite, train_split=args.train_split, jpeg_quality=args.jpeg_quality)
-    except (DatasetError, OSError) as e:
-        print(f"icrt_convert: error: {e}", file=sys.stderr); sys.exit(1)
-    spec = load_dataset_config(cfg)
-    print(f"wrote {cfg} ({len(spec.verb_to_episode)} tasks, {len(spec.epi_len)} episodes, {sum(spec.epi_len.values())} steps)")
