@@ -61,6 +61,7 @@ def bench_convert(
     steps:int=100,            # steps per episode
     workers:tuple=(1, 2),     # a conversion per worker count
     codec:str=None,           # video encoder of the source (None: pick_codec(), AV1 where PyAV has SVT-AV1)
+    shard_episodes:int=None,  # episodes per output file, the unit of work of a worker (None: convert's default, 32)
     seed:int=0,
 )->dict:                      # machine, source, reader and one row per worker count
     "Write a LeRobot v3.0 dataset (2 cameras) and time `convert` on it."
@@ -71,9 +72,10 @@ def bench_convert(
            "write_seconds": None if write_s is None else round(write_s, 1)}, "reader": bench_reader(src), "runs": []}
     for w in workers:
         t0 = time.perf_counter()
-        s = convert(src, Path(root)/f"icrt_w{w}", workers=w, overwrite=True, progress=False)
+        kw = {} if shard_episodes is None else {"shard_episodes": shard_episodes}
+        s = convert(src, Path(root)/f"icrt_w{w}", workers=w, overwrite=True, progress=False, **kw)
         secs = time.perf_counter() - t0
-        res["runs"].append({"workers": w, "seconds": round(secs, 2), "frames": s["frames"], "steps": s["steps"],
+        res["runs"].append({"workers": w, "shards": s["shards"], "seconds": round(secs, 2), "frames": s["frames"], "steps": s["steps"],
                             "frames_per_s": round(s["frames"] / secs, 1), "episodes_per_s": round(s["episodes_written"] / secs, 2),
                             "out_bytes": _bytes(Path(s["config"]).parent)})
     return res
@@ -87,8 +89,8 @@ def format_bench(res:dict)->str:
          f"source: LeRobot {s['version']}, {s['episodes']} episodes x {s['steps']} steps x {s['cameras']} cameras at "
          f"{s['height']}x{s['width']}, {s['codec']}, {s['bytes'] / 1e6:.1f} MB",
          f"reader alone (LeRobotSource.read, 1 process): {r['frames_per_s']:,.0f} frames/s", "",
-         "| workers | seconds | frames | frames/s | episodes/s | output MB |", "|---|---|---|---|---|---|"]
-    L += [f"| {x['workers']} | {x['seconds']:.2f} | {x['frames']} | {x['frames_per_s']:,.0f} | {x['episodes_per_s']:.2f} | "
+         "| workers | shards | seconds | frames | frames/s | episodes/s | output MB |", "|---|---|---|---|---|---|---|"]
+    L += [f"| {x['workers']} | {x['shards']} | {x['seconds']:.2f} | {x['frames']} | {x['frames_per_s']:,.0f} | {x['episodes_per_s']:.2f} | "
           f"{x['out_bytes'] / 1e6:.0f} |" for x in res["runs"]]
     return "\n".join(L)
 
@@ -103,9 +105,10 @@ def bench_convert_cli(argv:list=None):
     p.add_argument("--size", type=int, nargs=2, default=[180, 320], metavar=("H", "W"), help="frame size (even numbers)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time")
     p.add_argument("--codec", default=None, help="video encoder of the source (default: libsvtav1 if PyAV has it)")
+    p.add_argument("--shard-episodes", type=int, default=None, help="episodes per output file (default: icrt_convert's, 32)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     a = p.parse_args(argv)
     if a.episodes < 1 or a.steps < 1 or min(a.size) < 2 or min(a.workers) < 1: p.error("--episodes, --steps, --size and --workers must be positive")
-    res = bench_convert(a.out, a.episodes, a.size[0], a.size[1], a.steps, tuple(a.workers), a.codec)
+    res = bench_convert(a.out, a.episodes, a.size[0], a.size[1], a.steps, tuple(a.workers), a.codec, a.shard_episodes)
     Path(a.out, "bench_convert.json").write_text(json.dumps(res, indent=1))
     print(json.dumps(res, indent=1) if a.json else format_bench(res))
