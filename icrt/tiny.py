@@ -62,16 +62,17 @@ def recipe_flags(name:str)->list:
 
 # %% ../nbs/11_tiny.ipynb #c009
 def tiny_vit(
-    img_size:int=32,   # input resolution (patch 16: (img_size/16)^2 patch tokens + the class token)
+    img_size:int=32,   # input resolution ((img_size/patch_size)^2 patch tokens + the class token)
     depth:int=2,       # transformer blocks
     embed_dim:int=192, # token width (ViT-Tiny's)
     num_heads:int=3,   # attention heads
     seed:int=0,        # initial weights
+    patch_size:int=16, # patch side in pixels (ViT-Tiny's 16; smaller gives small frames more tokens)
 )->torch.nn.Module:    # a timm VisionTransformer without a classifier
     "A small, randomly initialised timm ViT-Tiny: the one tiny vision model of notebooks and tests."
     torch.manual_seed(seed)
     return timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img_size, depth=depth,
-                             embed_dim=embed_dim, num_heads=num_heads, num_classes=0)
+                             embed_dim=embed_dim, num_heads=num_heads, num_classes=0, patch_size=patch_size)
 
 def tiny_encoder(img_size:int=32, seed:int=0)->VisionEncoder:
     "`tiny_vit` as a frozen `VisionEncoder`."
@@ -84,9 +85,10 @@ def tiny_vision_encoder(
     depth:int=2,       # transformer blocks
     embed_dim:int=64,  # token width
     seed:int=0,
+    patch_size:int=16, # patch side in pixels
 )->Path:
     "Save a small, randomly initialised timm ViT as a self-describing encoder checkpoint."
-    m = tiny_vit(img_size, depth, embed_dim, num_heads=2, seed=seed)
+    m = tiny_vit(img_size, depth, embed_dim, num_heads=2, seed=seed, patch_size=patch_size)
     return save_vision_encoder(m, path, arch="vit_tiny_patch16_224")
 
 # %% ../nbs/11_tiny.ipynb #c013

@@ -25,23 +25,30 @@ from ..config import (DatasetConfig, ExperimentConfig, ICRTError, LoggingConfig,
 from ..data.format import DatasetError
 from ..client import PolicyClient, read_token
 from ..inference import ICRTPolicy
-from ..sim.metaworld import (DEFAULT_CAMERAS, SUITES, evaluate_closed_loop, generate_metaworld_dataset, get_task,
-                                wilson_interval)
+from ..data.dataset import MIN_DEMOS
+from ..sim.metaworld import (DEFAULT_CAMERAS, ICL_VERBS, SUITES, evaluate_closed_loop, evaluate_icl,
+                                generate_metaworld_dataset, get_task, icl_tasks, wilson_interval)
 from ..tiny import tiny_vision_encoder
 from ..train import train
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'PRESETS', 'CONDITIONS', 'BenchError', 'resolve_preset', 'bench_config', 'window_length', 'stage_generate',
-           'stage_train', 'reuse_train', 'SimPolicy', 'stage_evaluate', 'report_table', 'plot_loss', 'limits_paragraph',
-           'machine_info', 'param_counts', 'write_report', 'bench_metaworld', 'bench_metaworld_cli']
+__all__ = ['log', 'RECIPE', 'PRESETS', 'ICL_PRESETS', 'CONDITIONS', 'BenchError', 'resolve_preset', 'bench_config',
+           'window_length', 'stage_generate', 'stage_train', 'reuse_train', 'SimPolicy', 'stage_evaluate',
+           'report_table', 'plot_loss', 'limits_paragraph', 'machine_info', 'param_counts', 'write_report',
+           'plot_kshot', 'plot_goal_scatter', 'icl_checks', 'icl_paragraph', 'write_icl_report', 'bench_metaworld',
+           'parse_sets', 'bench_metaworld_cli']
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c006
 class BenchError(ICRTError, ValueError):
     "A benchmark request that cannot run (preset, task, output folder, reused data); the message says what to do."
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c007
+RECIPE = dict(  # training-recipe entries a preset may set, with the values of the presets that set none
+    proprio_noise=0.0, vision_aug=True, num_weighted_steps=30, step_weight=1.0, action_token_noise=0.0,
+    decoder_pred_head="mlp")
+
 PRESETS = {
     "smoke": dict(tasks=["reach-goal-0", "reach-goal-3"], episodes_per_task=5, image_size=32, num_procs=1,
                   encoder=dict(depth=1, embed_dim=32), train_encoder=False,
@@ -59,6 +66,7 @@ PRESETS = {
                 seeds=25, k_prompt=2, max_steps=300, num_gifs=2, min_len=30, num_workers=8),
 }
 
+# %% ../../nbs/33_bench.metaworld.ipynb #c008
 def resolve_preset(
     preset:str,                   # "smoke", "cpu" or "gpu"
     tasks:Optional[list]=None,    # task names (override the preset's)
@@ -66,9 +74,15 @@ def resolve_preset(
     **overrides,                  # any other preset entry; None values are ignored
 )->dict:                          # the preset with `tasks` resolved and checked
     "The preset `preset` with overrides applied; raises a one-line ValueError on a bad name."
-    if preset not in PRESETS: raise BenchError(f"--preset {preset!r}: choose one of {', '.join(PRESETS)}")
-    p = dict(PRESETS[preset], preset=preset, **{k: v for k, v in overrides.items() if v is not None})
-    if tasks: p["tasks"] = list(tasks)
+    table = ICL_PRESETS if suite == "icl" else PRESETS
+    if preset not in table: raise BenchError(f"--preset {preset!r}: choose one of {', '.join(table)}")
+    known = set(table[preset]) | set(RECIPE) | {"vision_encoder", "train_goals"} | ({"verbs"} if suite == "icl" else set())
+    bad = sorted(k for k, v in overrides.items() if v is not None and k not in known)
+    if bad: raise BenchError(f"--set {bad[0]}: not a preset entry; use one of {', '.join(sorted(known - {'vision_encoder'}))}")
+    p = dict(table[preset], preset=preset, **{k: v for k, v in overrides.items() if v is not None})
+    if suite == "icl": _resolve_icl(p, tasks)
+    elif "train_goals" in p: raise BenchError("--train-goals: only the icl suite has training goals; add --suite icl")
+    elif tasks: p["tasks"] = list(tasks)
     elif suite is not None:
         if suite not in SUITES: raise BenchError(f"--suite {suite!r}: choose one of {', '.join(sorted(SUITES))}")
         p["tasks"] = list(SUITES[suite])
@@ -80,7 +94,39 @@ def resolve_preset(
     if p["minutes"] is not None and not p["minutes"] > 0: raise BenchError(f"--minutes {p['minutes']}: must be > 0")
     return p
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c011
+# %% ../../nbs/33_bench.metaworld.ipynb #c012
+def _resolve_icl(p:dict, tasks:Optional[list]):
+    "Fill in an icl preset's training tasks (from its training goals) and check its icl entries."
+    if tasks: raise BenchError("--tasks: the icl suite draws its own tasks (verbs x --train-goals goals); drop --tasks")
+    for k in ("train_goals", "k_prompt"):
+        if int(p[k]) < 1: raise BenchError(f"--{k.replace('_', '-')} {p[k]}: must be at least 1")
+    if not p["ks"] or min(p["ks"]) < 1: raise BenchError(f"ks={p['ks']}: prompt sizes must be at least 1")
+    if int(p["episodes_per_task"]) < MIN_DEMOS["train"]:
+        raise BenchError(f"--episodes-per-task {p['episodes_per_task']}: training drops a task with fewer than "
+                         f"{MIN_DEMOS['train']} demonstrations; use at least {MIN_DEMOS['train']}")
+    p["verbs"] = list(p.get("verbs") or ICL_VERBS)
+    if not p["verbs"] or any(v not in ICL_VERBS for v in p["verbs"]):
+        raise BenchError(f"--set verbs={p['verbs']}: use some of {list(ICL_VERBS)}")
+    p["tasks"] = [t for t in icl_tasks(int(p["train_goals"])) if t.split("@")[0] in p["verbs"]]
+
+_TINY = dict(dim=32, multiple_of=32, n_heads=2, n_layers=1, norm_eps=1e-5, vocab_size=-1)
+ICL_PRESETS = {  # --suite icl: `seeds` is the number of evaluation scenes per verb, `ks` the prompt sizes of the curve
+    "smoke": dict(suite="icl", train_goals=1, episodes_per_task=4, image_size=32, num_procs=1,
+                  encoder=dict(depth=1, embed_dim=32), train_encoder=False, transformer=_TINY,
+                  adapter_num_heads=2, num_pred_steps=4, batch_size=2, lr=1e-3, epochs=1, minutes=None,
+                  seeds=1, ks=[1, 2], k_prompt=1, max_steps=40, num_gifs=1, min_len=30, num_workers=0),
+    "cpu": dict(suite="icl", train_goals=16, episodes_per_task=4, image_size=32, num_procs=2,
+                encoder=dict(depth=2, embed_dim=96, patch_size=8), train_encoder=True, vision_aug=False,
+                transformer=dict(dim=128, multiple_of=64, n_heads=4, n_layers=4, norm_eps=1e-5, vocab_size=-1),
+                adapter_num_heads=4, num_pred_steps=8, batch_size=4, lr=5e-4, epochs=None, minutes=35.0,
+                seeds=16, ks=[1, 2, 4], k_prompt=1, max_steps=120, num_gifs=1, min_len=30, num_workers=0),
+    "gpu": dict(suite="icl", train_goals=16, episodes_per_task=25, image_size=96, num_procs=8,
+                encoder="vit_base_patch16_224", train_encoder=True, transformer="custom_transformer",
+                adapter_num_heads=8, num_pred_steps=16, batch_size=8, lr=5e-4, epochs=None, minutes=120.0,
+                seeds=50, ks=[1, 2, 4], k_prompt=1, max_steps=150, num_gifs=2, min_len=30, num_workers=8),
+}
+
+# %% ../../nbs/33_bench.metaworld.ipynb #c015
 def _write_model_assets(p:dict, out:Path)->tuple:
     "Write the preset's vision encoder / transformer params into `out`; return (encoder, nonpretrained, transformer)."
     enc, nonpre = p.get("vision_encoder"), False
@@ -92,6 +138,7 @@ def _write_model_assets(p:dict, out:Path)->tuple:
         (out / "transformer.json").write_text(json.dumps(tr, indent=1) + "\n"); tr = str(out / "transformer.json")
     return enc, nonpre, tr
 
+# %% ../../nbs/33_bench.metaworld.ipynb #c016
 def bench_config(
     p:dict,                # resolve_preset output
     dataset_json:Path,     # the generated dataset config
@@ -104,11 +151,14 @@ def bench_config(
     "The `ExperimentConfig` the benchmark trains."
     enc, nonpre, tr = _write_model_assets(p, out)
     train_enc = p["train_encoder"] and p.get("vision_encoder") is None  # a given (pretrained) encoder stays frozen
+    r = {**RECIPE, **{k: p[k] for k in RECIPE if k in p}}
     cfg = ExperimentConfig(
         DatasetConfig(dataset_json=str(dataset_json), non_overlapping=max(1, seq_length // 4),
-                      proprio_noise=0.0),
+                      proprio_noise=r["proprio_noise"], vision_aug=r["vision_aug"], num_weighted_steps=r["num_weighted_steps"]),
         ModelConfig(VisionEncoderConfig(enc, vision_nonpretrained=nonpre, vision_unfreeze_all=train_enc),
-                    PolicyConfig(scratch_llama_config=tr, adapter_num_heads=p["adapter_num_heads"], no_prompt_loss=True)),
+                    PolicyConfig(scratch_llama_config=tr, adapter_num_heads=p["adapter_num_heads"], no_prompt_loss=True,
+                                 decoder_pred_head=r["decoder_pred_head"], step_weight=r["step_weight"],
+                                 action_token_noise=r["action_token_noise"])),
         OptimizerConfig(lr=p["lr"], warmup_epochs=round(max(0.2, 0.05 * epochs), 2)),
         TrainerConfig(epochs=int(epochs), accum_iter=1, num_workers=p["num_workers"]),
         SharedConfig(batch_size=p["batch_size"], seq_length=int(seq_length), num_pred_steps=p["num_pred_steps"],
@@ -117,7 +167,7 @@ def bench_config(
         LoggingConfig(output_dir=str(out / "train"), log_name=log_name), device=device)
     return validate_config(cfg)
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c013
+# %% ../../nbs/33_bench.metaworld.ipynb #c018
 def window_length(
     data_dir:Path,       # the generated dataset folder
     trajectories:int=2,  # trajectories a window must hold (prompt + the one that follows)
@@ -126,13 +176,13 @@ def window_length(
     meta = json.loads((Path(data_dir) / "metaworld_meta.json").read_text())
     return max(16, trajectories * max(m["length"] for m in meta["episodes"].values()))
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c015
+# %% ../../nbs/33_bench.metaworld.ipynb #c020
 def _read_log(run_dir:Path)->list:
     "The per-epoch JSON lines of a run's log.txt."
     f = Path(run_dir) / "log.txt"
     return [json.loads(l) for l in f.read_text().splitlines() if l.strip()] if f.is_file() else []
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c017
+# %% ../../nbs/33_bench.metaworld.ipynb #c022
 def stage_generate(p:dict, out:Path, skip:bool=False)->Path:
     "Record the dataset into out/data (or check the one there with `skip`); return its dataset config."
     data = out / "data"
@@ -145,13 +195,17 @@ def stage_generate(p:dict, out:Path, skip:bool=False)->Path:
         if missing: raise BenchError(f"--skip-generate: the dataset in '{data}' has no episodes of {missing}; drop --skip-generate")
         if meta["image_size"] != p["image_size"]:
             raise BenchError(f"--skip-generate: the dataset in '{data}' is {meta['image_size']} px, the preset wants {p['image_size']}")
+        if p.get("suite") == "icl" and meta.get("train_goals") != p["train_goals"]:
+            raise BenchError(f"--skip-generate: the dataset in '{data}' has {meta.get('train_goals')} training goals per verb, "
+                             f"the preset wants {p['train_goals']}; drop --skip-generate")
         return cfg
     if data.exists(): shutil.rmtree(data)
-    return generate_metaworld_dataset(data, tasks=p["tasks"], episodes_per_task=p["episodes_per_task"],
-                                      image_size=p["image_size"], seed=0, num_procs=min(p["num_procs"], os.cpu_count() or 1),
-                                      min_len=p["min_len"])
+    return generate_metaworld_dataset(data, suite=p.get("suite") or "mt", tasks=p["tasks"],
+                                      episodes_per_task=p["episodes_per_task"], image_size=p["image_size"], seed=0,
+                                      num_procs=min(p["num_procs"], os.cpu_count() or 1), min_len=p["min_len"],
+                                      train_goals=p.get("train_goals", 16))
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c020
+# %% ../../nbs/33_bench.metaworld.ipynb #c025
 def stage_train(p:dict, out:Path, dataset_json:Path, device:str="auto")->tuple:
     "Train through `icrt.train.train`; return (run folder, config, info dict)."
     if (out / "train").exists(): shutil.rmtree(out / "train")
@@ -172,7 +226,7 @@ def stage_train(p:dict, out:Path, dataset_json:Path, device:str="auto")->tuple:
     info["epoch_loop_s"] = sum(r["time_s"] for r in _read_log(run_dir))  # compare with budget_s: the machine's load can change
     return run_dir, cfg, info
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c023
+# %% ../../nbs/33_bench.metaworld.ipynb #c028
 def reuse_train(out:Path)->tuple:
     "(run folder, config, info) of the run already in out/train/run."
     run_dir = out / "train" / "run"
@@ -183,7 +237,7 @@ def reuse_train(out:Path)->tuple:
                 epochs=cfg.trainer_cfg.epochs, epoch_loop_s=sum(r["time_s"] for r in _read_log(run_dir)), reused=True)
     return run_dir, cfg, info
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c025
+# %% ../../nbs/33_bench.metaworld.ipynb #c030
 class SimPolicy:
     "An `ICRTPolicy` with a context just long enough for prompt + rollout."
     def __init__(self,
@@ -193,12 +247,13 @@ class SimPolicy:
     def reset(self): self.policy.reset()
     def prompt(self, episodes:list):
         steps = sum(len(e["action/cartesian_position"]) for e in episodes) + self.max_steps
-        self.policy.reset(max_len=2 * steps + 16)  # 2 tokens (state, action) per step; the 4096 default is ~20x slower on a CPU
+        # 2 tokens (state, action) per step; the 4096 default is ~20x slower on a CPU. The old prompt goes: it may be longer
+        self.policy.reset(max_len=2 * steps + 16, keep_prompt=False)
         self.policy.prompt(episodes)
     def act(self, observation:dict)->np.ndarray:  # (7,) absolute xyz, Euler XYZ, gripper
         return self.policy.act(observation)
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c027
+# %% ../../nbs/33_bench.metaworld.ipynb #c032
 def stage_evaluate(p:dict, out:Path, run_dir:Path, device:str="auto",
                    server:Optional[str]=None, token:Optional[str]=None,  # run the rollouts through an icrt_serve of run_dir
                   )->dict:
@@ -211,11 +266,15 @@ def stage_evaluate(p:dict, out:Path, run_dir:Path, device:str="auto",
     meta = json.loads((out / "data" / "metaworld_meta.json").read_text())
     sp, threads = SimPolicy(actor, p["max_steps"]), torch.get_num_threads()
     if policy.device.type == "cpu": torch.set_num_threads(1)  # one control step is many tiny matmuls: threads only add overhead
+    common = dict(max_steps=p["max_steps"], image_size=meta["image_size"], cameras=meta["cameras"], expert=True,
+                  out_dir=out / "eval", num_gifs=p["num_gifs"], min_len=p["min_len"])
     try:
-        res = evaluate_closed_loop(lambda sim: sp, p["tasks"], seeds=list(range(p["seeds"])), k_prompt=p["k_prompt"],
-                                   max_steps=p["max_steps"], image_size=meta["image_size"], cameras=meta["cameras"],
-                                   expert=True, wrong_prompt=len(p["tasks"]) > 1, out_dir=out / "eval",
-                                   num_gifs=p["num_gifs"], min_len=p["min_len"])
+        if p.get("suite") == "icl":
+            res = evaluate_icl(lambda sim: sp, scenes=p["seeds"], train_goals=p["train_goals"], ks=p["ks"], verbs=p["verbs"],
+                               k_control=p["k_prompt"], **common)
+        else:
+            res = evaluate_closed_loop(lambda sim: sp, p["tasks"], seeds=list(range(p["seeds"])), k_prompt=p["k_prompt"],
+                                       wrong_prompt=len(p["tasks"]) > 1, **common)
     finally:
         torch.set_num_threads(threads)
         if server: actor.close()
@@ -223,7 +282,7 @@ def stage_evaluate(p:dict, out:Path, run_dir:Path, device:str="auto",
     res["params"] = param_counts(policy.model)
     return res
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c029
+# %% ../../nbs/33_bench.metaworld.ipynb #c034
 CONDITIONS = [("policy", "ICRT, same-task prompt"), ("wrong_prompt", "ICRT, wrong-task prompt"), ("expert", "scripted expert")]
 
 def _pool(results:dict, cond:str)->Optional[dict]:
@@ -233,7 +292,7 @@ def _pool(results:dict, cond:str)->Optional[dict]:
     return dict(successes=s, n=n, rate=s / n, ci95=list(wilson_interval(s, n)),
                 mean_length=float(np.mean([l for r in rs for l in r["length"]])))
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c031
+# %% ../../nbs/33_bench.metaworld.ipynb #c036
 def report_table(
     results:dict,   # evaluate_closed_loop(...)["tasks"]
     k_prompt:int,   # prompt size, for the labels
@@ -252,7 +311,7 @@ def report_table(
                         f"| {x['mean_length']:.1f} |")
     return "\n".join(rows)
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c035
+# %% ../../nbs/33_bench.metaworld.ipynb #c040
 def plot_loss(run_dir:Path, path:Path)->Optional[Path]:
     "Train (and validation) loss per epoch as a PNG; None when the log is empty."
     rows = _read_log(run_dir)
@@ -268,7 +327,7 @@ def plot_loss(run_dir:Path, path:Path)->Optional[Path]:
     fig.savefig(path, dpi=100); plt.close(fig)
     return Path(path)
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c037
+# %% ../../nbs/33_bench.metaworld.ipynb #c042
 def limits_paragraph(facts:dict)->str:
     "What the measurements say limits the result (one paragraph built from `facts`)."
     pol, wp, ex = facts["policy"], facts.get("wrong_prompt"), facts["expert"]
@@ -305,7 +364,7 @@ def limits_paragraph(facts:dict)->str:
         s.append(f"With {facts['n_rollouts_per_task']} rollout(s) per task the intervals are wide; the rates are indicative only.")
     return " ".join(s)
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c040
+# %% ../../nbs/33_bench.metaworld.ipynb #c045
 def machine_info()->dict:
     "nproc, CPU model, GPU name (if any), Python/torch versions."
     cpu = platform.processor() or ""
@@ -317,13 +376,13 @@ def machine_info()->dict:
     return dict(nproc=os.cpu_count(), cpu_model=cpu, gpu=gpu, python=platform.python_version(), torch=torch.__version__,
                 platform=platform.platform())
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c042
+# %% ../../nbs/33_bench.metaworld.ipynb #c047
 def param_counts(model:torch.nn.Module)->tuple:
     "(trainable, total) parameter counts of a model as built for its run (frozen parts have requires_grad False)."
     ps = list(model.parameters())
     return int(sum(p.numel() for p in ps if p.requires_grad)), int(sum(p.numel() for p in ps))
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c045
+# %% ../../nbs/33_bench.metaworld.ipynb #c050
 def _facts(p:dict, ev:dict, pooled:dict, rows:list, meta:dict, times:dict, train_info:dict)->dict:
     "The measured facts `limits_paragraph` reads."
     trainable, total = ev["params"]
@@ -335,7 +394,7 @@ def _facts(p:dict, ev:dict, pooled:dict, rows:list, meta:dict, times:dict, train
                 max_steps=p["max_steps"], n_rollouts_per_task=p["seeds"], budget_s=train_info.get("budget_s"),
                 calib_epoch_s=train_info.get("epoch_s"), mean_epoch_s=float(np.mean([r["time_s"] for r in rows])) if rows else 0.)
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c047
+# %% ../../nbs/33_bench.metaworld.ipynb #c052
 def write_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:dict, times:dict, train_info:dict)->dict:
     "Write out/report.md, out/report.json and the loss curve; return the report dict."
     rows = _read_log(run_dir)
@@ -369,13 +428,145 @@ def write_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:dict, 
     (out / "report.json").write_text(json.dumps(rep, indent=1, default=float) + "\n")
     return rep
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c049
+# %% ../../nbs/33_bench.metaworld.ipynb #c054
+def _plt():
+    import matplotlib; matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+def plot_kshot(ev:dict, path:Path)->Path:
+    "Success on unseen goals against prompt size k per verb and pooled (95% Wilson intervals), with controls."
+    plt, ks = _plt(), np.array(ev["ks"])
+    fig, ax = plt.subplots(figsize=(5.4, 3.5))
+    groups = [*ev["verbs"].items(), *([("all", ev["pooled"])] if len(ev["verbs"]) > 1 else [])]
+    for i, (v, conds) in enumerate(groups):
+        r = [conds[f"unseen_k{k}"] for k in ks]
+        y = np.array([x["rate"] for x in r]); ci = np.array([x["ci95"] for x in r]).T
+        ax.errorbar(ks + 0.05 * (i - len(groups) / 2), 100 * y, yerr=100 * np.abs(ci - y), marker="o", capsize=3,
+                    label=v, lw=2.4 if v == "all" else 1.2, color="k" if v == "all" else None)
+    for c, ls, name in (("far_goal", ":", "far-goal control (all)"), ("expert", "--", "scripted expert (all)")):
+        if c in ev["pooled"]: ax.axhline(100 * ev["pooled"][c]["rate"], ls=ls, color="grey", label=name)
+    ax.set(xlabel="demonstrations in the prompt (k)", ylabel="success on unseen goals (%)", xticks=ks, ylim=(-3, 103),
+           xlim=(ks.min() - 0.5, ks.max() + 0.5),
+           title="k-shot curve (icl suite)")
+    ax.legend(fontsize=7); fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+    return Path(path)
+
+def plot_goal_scatter(ev:dict, path:Path)->Path:
+    "Prompted goal against the reached position (hand or puck) per coordinate, one colour per verb (unseen, k_control)."
+    plt, cond = _plt(), f"unseen_k{ev['k_control']}"
+    fig, axes = plt.subplots(1, 3, figsize=(10, 3.4))
+    for v, conds in ev["verbs"].items():
+        runs = conds[cond]["runs"]
+        g, e = np.array([r["prompt_goal"] for r in runs]), np.array([r["end"] for r in runs])
+        for d, ax in enumerate(axes): ax.scatter(g[:, d], e[:, d], s=16, alpha=0.8, label=v)
+    for d, ax in zip("xyz", axes):
+        lo, hi = min(ax.get_xlim()[0], ax.get_ylim()[0]), max(ax.get_xlim()[1], ax.get_ylim()[1])
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8); ax.set(xlabel=f"prompted goal {d} (m)", ylabel=f"reached {d} (m)")
+    axes[0].legend(fontsize=7); fig.suptitle(f"where the rollouts ended (unseen goals, k={ev['k_control']})", fontsize=10)
+    fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
+    return Path(path)
+
+# %% ../../nbs/33_bench.metaworld.ipynb #c055
+def _pct(x:dict)->str:
+    lo, hi = x["ci95"]
+    return f"{x['successes']}/{x['n']} = {100 * x['rate']:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+def icl_checks(ev:dict)->list:  # [(target, passed, measured)]
+    "The issue's targets, each checked on the measured numbers."
+    P, kc, out = ev["pooled"], f"unseen_k{ev['k_control']}", []
+    if "expert" in P:
+        out.append(("the scripted expert succeeds on >= 95% of the unseen-goal scenes", P["expert"]["rate"] >= 0.95, _pct(P["expert"])))
+    e, b = P[kc]["mean_error"], ev["baselines"]["all"]["mean_training_goal"]
+    out.append(("goal-reading error below half of the mean-training-goal baseline (cpu target)", e < b / 2,
+                f"{100 * e:.1f} cm vs {100 * b / 2:.1f} cm"))
+    r = ev["verbs"].get("reach", {})
+    if "far_goal" in r:
+        out.append(("reach: unseen-goal success above the far-goal control, disjoint 95% intervals (cpu target)",
+                    r[kc]["ci95"][0] > r["far_goal"]["ci95"][1], f"{_pct(r[kc])} vs {_pct(r['far_goal'])}"))
+    for v, conds in ev["verbs"].items():
+        if "expert" not in conds: continue
+        need, got = (0.8 if v == "reach" else 0.5), conds[kc]["rate"] / max(conds["expert"]["rate"], 1e-9)
+        out.append((f"{v}: unseen-goal success >= {100 * need:.0f}% of the expert's (gpu target)", got >= need,
+                    f"{100 * got:.0f}% of the expert's"))
+    return out
+
+# %% ../../nbs/33_bench.metaworld.ipynb #c056
+def icl_paragraph(ev:dict, facts:dict)->str:
+    "What the policy can and cannot do yet, in sentences built from the measured numbers."
+    P, kc, cm = ev["pooled"], f"unseen_k{ev['k_control']}", lambda x: f"{100 * x:.1f} cm"
+    u, b = P[kc], ev["baselines"]["all"]
+    s = [f"On unseen goals with a k={ev['k_control']} prompt ICRT succeeded in {_pct(u)} of the rollouts ("
+         + ", ".join(f"{v} {100 * c[kc]['rate']:.0f}%" for v, c in ev["verbs"].items()) + ")"
+         + (f"; the scripted expert in {_pct(P['expert'])}." if "expert" in P else ".")]
+    e = u["mean_error"]
+    verdict = ("it reads the goal from the prompt" if e < b["mean_training_goal"] / 2 else
+               "it reads the goal only partly" if e < b["mean_training_goal"] else
+               "it does not read the goal (going to the mean training goal would do as well)")
+    s.append(f"Its rollouts ended on average {cm(e)} from the prompted goal, against {cm(b['mean_training_goal'])} for "
+             f"always going to the mean training goal" + (f" and {cm(b['wrong_prompt'])} for following another scene's prompt"
+             if b["wrong_prompt"] is not None else "") + (f" (expert: {cm(P['expert']['mean_error'])})" if "expert" in P else "")
+             + f", so {verdict}.")
+    if "far_goal" in P:
+        f = P["far_goal"]
+        s.append(f"Prompted with a goal at least 10 cm away it succeeded in {100 * f['rate']:.0f}% and ended {cm(f['mean_prompt_error'])} "
+                 f"from the prompted goal ({cm(f['mean_error'])} from the scene's own)"
+                 + (": closer to the prompt's goal than to the scene's." if f["mean_prompt_error"] < f["mean_error"]
+                    else ": closer to the scene's goal than to the prompt's."))
+        o, sg = P["other_verb"], P["seen"]
+        s.append(f"With another verb's prompt for the same goal it succeeded in {100 * o['rate']:.0f}%. On training goals "
+                 f"(new scenes) it succeeded in {100 * sg['rate']:.0f}%, {100 * (sg['rate'] - u['rate']):+.0f} points from unseen goals.")
+    ks = ev["ks"]
+    if len(ks) > 1:
+        a, z = P[f"unseen_k{ks[0]}"], P[f"unseen_k{ks[-1]}"]
+        overlap = a["ci95"][1] >= z["ci95"][0] and z["ci95"][1] >= a["ci95"][0]
+        s.append("More context: " + ", ".join(f"k={k} {100 * P[f'unseen_k{k}']['rate']:.0f}%" for k in ks)
+                 + f" (trained on k={ev['k_control']} prompts); " + ("the intervals overlap, so no effect is measurable."
+                 if overlap else "longer prompts help." if z["rate"] > a["rate"] else "longer prompts hurt."))
+    s.append(f"The policy has {facts['trainable_params']:,} trainable parameters and trained for {facts['epochs']} epoch(s) "
+             f"({facts['train_minutes']:.1f} min) on {facts['train_episodes']} demonstrations of {facts['tasks']} tasks.")
+    return " ".join(s)
+
+# %% ../../nbs/33_bench.metaworld.ipynb #c057
+def write_icl_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:dict, times:dict, train_info:dict)->dict:
+    "Write out/report.md, out/report.json and the figures of an icl run; return the report dict."
+    rows, meta, mach, (trainable, total) = _read_log(run_dir), json.loads((out / "data" / "metaworld_meta.json").read_text()), machine_info(), ev["params"]
+    figs = [f for f in (plot_loss(run_dir, out / "loss_curve.png"), plot_kshot(ev, out / "kshot.png"),
+                        plot_goal_scatter(ev, out / "goal_scatter.png")) if f]
+    facts = dict(trainable_params=trainable, epochs=train_info["epochs"], train_minutes=times["train_s"] / 60,
+                 train_episodes=len(meta["episodes"]), tasks=len(meta["tasks"]))
+    paragraph, checks = icl_paragraph(ev, facts), icl_checks(ev)
+    gifs = [Path(g) for g in ev["gifs"]]
+    md = [f"# ICRT on Meta-World, in-context suite `icl`: `{p['preset']}` preset", "",
+          f"Training: {len(p['verbs'])} verb(s) ({', '.join(p['verbs'])}) x {p['train_goals']} goals each, {p['episodes_per_task']} "
+          f"expert demonstrations per (verb, goal): {len(meta['episodes'])} demonstrations at {p['image_size']} px. Evaluation: "
+          f"{p['seeds']} scenes per verb, each a new puck position and an unseen goal; no unseen goal is closer than "
+          f"{100 * ev['min_goal_distance_m']:.1f} cm to a training goal of its verb (`min_goal_distance_m`). Prompts are fresh expert demonstrations; "
+          f"{p['max_steps']} steps per rollout; the goal error is read {ev['settings']['extra_steps']} steps after success.", "",
+          "## Targets", "", *[f"- {'✓' if ok else '✗'} {t}: {m}" for t, ok, m in checks], "", "## Results", "", ev["table"], "",
+          paragraph, "", *[f"![{f.stem}]({f.name})" for f in figs], ""]
+    if gifs: md += ["Rollouts on unseen goals (left exterior camera, right gripper camera): "
+                    + ", ".join(f"[{g.name}]({g.relative_to(out)})" for g in gifs), ""]
+    md += [f"Machine: {mach['nproc']} CPU(s), {mach['cpu_model']}; GPU: {mach['gpu'] or 'none'}. Wall time: "
+           + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in times.items()) + ".", "",
+           f"Training run: `{run_dir.relative_to(out)}`. Configuration and every rollout: report.json."]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    rep = dict(preset=p, machine=mach, wall_times_s=times, train=dict(train_info, run_dir=str(run_dir), log=rows,
+               trainable_params=trainable, total_params=total), config=config_to_dict(cfg),
+               dataset=dict(episodes=len(meta["episodes"]), lengths={n: m["length"] for n, m in meta["episodes"].items()},
+                            frames_per_second=meta["frames_per_second"]),
+               evaluation=dict(ev, gifs=[str(g.relative_to(out)) for g in gifs]), checks=checks,
+               table=ev["table"], limits=paragraph)
+    (out / "report.json").write_text(json.dumps(rep, indent=1, default=float) + "\n")
+    return rep
+
+# %% ../../nbs/33_bench.metaworld.ipynb #c059
 def _check_out(out:Path):
     "The output folder must be a folder (or creatable)."
     for q in [out, *out.parents]:
         if q.exists() and not q.is_dir(): raise BenchError(f"--out: '{q}' is a file, not a folder; choose another output folder")
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c051
+# %% ../../nbs/33_bench.metaworld.ipynb #c061
 def bench_metaworld(
     out,                          # output folder (data/, train/, eval/, report.md, report.json)
     preset:str="cpu",             # "smoke", "cpu" or "gpu"
@@ -400,12 +591,24 @@ def bench_metaworld(
     ds = stage_generate(p, out, skip_generate); times["generate_s"] = time.time() - t; t = time.time()
     run_dir, cfg, info = reuse_train(out) if skip_train else stage_train(p, out, ds, device); times["train_s"] = time.time() - t; t = time.time()
     ev = stage_evaluate(p, out, run_dir, device, server, token); times["evaluate_s"] = time.time() - t; t = time.time()
-    rep = write_report(out, p, cfg, run_dir, ev, times, info)
+    rep = (write_icl_report if p.get("suite") == "icl" else write_report)(out, p, cfg, run_dir, ev, times, info)
     rep["wall_times_s"]["report_s"] = time.time() - t
     (out / "report.json").write_text(json.dumps(rep, indent=1, default=float) + "\n")
     return rep
 
-# %% ../../nbs/33_bench.metaworld.ipynb #c058
+# %% ../../nbs/33_bench.metaworld.ipynb #c070
+def parse_sets(
+    items:list,   # ["KEY=VALUE", ...] from --set
+)->dict:          # {key: JSON value (or the text when it is not JSON)}
+    "Preset overrides of `--set`."
+    out = {}
+    for it in items:
+        k, sep, v = it.partition("=")
+        if not sep or not k.strip(): raise BenchError(f"--set {it!r}: write KEY=VALUE, e.g. --set step_weight=5")
+        try: out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError: out[k.strip()] = v
+    return out
+
 def bench_metaworld_cli(argv:Optional[list]=None):
     "Console script `icrt_bench_metaworld`: generate -> train -> evaluate -> report on Meta-World."
     ap = argparse.ArgumentParser(prog="icrt_bench_metaworld", description="Record Meta-World expert demonstrations, train "
@@ -420,7 +623,10 @@ def bench_metaworld_cli(argv:Optional[list]=None):
     ap.add_argument("--skip-generate", action="store_true", help="reuse the dataset already in OUT/data")
     ap.add_argument("--vision-encoder", default=None, help="local vision-encoder checkpoint (kept frozen) instead of the preset's")
     ap.add_argument("--episodes-per-task", type=int, default=None, help="demonstrations per task (default: the preset's)")
-    ap.add_argument("--seeds", type=int, default=None, help="evaluation seeds per task (default: the preset's)")
+    ap.add_argument("--seeds", type=int, default=None, help="evaluation seeds per task; icl: scenes per verb (default: the preset's)")
+    ap.add_argument("--train-goals", type=int, default=None, help="icl suite: training goals per verb (default: the preset's)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any other preset or recipe entry, the "
+                    "value as JSON, e.g. --set image_size=64 --set action_token_noise=0.3 (repeatable)")
     ap.add_argument("--k-prompt", type=int, default=None, help="demonstrations per prompt (default: the preset's)")
     ap.add_argument("--skip-train", action="store_true", help="evaluate the run already in OUT/train/run")
     ap.add_argument("--server", default=None, help="ws://host:port of an icrt_serve of that run: evaluate through it")
@@ -429,9 +635,14 @@ def bench_metaworld_cli(argv:Optional[list]=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import warnings; warnings.filterwarnings("ignore", message="Constant")
     try:
-        rep = bench_metaworld(a.out, a.preset, a.tasks, a.suite, a.device, a.minutes, a.skip_generate, skip_train=a.skip_train,
-                              vision_encoder=a.vision_encoder, server=a.server, token=read_token(a.token_file),
-                              episodes_per_task=a.episodes_per_task, seeds=a.seeds, k_prompt=a.k_prompt)
+        kw = dict(minutes=a.minutes, vision_encoder=a.vision_encoder, episodes_per_task=a.episodes_per_task, seeds=a.seeds,
+                  k_prompt=a.k_prompt, train_goals=a.train_goals)
+        for k, v in parse_sets(a.set).items():
+            if kw.get(k) is not None or k in ("out", "preset", "tasks", "suite", "device", "server", "token"):
+                raise BenchError(f"--set {k}: it has its own flag (or is given twice); use --{k.replace('_', '-')}")
+            kw[k] = v
+        rep = bench_metaworld(a.out, a.preset, a.tasks, a.suite, a.device, skip_generate=a.skip_generate,
+                              skip_train=a.skip_train, server=a.server, token=read_token(a.token_file), **kw)
     except (ICRTError, DatasetError, ImportError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         sys.stderr.write(f"icrt_bench_metaworld: error: {msg}\n"); sys.exit(1)
