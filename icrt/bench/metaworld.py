@@ -395,12 +395,22 @@ def _facts(p:dict, ev:dict, pooled:dict, rows:list, meta:dict, times:dict, train
                 calib_epoch_s=train_info.get("epoch_s"), mean_epoch_s=float(np.mean([r["time_s"] for r in rows])) if rows else 0.)
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c052
+def _write_report_json(out:Path, p:dict, mach:dict, times:dict, train_info:dict, run_dir:Path, rows:list, params:tuple,
+                       cfg:ExperimentConfig, meta:dict, **evaluation)->dict:
+    "Write out/report.json: the preset, machine, times, training log, configuration, dataset and the evaluation entries."
+    (trainable, total) = params
+    rep = dict(preset=p, machine=mach, wall_times_s=times, train=dict(train_info, run_dir=str(run_dir), log=rows,
+               trainable_params=trainable, total_params=total), config=config_to_dict(cfg),
+               dataset=dict(episodes=len(meta["episodes"]), lengths={n: m["length"] for n, m in meta["episodes"].items()},
+                            frames_per_second=meta["frames_per_second"]), **evaluation)
+    (out / "report.json").write_text(json.dumps(rep, indent=1, default=float) + "\n")
+    return rep
+
 def write_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:dict, times:dict, train_info:dict)->dict:
     "Write out/report.md, out/report.json and the loss curve; return the report dict."
     rows = _read_log(run_dir)
     png = plot_loss(run_dir, out / "loss_curve.png")
     meta = json.loads((out / "data" / "metaworld_meta.json").read_text())
-    trainable, total = ev["params"]
     pooled = {c: _pool(ev["tasks"], c) for c, _ in CONDITIONS}
     facts = _facts(p, ev, pooled, rows, meta, times, train_info)
     table = report_table(ev["tasks"], p["k_prompt"])
@@ -417,16 +427,10 @@ def write_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:dict, 
     if gifs: md += ["Rollouts (ICRT, same-task prompt): " + ", ".join(f"[{g.name}]({g.relative_to(out)})" for g in gifs), ""]
     md += [f"Training run: `{run_dir.relative_to(out)}` (run.yaml, log.txt, checkpoints). Configuration: report.json."]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    rep = dict(preset=p, machine=mach, wall_times_s=times, train=dict(train_info, run_dir=str(run_dir), log=rows,
-               trainable_params=trainable, total_params=total), config=config_to_dict(cfg),
-               dataset=dict(episodes=len(meta["episodes"]), lengths={n: m["length"] for n, m in meta["episodes"].items()},
-                            frames_per_second=meta["frames_per_second"]),
-               evaluation=dict(tasks=ev["tasks"], pooled=pooled, k_prompt=ev["k_prompt"], seeds=ev["seeds"],
-                               control_rate_hz=ev.get("control_rate_hz"), server=ev.get("server"),
-                               gifs=[str(g.relative_to(out)) for g in gifs]),
-               table=table, limits=paragraph)
-    (out / "report.json").write_text(json.dumps(rep, indent=1, default=float) + "\n")
-    return rep
+    return _write_report_json(out, p, mach, times, train_info, run_dir, rows, ev["params"], cfg, meta,
+        evaluation=dict(tasks=ev["tasks"], pooled=pooled, k_prompt=ev["k_prompt"], seeds=ev["seeds"],
+                        control_rate_hz=ev.get("control_rate_hz"), server=ev.get("server"),
+                        gifs=[str(g.relative_to(out)) for g in gifs]), table=table, limits=paragraph)
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c054
 def _plt():
@@ -530,10 +534,10 @@ def icl_paragraph(ev:dict, facts:dict)->str:
 # %% ../../nbs/33_bench.metaworld.ipynb #c057
 def write_icl_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:dict, times:dict, train_info:dict)->dict:
     "Write out/report.md, out/report.json and the figures of an icl run; return the report dict."
-    rows, meta, mach, (trainable, total) = _read_log(run_dir), json.loads((out / "data" / "metaworld_meta.json").read_text()), machine_info(), ev["params"]
+    rows, meta, mach = _read_log(run_dir), json.loads((out / "data" / "metaworld_meta.json").read_text()), machine_info()
     figs = [f for f in (plot_loss(run_dir, out / "loss_curve.png"), plot_kshot(ev, out / "kshot.png"),
                         plot_goal_scatter(ev, out / "goal_scatter.png")) if f]
-    facts = dict(trainable_params=trainable, epochs=train_info["epochs"], train_minutes=times["train_s"] / 60,
+    facts = dict(trainable_params=ev["params"][0], epochs=train_info["epochs"], train_minutes=times["train_s"] / 60,
                  train_episodes=len(meta["episodes"]), tasks=len(meta["tasks"]))
     paragraph, checks = icl_paragraph(ev, facts), icl_checks(ev)
     gifs = [Path(g) for g in ev["gifs"]]
@@ -551,14 +555,8 @@ def write_icl_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:di
            + ", ".join(f"{k[:-2]} {v:.1f} s" for k, v in times.items()) + ".", "",
            f"Training run: `{run_dir.relative_to(out)}`. Configuration and every rollout: report.json."]
     (out / "report.md").write_text("\n".join(md) + "\n")
-    rep = dict(preset=p, machine=mach, wall_times_s=times, train=dict(train_info, run_dir=str(run_dir), log=rows,
-               trainable_params=trainable, total_params=total), config=config_to_dict(cfg),
-               dataset=dict(episodes=len(meta["episodes"]), lengths={n: m["length"] for n, m in meta["episodes"].items()},
-                            frames_per_second=meta["frames_per_second"]),
-               evaluation=dict(ev, gifs=[str(g.relative_to(out)) for g in gifs]), checks=checks,
-               table=ev["table"], limits=paragraph)
-    (out / "report.json").write_text(json.dumps(rep, indent=1, default=float) + "\n")
-    return rep
+    return _write_report_json(out, p, mach, times, train_info, run_dir, rows, ev["params"], cfg, meta,
+        evaluation=dict(ev, gifs=[str(g.relative_to(out)) for g in gifs]), checks=checks, table=ev["table"], limits=paragraph)
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c059
 def _check_out(out:Path):

@@ -851,7 +851,7 @@ def _icl_results(runs:dict, sc:IclScenes, ks:list, k_control:int, gifs:list, out
     base = {v: _icl_baselines(v, sc) for v in verbs}
     base["all"] = {k: (float(np.mean([base[v][k] for v in verbs])) if base[verbs[0]][k] is not None else None)
                    for k in base[verbs[0]]}
-    dist = sc.min_goal_distance()
+    dist = {v: d for v, d in sc.min_goal_distance().items() if v in verbs}  # the verbs evaluated
     if min(dist.values()) < ICL_MIN_GOAL_DISTANCE: raise RuntimeError(f"an unseen goal lies within 2 cm of a training goal: {dist}")
     out = dict(verbs={v: {c: _icl_summary(rs) for c, rs in runs[v].items()} for v in verbs},
                pooled={c: _icl_summary([r for v in verbs for r in runs[v][c]]) for c in conds}, baselines=base,
