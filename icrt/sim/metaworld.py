@@ -576,20 +576,23 @@ def results_table(
     return "\n".join(rows)
 
 # %% ../../nbs/17_sim.metaworld.ipynb #c084
+class _DemoCache:
+    "Fresh expert demonstrations recorded once per (task, key), from initial states (*key, j), j = 0, 1, ..."
+    def __init__(self, extra_steps:int, min_len:int): self.extra_steps, self.min_len, self.demos = extra_steps, min_len, {}
+    def __call__(self, sim:MetaWorldSim, name:str, key:tuple, k:int)->list:
+        "The first `k` successful demos of task `name` on `sim` (a failed recording is replaced by the next j)."
+        got, tried = self.demos.setdefault((name, tuple(key)), ([], [0]))
+        while len(got) < k:
+            if tried[0] >= 5 * k + 5: raise RuntimeError(f"task {name!r}: the expert failed to record {k} prompt demos")
+            r = record_demo(sim, (*key, tried[0]), self.extra_steps, self.min_len); tried[0] += 1
+            if r["success"]: got.append(r["episode"])
+        return got[:k]
+
 class _Prompts:
-    "Fresh expert demonstrations per (task, seed), from initial states (PROMPT_STREAM, seed, j), recorded once."
+    "`k` fresh expert demonstrations per (task, seed), from initial states (PROMPT_STREAM, seed, j)."
     def __init__(self, sims:dict, k:int, extra_steps:int, min_len:int):
-        self.sims, self.k, self.extra_steps, self.min_len, self.demos = sims, k, extra_steps, min_len, {}
-    def __call__(self, t:str, seed:int)->list:
-        "`k` successful demos of task `t` (a failed one is replaced by the next j)."
-        if (t, seed) not in self.demos:
-            got, j = [], 0
-            while len(got) < self.k:
-                if j >= 5 * self.k + 5: raise RuntimeError(f"task {t!r}: expert failed to record {self.k} prompt demos")
-                r = record_demo(self.sims[t], (PROMPT_STREAM, seed, j), self.extra_steps, self.min_len); j += 1
-                if r["success"]: got.append(r["episode"])
-            self.demos[(t, seed)] = got
-        return self.demos[(t, seed)]
+        self.sims, self.k, self.cache = sims, k, _DemoCache(extra_steps, min_len)
+    def __call__(self, t:str, seed:int)->list: return self.cache(self.sims[t], t, (PROMPT_STREAM, seed), self.k)
 
 # %% ../../nbs/17_sim.metaworld.ipynb #c086
 def _score_task(sim:MetaWorldSim, policy, t:str, other:Optional[str], seeds:list, prompts:_Prompts, max_steps,
@@ -695,18 +698,12 @@ def icl_scenes(
 
 # %% ../../nbs/17_sim.metaworld.ipynb #c101
 class _IclPrompts:
-    "Fresh expert demonstrations of (verb, goal) from initial states (*key, m), recorded once per (task, key)."
-    def __init__(self, sims:dict, extra_steps:int, min_len:int):
-        self.sims, self.extra_steps, self.min_len, self.demos = sims, extra_steps, min_len, {}
+    "Fresh expert demonstrations of (verb, goal), through the evaluator's `_DemoCache`."
+    def __init__(self, sims:dict, extra_steps:int, min_len:int): self.sims, self.cache = sims, _DemoCache(extra_steps, min_len)
     def __call__(self, verb:str, goal, key:tuple, k:int)->list:
-        "The first `k` successful demos (a failed recording is replaced by the next m)."
+        "The first `k` successful demos of (verb, goal) from initial states (*key, j)."
         name = icl_task_name(verb, goal)
-        got, tried = self.demos.setdefault((name, tuple(key)), ([], [0]))
-        while len(got) < k:
-            if tried[0] >= 5 * k + 5: raise RuntimeError(f"task {name!r}: the expert failed to record {k} prompt demos")
-            r = record_demo(self.sims[verb].set_task(name), (*key, tried[0]), self.extra_steps, self.min_len); tried[0] += 1
-            if r["success"]: got.append(r["episode"])
-        return got[:k]
+        return self.cache(self.sims[verb].set_task(name), name, key, k)
 
 # %% ../../nbs/17_sim.metaworld.ipynb #c102
 def _icl_rollout(sim:MetaWorldSim, policy, rv:np.ndarray, prompt:list, goal, prompt_goal, max_steps:int,
