@@ -113,17 +113,22 @@ def _finite(a:np.ndarray, key:str, where:str):
         raise InferenceError(f"{where}: '{key}' holds NaN/inf{at}; nothing was added to the context — give finite values")
 
 # %% ../nbs/14_inference.ipynb #c025
+_F32_MAX = float(np.finfo(np.float32).max)
 _WIDTHS = {"pose": ((6, 7), "a pose must be xyz + Euler XYZ (6 numbers) or xyz + quaternion wxyz (7)"),
-           "gripper": ((1,), "a gripper must be 1 number"), "vector": ((10,), "must be 10 numbers (xyz, rot6d, gripper)")}
+           "gripper": ((1,), "a gripper must be 1 number"),
+           "executed": ((7, 8), "must be a pose (6 or 7 numbers) and the gripper"),
+           "vector": ((10,), "must be 10 numbers (xyz, rot6d, gripper)")}
 
 def _numbers(
     x,                 # the value under `key`
     key:str,           # its name, for messages
     where:str,         # "act (step 3)", "prompt episode 0", ...
-    kind:str,          # "pose", "gripper" or "vector" (see _WIDTHS)
+    kind:str,          # "pose", "gripper", "executed" or "vector" (see _WIDTHS)
     per_step:bool=False,  # x is (T, d) (an episode) rather than (d,) (one observation)
-)->np.ndarray:         # (d,) or (T, d) float64, finite
+)->np.ndarray:         # (d,) or (T, d) float64, finite and within float32
     "A key's numbers as float64 of the right width, all finite; else a one-line InferenceError."
+    if isinstance(x, torch.Tensor): x = x.detach().cpu().numpy()
+    if np.iscomplexobj(x): raise InferenceError(f"{where}: '{key}' holds complex numbers; give real numbers (nothing is cast)")
     try: a = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError): raise InferenceError(f"{where}: '{key}' must be numbers, got {type(x).__name__} {str(x)[:40]!r}") from None
     if per_step and (a.ndim == 0 or len(a) == 0): raise InferenceError(f"{where}: '{key}' has no steps")
@@ -131,6 +136,9 @@ def _numbers(
     widths, rule = _WIDTHS[kind]
     if a.shape[-1] not in widths: raise InferenceError(f"{where}: '{key}': {rule}, got {a.shape[-1]}")
     _finite(a, key, where)
+    big = np.abs(a) > _F32_MAX
+    if big.any(): raise InferenceError(f"{where}: '{key}' holds {a[big].flat[0]:.3g}, beyond float32's range (|x| <= 3.4e38) that "
+                                       "the model computes in; nothing was added to the context — give values in the robot's units")
     return a
 
 # %% ../nbs/14_inference.ipynb #c028
@@ -361,11 +369,8 @@ def act(self:ICRTPolicy,
     ex = None
     if executed_action is not None:
         where = f"act (step {self.t})"
-        try: e = np.asarray(executed_action, np.float64).reshape(-1)
-        except (TypeError, ValueError): raise InferenceError(f"{where}: 'executed_action' must be numbers") from None
-        if len(e) not in (7, 8):
-            raise InferenceError(f"{where}: 'executed_action' must be a pose (6 or 7 numbers) and the gripper, got {len(e)} numbers")
-        ex = pose_vector(_numbers(e[:-1], "executed_action", where, "pose"), _numbers(e[-1:], "executed_action", where, "gripper"))
+        e = _numbers(executed_action, "executed_action", where, "executed")  # real, finite, float32-sized, 7 or 8 numbers
+        ex = pose_vector(e[:-1], e[-1:])
     return self.step(obs.to(self.device), prop, ex)
 
 # %% ../nbs/14_inference.ipynb #c070

@@ -227,7 +227,7 @@ def test_act_bad_shapes_and_types_name_the_key(policy, assets):
             "'observation/cartesian_position' must be numbers")
     refused({**_observation(spec, ep, 0), spec.image_keys[0]: np.zeros((0, 0, 3), np.uint8)},
             f"camera '{spec.image_keys[0]}': empty frame")
-    refused(_observation(spec, ep, 0), "'executed_action' must be a pose", ex=np.zeros(9))
+    refused(_observation(spec, ep, 0), "'executed_action': must be a pose", ex=np.zeros(9))
     assert policy.t == 0
 
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import nn, Tensor
 
-from ..config import ConfigError, ExperimentConfig, ModelConfig, SharedConfig
+from ..config import ConfigError, ExperimentConfig, ICRTError, ModelConfig, SharedConfig
 from ..geometry import absolute_to_delta, delta_to_absolute, to_pose7
 from .heads import build_head, mlp
 from .llama import LORA_TARGETS, PUBLISHED_LORA_TARGETS, add_biases, apply_lora, build_transformer, set_trainable
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'ACTION_DIM', 'STAT_KEYS', 'AttentionPool', 'check_action_stats', 'load_action_stats', 'ICRT', 'interleave',
-           'overfit_policy']
+           'NonFiniteError', 'overfit_policy']
 
 # %% ../../nbs/10_models.policy.ipynb #c006
 class AttentionPool(nn.Module):
@@ -433,12 +433,17 @@ def prompt(self:ICRT, demos:list, chunk:int=64):
     if not hasattr(self, "_chunks"): self.reset()
     self.reset(self._horizon, self._ensemble, self._max_len, self._k, keep_prompt=False)  # replaces any prompt and episode
     ref = self.action_mean
-    for d in demos:
+    for i, d in enumerate(demos):
         obs, pro, act = _as(d["observation"], ref), _as(d["proprio"], ref), _as(d["action"], ref)
         for t0 in range(0, len(obs), chunk):
             sl = slice(t0, t0 + chunk)
             s = self.state_tokens(obs[None, sl], pro[None, sl, :ACTION_DIM])  # (1, t, dim)
             self._feed(interleave(s, self.action_tokens(act[None, sl, :ACTION_DIM])))
+        if not self._cache_finite(0):  # a NaN in the prompt's keys/values would reach every later step
+            self.pos = 0; self._restore_context(self._save_context())      # zero the whole cache: an empty context
+            raise NonFiniteError(f"prompt: the model produced NaN/inf from demonstration {i} (a value too large for the "
+                                 "model?); no prompt is kept (empty context): give demonstrations with finite values in the "
+                                 "robot's usual range")
     self._prompt_len = self.pos  # reset() rolls back to here
 
 # %% ../../nbs/10_models.policy.ipynb #c103
@@ -484,6 +489,32 @@ def _select(self:ICRT, pro:Tensor)->Tensor:  # (10,) or (K, 10) absolute
     self._last_action = first
     return out
 
+# %% ../../nbs/10_models.policy.ipynb #c110c
+class NonFiniteError(ICRTError, ValueError):
+    "The model produced NaN/inf from its input; the context was restored to before the call."
+
+@patch
+def _save_context(self:ICRT)->tuple:
+    "What a control step changes, to undo it: position, step, queues, chunks and the latest outputs."
+    return (self.pos, self.step, list(self._pending_s), list(self._pending_a), list(self._chunks), self._last_action,
+            self.last_chunk, self.last_abs_chunk, self.last_hidden, self.last_end_prob)
+
+@patch
+def _restore_context(self:ICRT, saved:tuple):
+    "Undo everything since `_save_context`; the cache's slots from the saved position on are zeroed (never left NaN)."
+    (self.pos, self.step, self._pending_s, self._pending_a, self._chunks, self._last_action,
+     self.last_chunk, self.last_abs_chunk, self.last_hidden, self.last_end_prob) = saved
+    if self._cache is not None and self._cache.k is not None:
+        self._cache.k[:, :, :, self.pos:] = 0; self._cache.v[:, :, :, self.pos:] = 0
+        self._cache.length = self.pos
+
+@patch
+def _cache_finite(self:ICRT, start:int)->bool:
+    "Whether the keys/values written from position `start` to the current one are all finite."
+    c = self._cache
+    return c is None or c.k is None or bool(torch.isfinite(c.k[:, :, :, start:self.pos]).all() and
+                                            torch.isfinite(c.v[:, :, :, start:self.pos]).all())
+
 # %% ../../nbs/10_models.policy.ipynb #c111
 @patch
 @torch.no_grad()
@@ -492,9 +523,9 @@ def get_action(self:ICRT,
                proprio:Tensor,                    # (10,) current xyz, rot6d, gripper
                prev_action:Optional[Tensor]=None, # (10,) model-space action executed since the last call
               )->Tensor:                          # (K, 7) chunk, or (7,) action to execute (horizon / ensembling)
-    "One control step: feed the previous action and the new state, return the action(s) to execute."
+    "One control step: feed the previous action and the new state, return the action(s) to execute (all or nothing)."
     if not hasattr(self, "_chunks"): self.reset()
-    ref = self.action_mean
+    saved, ref = self._save_context(), self.action_mean
     obs, pro = _as(observation, ref), _as(proprio, ref)[:ACTION_DIM]
     if self.step > 0:
         a = _as(prev_action, ref) if prev_action is not None else self._last_action
@@ -502,9 +533,14 @@ def get_action(self:ICRT,
     self._pending_s.append((obs, pro))
     due = self._horizon is None or self.step % self._horizon == 0
     if due: self._query(pro)
-    act10 = self._select(pro)
+    out = to_pose7(self._select(pro))
+    if not (torch.isfinite(out).all() and self._cache_finite(saved[0]) and (not due or torch.isfinite(self.last_hidden).all())):
+        self._restore_context(saved)
+        raise NonFiniteError(f"get_action (step {self.step}): the model produced NaN/inf from this observation (a value too "
+                             "large for the model?); the step was undone and the context is as before it: send finite values "
+                             "in the robot's usual range")
     self.step += 1
-    return to_pose7(act10).cpu()
+    return out.cpu()
 
 # %% ../../nbs/10_models.policy.ipynb #c121
 @patch
