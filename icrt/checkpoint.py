@@ -5,11 +5,14 @@
 # %% ../nbs/02_checkpoint.ipynb #c003
 from __future__ import annotations
 
+import errno
 import os
 import re
+import shutil
 from pathlib import Path
 from typing import Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -24,14 +27,38 @@ class CheckpointError(ICRTError, RuntimeError):
     "A checkpoint that cannot be written or read; the message names the file and what to do."
 
 # %% ../nbs/02_checkpoint.ipynb #c007
+def _nbytes(obj, seen:Optional[set]=None)->int:
+    "Bytes of the tensor storages and arrays in a (nested) checkpoint object, each storage once: about its size on disk."
+    seen = set() if seen is None else seen
+    if isinstance(obj, torch.Tensor):
+        st = obj.untyped_storage(); key = (st.data_ptr(), st.nbytes())
+        if key in seen: return 0
+        seen.add(key); return st.nbytes()
+    if isinstance(obj, np.ndarray): return obj.nbytes
+    if isinstance(obj, dict): return sum(_nbytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)): return sum(_nbytes(v, seen) for v in obj)
+    return 0
+
+def _no_space(path:Path, need:int, free:int)->CheckpointError:
+    return CheckpointError(f"no space left on device for checkpoint '{path}': it needs about {need / 2**20:.1f} MiB and "
+                           f"{free / 2**20:.1f} MiB are free in '{path.parent}'; earlier checkpoints are kept: free disk "
+                           "space, then resume from the last one")
+
 def atomic_save(obj, path:Union[str, Path]):
-    "`torch.save` to `path` through a temporary file and a rename."
+    "`torch.save` to `path` through a temporary file and a rename; a full disk is named as such, before or after writing."
     path = Path(path); tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    need = _nbytes(obj)
     try:
+        if (free := shutil.disk_usage(path.parent).free) < need: raise _no_space(path, need, free)  # nothing written
         with open(tmp, "wb") as f:
             torch.save(obj, f); f.flush(); os.fsync(f.fileno())
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
+        if isinstance(e, CheckpointError): raise
+        if tmp.exists(): tmp.unlink()
+        free = shutil.disk_usage(path.parent).free if path.parent.is_dir() else None
+        if getattr(e, "errno", None) == errno.ENOSPC or (free is not None and free < need):
+            raise _no_space(path, need, free or 0) from None
         why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:160]
         raise CheckpointError(f"cannot write checkpoint '{path}' ({type(e).__name__}: {why}); earlier checkpoints are "
                               "kept: free disk space or fix the folder's permissions, then resume from the last one") from None

@@ -19,8 +19,8 @@ import yaml
 # %% auto #0
 __all__ = ['REPO_CONFIGS', 'ICRTError', 'ConfigError', 'bundled_configs', 'resolve_config_path', 'DatasetConfig',
            'VisionEncoderConfig', 'PolicyConfig', 'ModelConfig', 'OptimizerConfig', 'TrainerConfig', 'SharedConfig',
-           'LoggingConfig', 'ExperimentConfig', 'validate_config', 'config_to_dict', 'config_from_dict', 'save_config',
-           'load_config', 'parse_args']
+           'LoggingConfig', 'ExperimentConfig', 'validate_config', 'config_to_dict', 'config_from_dict',
+           'atomic_write_text', 'save_config', 'load_config', 'parse_args']
 
 # %% ../nbs/00_config.ipynb #c006
 def _repo_root()->Path:
@@ -289,12 +289,20 @@ def config_from_dict(d:dict)->ExperimentConfig:
     return _from_dict(ExperimentConfig, d, "")
 
 # %% ../nbs/00_config.ipynb #c052
+def atomic_write_text(
+    path:Union[str, Path],  # the file to (re)write
+    text:str,               # its new content
+)->Path:
+    "Write `text` through a temporary file and a rename: `path` is the old or the new file, and no temporary is left on failure."
+    path = Path(path); tmp = path.with_name(path.name + ".tmp")
+    try: tmp.write_text(text); tmp.replace(path)
+    finally:
+        if tmp.exists(): tmp.unlink()
+    return path
+
 def save_config(cfg:ExperimentConfig, path:Union[str, Path])->Path:
     "Write `cfg` to `path` as plain YAML (atomically)."
-    path = Path(path); tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
-    return path
+    return atomic_write_text(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 # %% ../nbs/00_config.ipynb #c054
 def load_config(path:Union[str, Path])->ExperimentConfig:

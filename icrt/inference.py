@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import time
@@ -25,6 +26,7 @@ from .data.image import DEFAULT_DATA_CONFIG, preprocess_frames, sample_box
 from .geometry import absolute_to_delta, pose_vector, to_pose7
 from .models.policy import ICRT
 from .models.vision import is_local_checkpoint
+from .train import RUN_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +76,31 @@ def _encoder_path(cfg:ExperimentConfig, run_dir:Path)->ExperimentConfig:
                          f"missing; copy it back there or beside the run folder '{run_dir}'")
 
 # %% ../nbs/14_inference.ipynb #c015
-def run_keys(cfg:ExperimentConfig)->dict:
-    "{'image_keys', 'proprio_keys', 'action_keys'} of the run's dataset config (defaults when it is gone)."
-    keys = {"image_keys": list(DEFAULT_IMAGE_KEYS), "proprio_keys": list(DEFAULT_PROPRIO_KEYS), "action_keys": list(DEFAULT_ACTION_KEYS)}
-    p = Path(str(cfg.dataset_cfg.dataset_json)).expanduser()
-    found = dataset_keys(p)  # the JSON alone: a deployment machine rarely holds the HDF5 files
-    if found: keys = found
-    else: log.warning(f"dataset config '{p}' of the run cannot be read: assuming the default key names {keys['image_keys']}")
+def _own_keys(path:Path)->dict:
+    "The key names a run wrote beside its run.yaml, checked."
+    try: keys = json.loads(path.read_text())
+    except (OSError, ValueError) as e: raise InferenceError(f"'{path}' cannot be read as JSON ({type(e).__name__}); "
+                                                            "restore it from the run's copy or delete it to use the dataset config") from None
+    for k in ("image_keys", "proprio_keys", "action_keys"):
+        v = keys.get(k) if isinstance(keys, dict) else None
+        if not (isinstance(v, list) and v and all(isinstance(x, str) for x in v)):
+            raise InferenceError(f"'{path}': '{k}' must be a list of key names, got {str(v)[:60]}; restore the file or delete it")
+    return {k: keys[k] for k in ("image_keys", "proprio_keys", "action_keys")}
+
+def run_keys(
+    cfg:ExperimentConfig,                    # the run's configuration
+    run_dir:Union[str, Path, None]=None,     # its folder: its own data_keys.json comes first
+)->dict:                                     # {'image_keys', 'proprio_keys', 'action_keys'}
+    "The run's key names: its own `data_keys.json`, else its dataset config's, else the defaults (with a warning)."
+    own = Path(run_dir).expanduser()/RUN_KEYS if run_dir is not None else None
+    if own is not None and own.is_file(): keys = _own_keys(own)
+    else:
+        keys = {"image_keys": list(DEFAULT_IMAGE_KEYS), "proprio_keys": list(DEFAULT_PROPRIO_KEYS), "action_keys": list(DEFAULT_ACTION_KEYS)}
+        p = Path(str(cfg.dataset_cfg.dataset_json)).expanduser()
+        found = dataset_keys(p)  # the JSON alone: a deployment machine rarely holds the HDF5 files
+        if found: keys = found
+        else: log.warning(f"dataset config '{p}' of the run cannot be read (and the run has no {RUN_KEYS}, as runs before it "
+                          f"was written): assuming the default key names {keys['image_keys']}")
     n = cfg.shared_cfg.num_cameras
     if len(keys["image_keys"]) != n:
         raise InferenceError(f"the run was trained with --shared-cfg.num-cameras {n} but its camera keys are {keys['image_keys']}")
@@ -102,7 +122,7 @@ def find_run(
     "Read a run folder's run.yaml and key names and find its checkpoint (nothing is built or loaded)."
     run_dir = Path(run_dir).expanduser()
     cfg = load_run_config(run_dir)
-    return RunFiles(run_dir, cfg, find_checkpoint(run_dir, checkpoint), run_keys(cfg))
+    return RunFiles(run_dir, cfg, find_checkpoint(run_dir, checkpoint), run_keys(cfg, run_dir))
 
 # %% ../nbs/14_inference.ipynb #c023
 def _finite(a:np.ndarray, key:str, where:str):

@@ -5,12 +5,14 @@
 # %% ../nbs/12_train.ipynb #c004
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import logging
 import math
 import os
 import random
+import shutil
 import socket
 import sys
 import time
@@ -27,9 +29,10 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointError, atomic_save, load_checkpoint, remove_stale_temporaries, resolve_device
-from .config import ExperimentConfig, ICRTError, config_to_dict, parse_args, resolve_config_path, save_config
+from .config import (ExperimentConfig, ICRTError, atomic_write_text, config_to_dict, parse_args, resolve_config_path,
+                         save_config)
 from .data.dataset import DistributedSubEpochSampler, SequenceDataset, preprocess_batch
-from .data.format import DatasetError, load_dataset_config
+from .data.format import DatasetError, dataset_keys, load_dataset_config
 from .models.policy import ICRT, load_action_stats
 from .models.llama import check_llama_dir
 from .models.vision import build_vision_encoder, is_local_checkpoint
@@ -37,9 +40,10 @@ from .models.vision import build_vision_encoder, is_local_checkpoint
 log = logging.getLogger("icrt.train")
 
 # %% auto #0
-__all__ = ['log', 'USER_ERRORS', 'TrainingError', 'preflight', 'Dist', 'setup_distributed', 'check_same_config', 'build_datasets',
-           'build_model', 'base_lr', 'lr_at', 'build_optimizer', 'train_one_epoch', 'evaluate', 'get_rng_state',
-           'set_rng_state', 'random_frozen_state', 'make_checkpoint', 'restore_checkpoint', 'train', 'main']
+__all__ = ['log', 'RUN_KEYS', 'USER_ERRORS', 'TrainingError', 'preflight', 'Dist', 'setup_distributed', 'check_same_config',
+           'build_datasets', 'build_model', 'base_lr', 'lr_at', 'build_optimizer', 'train_one_epoch', 'evaluate',
+           'get_rng_state', 'set_rng_state', 'random_frozen_state', 'make_checkpoint', 'restore_checkpoint', 'train',
+           'main']
 
 # %% ../nbs/12_train.ipynb #c009
 class TrainingError(ICRTError, RuntimeError):
@@ -376,6 +380,13 @@ def _load_resume(cfg:ExperimentConfig)->Optional[dict]:
     if ck["epoch"] + 1 >= epochs:
         raise TrainingError(f"--shared-cfg.resume: '{path}' ends at epoch {ck['epoch']}, so --trainer-cfg.epochs {epochs} leaves "
                             f"nothing to train (epochs count from 0); pass --trainer-cfg.epochs {ck['epoch'] + 2} or more")
+    newer = sorted(n for p in cfg.run_dir.glob("checkpoint-*.pth")
+                   if (n := p.stem.removeprefix("checkpoint-")).isdigit() and int(n) > ck["epoch"])
+    if newer:
+        raise TrainingError(f"--shared-cfg.resume: '{path}' ends at epoch {ck['epoch']} but the run folder '{cfg.run_dir}' holds "
+                            f"newer checkpoint(s) {', '.join(f'checkpoint-{n}.pth' for n in sorted(newer, key=int))} that "
+                            "resuming would overwrite (with run.yaml and log.txt); resume from the newest, or continue from "
+                            "this one into a new folder with another --logging-cfg.log-name")
     return ck
 
 # %% ../nbs/12_train.ipynb #c093
@@ -427,17 +438,24 @@ def _log_epoch(stats:dict, run_dir:Path, loggers:_Loggers):
     log.info(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in stats.items()))
 
 # %% ../nbs/12_train.ipynb #c103
+RUN_KEYS = "data_keys.json"  # a run's own camera / proprio / action key names, in its training order
+
 def _write_run_files(cfg:ExperimentConfig, run_dir:Path, train_ds, val_ds, stats:Optional[dict]):
-    "Make the run folder; write run.yaml, the split files and the action statistics; remove stale temporary files."
+    "Make the run folder; write run.yaml, its key names, splits and action statistics (atomically); remove stale temporaries."
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         stale = remove_stale_temporaries(run_dir)
         if stale: log.info(f"removed {len(stale)} temporary file(s) of checkpoint writes that never finished: {', '.join(stale)}")
         save_config(cfg, run_dir/"run.yaml")
+        atomic_write_text(run_dir/RUN_KEYS, json.dumps(dataset_keys(cfg.dataset_cfg.dataset_json), indent=1))
         for ds in (train_ds, val_ds):
             if ds is not None: ds.save_split(run_dir)
-        if stats is not None: (run_dir/"action_statistics.json").write_text(json.dumps(stats, indent=1))
+        if stats is not None: atomic_write_text(run_dir/"action_statistics.json", json.dumps(stats, indent=1))
     except OSError as e:
+        if e.errno == errno.ENOSPC:
+            raise TrainingError(f"no space left on device for the run folder '{run_dir}' "
+                                f"({shutil.disk_usage(run_dir).free / 2**20:.1f} MiB free); free disk space or choose "
+                                "another --logging-cfg.output-dir; files written before are kept") from None
         raise TrainingError(f"cannot write to the run folder '{run_dir}' ({e.strerror or e}); choose a writable "
                             "--logging-cfg.output-dir") from None
 

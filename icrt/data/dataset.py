@@ -19,7 +19,7 @@ import simplejpeg
 import torch
 from fastcore.basics import patch
 
-from ..config import ConfigError, DatasetConfig, SharedConfig
+from ..config import ConfigError, DatasetConfig, SharedConfig, atomic_write_text
 from ..geometry import absolute_to_delta, pose_vector
 from .format import (EPISODE_LENGTHS, DatasetError, DatasetSpec, load_dataset_config, read_encoded, read_frames,
                               read_lowdim)
@@ -520,13 +520,10 @@ def _goal_sample(self:SequenceDataset, start:int, rng)->dict:
 # %% ../../nbs/06_data.dataset.ipynb #c120
 @patch
 def save_split(self:SequenceDataset, out_dir:Union[str, Path])->tuple:
-    "Write train_split.json and val_split.json (episode name lists) into `out_dir`."
+    "Write train_split.json and val_split.json (episode name lists) into `out_dir`, each atomically."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for name in ("train", "val"):
-        p = out_dir/f"{name}_split.json"; tmp = p.with_name(p.name + ".tmp")
-        tmp.write_text(json.dumps(self.split_episodes[name], indent=1)); tmp.replace(p); paths.append(p)
-    return tuple(paths)
+    return tuple(atomic_write_text(out_dir/f"{name}_split.json", json.dumps(self.split_episodes[name], indent=1))
+                 for name in ("train", "val"))
 
 # %% ../../nbs/06_data.dataset.ipynb #c123
 @patch
