@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import logging
@@ -13,11 +14,13 @@ import pickle
 import re
 import shutil
 import sys
+import tempfile
 import warnings
 import zipfile
 from pathlib import Path
 from typing import Optional, Union
 
+import timm
 import torch
 import torch.nn.functional as F
 import yaml
@@ -26,15 +29,16 @@ from .checkpoint import atomic_save
 from .config import REPO_CONFIGS, ICRTError, ExperimentConfig, config_from_dict, config_to_dict, save_config
 from .models.llama import apply_rope, rope_angles
 from .models.policy import ICRT, load_action_stats
-from .models.vision import read_vision_checkpoint
+from .models.vision import DEFAULT_ARCH, infer_vit_kwargs, read_vision_checkpoint
 from .train import random_frozen_state
 
 # %% auto #0
-__all__ = ['PUBLISHED_MODULE', 'PUBLISHED_CLASSES', 'CLASS_KEY', 'GROUPS', 'PUBLISHED_ONLY', 'PublishedError',
-           'read_published_yaml', 'published_config', 'read_published_checkpoint', 'published_shapes',
-           'check_published_shapes', 'project_key', 'map_published_state', 'bundled_copy', 'localise', 'project_model',
-           'write_run', 'import_published', 'import_published_cli', 'published_tokens', 'published_transformer',
-           'published_reference', 'imported_outputs']
+__all__ = ['PUBLISHED_MODULE', 'PUBLISHED_CLASSES', 'CLASS_KEY', 'GROUPS', 'PUBLISHED_ONLY', 'MODEL_FIELDS', 'PATH_FIELDS',
+           'FLAG_FIELDS', 'VISION_PREFIX', 'PublishedError', 'read_published_yaml', 'complete_published',
+           'published_config', 'read_published_checkpoint', 'published_shapes', 'check_published_shapes', 'project_key',
+           'map_published_state', 'bundled_copy', 'localise', 'project_model', 'write_run', 'published_vision_training',
+           'merge_published_encoder', 'published_encoder', 'import_published', 'import_published_cli',
+           'published_tokens', 'published_transformer', 'published_reference', 'imported_outputs']
 
 # %% ../nbs/22_published.ipynb #c005
 class PublishedError(ICRTError, ValueError):
@@ -96,7 +100,7 @@ def _strip(d:dict, cls:str, where:str)->dict:
 
 # %% ../nbs/22_published.ipynb #c020
 def _refusals(p:dict)->list:  # [(field, value, why)] of values this project cannot reproduce
-    pc, vc, sc = p["model_cfg"]["policy_cfg"], p["model_cfg"]["vision_encoder_cfg"], p["shared_cfg"]
+    pc, sc = p["model_cfg"]["policy_cfg"], p["shared_cfg"]
     multi = pc.get("multikv_attn_pool", False)
     checks = [
         ("model_cfg.policy_cfg.pred_action_only", not pc.get("pred_action_only", True),
@@ -104,7 +108,6 @@ def _refusals(p:dict)->list:  # [(field, value, why)] of values this project can
         ("model_cfg.policy_cfg.decoder_pred_head", pc.get("decoder_pred_head", "mlp") != "mlp",
          "only the MLP head has been compared with the published code"),
         ("shared_cfg.rot_6d", not sc.get("rot_6d", True), "the published model then uses 8-wide quaternion actions"),
-        ("model_cfg.vision_encoder_cfg.vision_lora", vc.get("vision_lora", False), "the published encoder's loralib layers have no counterpart here"),
         ("model_cfg.policy_cfg.remove_proprio", multi and pc.get("remove_proprio", False), "the published multi-KV pooling has no path without proprio"),
     ]
     return [(f, _dig(p, f), why) for f, bad, why in checks if bad]
@@ -113,21 +116,94 @@ def _dig(d:dict, path:str):
     for k in path.split("."): d = d.get(k, {}) if isinstance(d, dict) else None
     return d
 
+# %% ../nbs/22_published.ipynb #m002
+MODEL_FIELDS = {  # group -> its fields that change the imported model: never defaulted when a run.yaml lacks them
+    "model_cfg.policy_cfg": ("multikv_attn_pool", "adapter_num_heads", "adapter_mlp_ratio", "camera_pos_emb", "modality_pos_emb",
+                             "separate_camera_adapter", "lora_rank", "phase", "pred_action_only", "remove_proprio",
+                             "decoder_pred_head", "load_llama", "scratch_llama_config"),
+    "model_cfg.vision_encoder_cfg": ("vision_encoder", "vision_nonpretrained", "vision_unfreeze_all", "vision_lora",
+                                     "vision_lora_rank", "vision_unfreeze_last_n"),
+    "shared_cfg": ("rot_6d", "seq_length", "num_cameras", "num_pred_steps", "use_delta_action", "scale_action"),
+}
+PATH_FIELDS = ("model_cfg.policy_cfg.scratch_llama_config", "model_cfg.vision_encoder_cfg.vision_encoder", "shared_cfg.scale_action")
+FLAG_FIELDS = {"--vision-encoder": ("model_cfg.vision_encoder_cfg.vision_encoder", "model_cfg.vision_encoder_cfg.vision_nonpretrained"),
+               "--scale-action": ("shared_cfg.scale_action",)}  # a flag given: these fields need not be in either file
+
+# %% ../nbs/22_published.ipynb #m003
+def _has(d:dict, path:str)->bool:
+    for k in path.split("."):
+        if not isinstance(d, dict) or k not in d: return False
+        d = d[k]
+    return True
+
+def _model_fields(): return [f"{g}.{f}" for g, fs in MODEL_FIELDS.items() for f in fs]
+
+def _fill(y:dict, a:dict, path:str, notes:list):
+    "Copy into `y` what the checkpoint's args `a` hold and `y` lacks (a field or a whole group); model fields and groups noted."
+    for k, v in a.items():
+        name = f"{path}.{k}" if path else k
+        if k == CLASS_KEY or k in PUBLISHED_ONLY: continue
+        if k not in y:
+            y[k] = copy.deepcopy(v)
+            if k in GROUPS: notes.append(f"{name}: not in the run.yaml; the whole group taken from the checkpoint's args")
+            elif name in _model_fields(): notes.append(f"{name}: not in the run.yaml; {v!r} taken from the checkpoint's args")
+        elif k in GROUPS and isinstance(y[k], dict) and isinstance(v, dict): _fill(y[k], v, name, notes)
+
+# %% ../nbs/22_published.ipynb #m004
+def _disagree(y:dict, a:dict, where:str):
+    "Refuse a model field the run.yaml and the checkpoint's args both hold with different values (paths: set vs unset)."
+    for f in _model_fields():
+        if not (_has(y, f) and _has(a, f)): continue
+        yv, av = _dig(y, f), _dig(a, f)
+        if ((yv is None) != (av is None)) if f in PATH_FIELDS else yv != av:
+            raise PublishedError(f"{where}: {f}: the run.yaml says {yv!r}, the checkpoint's args {av!r}; is the checkpoint from this run.yaml?")
+
+def complete_published(
+    y:dict,                  # read_published_yaml output
+    args:Optional[dict],     # the checkpoint's pickled config (read_published_checkpoint's "args"), or None
+    where:str="run.yaml",    # the run.yaml, for messages
+    given:tuple=(),          # flags given, of FLAG_FIELDS: the fields they set need not be in either file
+)->tuple:                    # (the completed config, notes)
+    "`y` with what it lacks taken from the checkpoint's `args`; a model field in neither, or on which they disagree, is refused."
+    y, notes = copy.deepcopy(y), []
+    a = args if isinstance(args, dict) and args.get(CLASS_KEY) == "ExperimentConfig" else None
+    if a is not None: _disagree(y, a, where); _fill(y, a, "", notes)
+    exempt = {f for g in given for f in FLAG_FIELDS.get(g, ())}
+    for f in _model_fields():
+        if f in exempt or _has(y, f): continue
+        part = next(".".join(f.split(".")[:i]) for i in range(1, f.count(".") + 2) if not _has(y, ".".join(f.split(".")[:i])))
+        src = "from the run.yaml and from the checkpoint's args" if a is not None else "from the run.yaml, and the checkpoint has no pickled args to take it from"
+        flag = next((g for g, fs in FLAG_FIELDS.items() if f in fs and f.endswith(("scale_action", "vision_encoder"))), None)
+        hint = (" (null for a run without action scaling)" if f.endswith("scale_action") else "") + (f", or give it with {flag}" if flag and part == f else "")
+        raise PublishedError(f"{where}: {part} is missing {src}: add it to the run.yaml{hint}; a default could build another model than the one trained")
+    return y, notes
+
 # %% ../nbs/22_published.ipynb #c022
+def _one_vision_mode(vc:dict, notes:list):
+    "Keep the one way of training the encoder that the published code uses (unfreeze all > last n blocks > LoRA)."
+    keep = "vision_unfreeze_all" if vc.get("vision_unfreeze_all") else "vision_unfreeze_last_n" if (vc.get("vision_unfreeze_last_n") or 0) > 0 else None
+    for k, off in (("vision_unfreeze_last_n", 0), ("vision_lora", False)):
+        if keep and k != keep and vc.get(k):
+            notes.append(f"model_cfg.vision_encoder_cfg.{k}: {vc[k]!r} is not used by the published code beside {keep}; cleared"); vc[k] = off
+
 def published_config(
     d:dict,                 # read_published_yaml output (or the checkpoint's `args`)
     where:str="run.yaml",   # the file it came from, for messages
+    args:Optional[dict]=None,  # the checkpoint's `args`: what `d` lacks is taken from there (`complete_published`)
+    given:tuple=(),         # the flags given (see `complete_published`)
 )->tuple:                   # (ExperimentConfig, notes: list of one-line strings)
     "This project's `ExperimentConfig` of a published config; refuses values it cannot reproduce."
+    d, notes = complete_published(d, args, where, given)
     p = _strip(d, "ExperimentConfig", where)
     bad = _refusals(p)
     if bad: raise PublishedError(f"{where}: {bad[0][0]}: {bad[0][1]!r} cannot be reproduced ({bad[0][2]})")
-    notes = [f"{k}: {p.pop(k)!r} (published only, torch.distributed bookkeeping) ignored" for k in PUBLISHED_ONLY if k in p]
+    notes += [f"{k}: {p.pop(k)!r} (published only, torch.distributed bookkeeping) ignored" for k in PUBLISHED_ONLY if k in p]
     pc = p["model_cfg"]["policy_cfg"]
     pc["published_layout"] = True  # the published modules (10_models.policy)
     if pc.get("lora_layer_idxs") is not None:
         notes.append(f"model_cfg.policy_cfg.lora_layer_idxs: {pc['lora_layer_idxs']} is ignored by the published model "
                      "(LoRA on every layer); cleared"); pc["lora_layer_idxs"] = None
+    _one_vision_mode(p["model_cfg"]["vision_encoder_cfg"], notes)
     if p.get("device", "auto") not in ("auto", "cpu"): notes.append(f"device: {p['device']!r} -> 'auto'"); p["device"] = "auto"
     try: cfg = config_from_dict(p)
     except ICRTError as e: raise PublishedError(f"{where}: {e} (not a config of the published ICRT?)") from None
@@ -315,19 +391,31 @@ def _need(path:Optional[str], flag:str, what:str, field:str)->str:
     if path and Path(path).expanduser().exists(): return str(Path(path).expanduser())
     raise PublishedError(f"{field} '{path}' does not exist here: give {what} with {flag}")
 
-def _localise_vision(vc, vision_encoder:Optional[str])->dict:
+def _config_encoder_file(vc)->Optional[str]:
+    "The config's vision encoder when it names a file of this machine (which the published code loads, vision_nonpretrained or not)."
+    name = vc.vision_encoder
+    if not Path(name).expanduser().is_file(): return None
+    if "dust3r" in name.lower():
+        raise PublishedError(f"model_cfg.vision_encoder_cfg.vision_encoder '{name}': of a DUSt3R file the published code uses only "
+                             "patch_embed.proj.weight (the rest of its ViT-L was random and is in no file): give the encoder with --vision-encoder")
+    return str(Path(name).expanduser())
+
+def _localise_vision(vc, vision_encoder:Optional[str], notes:Optional[list]=None)->dict:
     "The vision encoder file: the flag's, else the config's when it exists here."
     if vision_encoder is not None:
         return {"vision_encoder": _need(vision_encoder, "--vision-encoder", "the vision encoder file", "--vision-encoder"), "vision_nonpretrained": False}
-    name = vc.vision_encoder
+    name, f = vc.vision_encoder, _config_encoder_file(vc)
+    if f is not None:
+        if vc.vision_nonpretrained and notes is not None:
+            notes.append(f"model_cfg.vision_encoder_cfg.vision_encoder '{name}' is a file here: loaded, as the published code loads "
+                         "a named CrossMAE file whatever vision_nonpretrained says")
+        return {"vision_encoder": f, "vision_nonpretrained": False}
     if vc.vision_nonpretrained:
         raise PublishedError(f"model_cfg.vision_encoder_cfg.vision_encoder '{name}' was randomly initialised and is not in the "
                              "checkpoint: give the vision encoder file with --vision-encoder")
-    if not Path(name).expanduser().is_file():
-        raise PublishedError(f"model_cfg.vision_encoder_cfg.vision_encoder '{name}' is not a file here (a timm name builds an encoder "
-                             "with its final norm, which the published policy removes): give the vision encoder file (e.g. the "
-                             "released cross-mae-rtx-vitb.pth) with --vision-encoder")
-    return {"vision_encoder": str(Path(name).expanduser()), "vision_nonpretrained": False}
+    raise PublishedError(f"model_cfg.vision_encoder_cfg.vision_encoder '{name}' is not a file here (a timm name builds an encoder "
+                         "with its final norm, which the published policy removes): give the vision encoder file (e.g. the "
+                         "released cross-mae-rtx-vitb.pth) with --vision-encoder")
 
 # %% ../nbs/22_published.ipynb #c049
 def bundled_copy(path:str)->Optional[Path]:  # the bundled file, or None
@@ -357,7 +445,7 @@ def localise(
     "Point the config's files at this machine (flags first, then bundled copies of published configs), or say which flag is needed."
     R = dataclasses.replace
     mc, pc, sc = cfg.model_cfg, cfg.model_cfg.policy_cfg, cfg.shared_cfg
-    vc = R(mc.vision_encoder_cfg, **_localise_vision(mc.vision_encoder_cfg, vision_encoder))
+    vc = R(mc.vision_encoder_cfg, **_localise_vision(mc.vision_encoder_cfg, vision_encoder, notes))
     if pc.scratch_llama_config and pc.phase == "pretrain":
         j = scratch_llama_config or pc.scratch_llama_config
         pc = R(pc, scratch_llama_config=_need_or_bundled(j, scratch_llama_config is None, "--scratch-llama-config", "the transformer params JSON",
@@ -417,6 +505,96 @@ def write_run(model:ICRT, cfg:ExperimentConfig, epoch:int, out:Path, notes:list,
         if tmp.exists(): shutil.rmtree(tmp)
     return out
 
+# %% ../nbs/22_published.ipynb #v002
+VISION_PREFIX = "vision_encoder.model."  # the published checkpoint's name of its timm encoder
+
+def published_vision_training(vc)->Optional[str]:  # vc: this project's VisionEncoderConfig
+    "How the published encoder trained: 'all', 'last_n' or 'lora' (the published order of precedence), or None (frozen)."
+    if vc.vision_unfreeze_all: return "all"
+    if vc.vision_unfreeze_last_n > 0: return "last_n"
+    return "lora" if vc.vision_lora else None
+
+def merge_published_encoder(
+    trained:dict,  # the checkpoint's encoder tensors, timm names (loralib factors as `<layer>.lora_A` / `<layer>.lora_B`)
+    base:dict,     # the encoder the run started from, timm names ({} when every tensor trained)
+    where:str,     # for messages
+)->dict:           # the encoder the run ended with
+    "`base` overwritten by the trained tensors, each loralib pair merged into its layer as `W + B A / r`."
+    full = {**base, **{k: v for k, v in trained.items() if not k.endswith((".lora_A", ".lora_B"))}}
+    for m in sorted({k.rsplit(".", 1)[0] for k in trained if k.endswith((".lora_A", ".lora_B"))}):
+        A, B, W = trained.get(f"{m}.lora_A"), trained.get(f"{m}.lora_B"), full.get(f"{m}.weight")
+        if A is None or B is None or W is None or B.shape[1] != A.shape[0] or tuple(W.shape) != (B.shape[0], A.shape[1]):
+            raise PublishedError(f"{where}: the checkpoint's LoRA factors '{VISION_PREFIX}{m}.lora_A/lora_B' do not fit the vision "
+                                 f"encoder's '{m}.weight'; same run?")
+        full[f"{m}.weight"] = W + (B @ A) / A.shape[0]  # loralib: scale lora_alpha / r, its default lora_alpha = 1
+    return full
+
+# %% ../nbs/22_published.ipynb #v005
+def _how(vc, mode:str)->str:
+    return {"all": "vision_unfreeze_all", "last_n": f"vision_unfreeze_last_n {vc.vision_unfreeze_last_n}",
+            "lora": f"vision_lora, rank {vc.vision_lora_rank}"}[mode]
+
+def _encoder_base(vc, vision_encoder:Optional[str], mode:str, n:int, where:str)->tuple:  # (timm-named tensors, their file)
+    "What a partly trained encoder started from: --vision-encoder, else the config's file when it is here (all: only the flag)."
+    src = vision_encoder if vision_encoder is not None or mode == "all" else _config_encoder_file(vc)
+    if src is not None:
+        src = _need(src, "--vision-encoder", "the vision encoder file", "--vision-encoder")
+        return {k: v for k, v in _timm_names(read_vision_checkpoint(src)["model"]).items() if not k.startswith("norm.")}, src
+    if mode == "all": return {}, None
+    why = "was randomly initialised (vision_nonpretrained) and is in no file" if vc.vision_nonpretrained else "is not a file here"
+    raise PublishedError(f"{where}: the published run trained part of its vision encoder only ({_how(vc, mode)}: {n} tensors in the "
+                         f"checkpoint); the rest, of '{vc.vision_encoder}', {why}: give the encoder file the run started from with --vision-encoder")
+
+def _check_encoder(full:dict, trained:dict, src:Optional[str], where:str):
+    "Refuse encoder tensors that do not make a whole timm ViT, naming the first misfit."
+    kw = infer_vit_kwargs(full)
+    if kw is None: raise PublishedError(f"{where}: the vision encoder's tensors are not a timm ViT's (no patch_embed / blocks.0 tensors); "
+                                        "only a ViT that trained with the policy can be imported")
+    want = {k: tuple(v.shape) for k, v in timm.create_model(DEFAULT_ARCH, pretrained=False, **kw).state_dict().items()}
+    bad = [k for k, v in trained.items() if not k.endswith((".lora_A", ".lora_B")) and want.get(k) != tuple(v.shape)]
+    if bad: raise PublishedError(f"{where}: the checkpoint's '{VISION_PREFIX}{bad[0]}' has no place of its shape in the vision encoder; same run?")
+    missing = [k for k in want if k not in full]
+    if missing: raise PublishedError(f"{where}: the vision encoder's '{missing[0]}' (+{len(missing) - 1} more) is neither in the checkpoint "
+                                     f"nor in {repr(src) if src else 'any file'}: give the encoder file the run started from with --vision-encoder")
+    wrong = [k for k in want if tuple(full[k].shape) != want[k]]
+    if wrong: raise PublishedError(f"{where}: '{wrong[0]}' of {src!r} has shape {tuple(full[wrong[0]].shape)}, the trained encoder's {want[wrong[0]]}; same run?")
+
+# %% ../nbs/22_published.ipynb #v006
+def _encoder_note(vc, mode:str, trained:dict, src:Optional[str])->str:
+    if mode == "all": return f"vision encoder: trained with the policy (vision_unfreeze_all); its {len(trained)} tensors come from the checkpoint"
+    if mode == "last_n":
+        blocks = sorted({int(k.split(".")[1]) for k in trained if k.startswith("blocks.")})
+        return (f"vision encoder: blocks {blocks} trained ({_how(vc, mode)}: the published loop unfreezes blocks[-i] for i < n) and come "
+                f"from the checkpoint, the rest from '{src}'; training here would go on with the last {vc.vision_unfreeze_last_n} block(s)")
+    n = sum(k.endswith(".lora_A") for k in trained)
+    return (f"vision encoder: its loralib factors ({n} layers) merged into the weights and its trained biases taken, over '{src}'; "
+            f"training here would go on with this project's LoRA (rank {vc.vision_lora_rank}, qkv and proj) from the merged weights")
+
+def published_encoder(
+    sd:dict,                        # the published checkpoint's tensors
+    vc,                             # the run's VisionEncoderConfig (published_config output)
+    vision_encoder:Optional[str],   # --vision-encoder
+    tmp:Path,                       # a folder for the rebuilt encoder file
+    where:str, notes:list,
+)->Optional[str]:                   # the rebuilt encoder's file; None when the encoder is frozen (`localise` finds it)
+    "The encoder a published run ended with, as a file, when it trained with the policy; one line when it cannot be rebuilt."
+    trained = {k[len(VISION_PREFIX):]: v for k, v in sd.items() if k.startswith(VISION_PREFIX)}
+    stray = [k for k in sd if k.startswith("vision_encoder.") and not k.startswith(VISION_PREFIX)]
+    if stray: raise PublishedError(f"{where}: the checkpoint's '{stray[0]}' has no place in this project's ICRT; same run?")
+    mode = published_vision_training(vc)
+    if mode is None and trained:
+        raise PublishedError(f"{where}: the checkpoint holds '{VISION_PREFIX}{next(iter(trained))}' (+{len(trained) - 1} more), a trained "
+                             "vision encoder, but the run.yaml's encoder is frozen; same run?")
+    if mode is None: return None
+    if not trained: raise PublishedError(f"{where}: the run.yaml's vision encoder trained ({_how(vc, mode)}), but the checkpoint holds no "
+                                         "vision_encoder.* tensor; same run?")
+    base, src = _encoder_base(vc, vision_encoder, mode, len(trained), where)
+    full = merge_published_encoder(trained, base, where)
+    _check_encoder(full, trained, src, where)
+    torch.save({"model": full}, Path(tmp) / "vision_encoder.pth")
+    notes.append(_encoder_note(vc, mode, trained, src))
+    return str(Path(tmp) / "vision_encoder.pth")
+
 # %% ../nbs/22_published.ipynb #c066
 def _check_out(out:Path):
     "Refuse an --out that already holds a run or anything else."
@@ -448,7 +626,7 @@ def _map_strict(model:ICRT, sd:dict, where:str)->dict:
         where_to = f"'{a}' has another shape" if a else "no rule names it"
         raise PublishedError(f"{where}: the published tensor '{k}'{more} has no place in this project's ICRT ({where_to}); "
                              "is the checkpoint from this run.yaml?")
-    missing = [k for k in model.trainable_state_dict() if not k.startswith("action_") and k not in mapped]
+    missing = [k for k in model.trainable_state_dict() if not k.startswith(("action_", "vision.")) and k not in mapped]  # the encoder: whole from its file
     if missing: raise PublishedError(f"{where}: this project's ICRT needs '{missing[0]}' (+{len(missing) - 1} more), which the published checkpoint does not hold")
     return mapped
 
@@ -460,19 +638,24 @@ def import_published(
 )->Path:                                      # the run folder written
     "Turn a published ICRT run into a run folder of this project."
     out = Path(out).expanduser().resolve(); _check_out(out)
-    y = read_published_yaml(run_yaml)
-    cfg_in, notes = published_config(y, f"--run-yaml '{run_yaml}'")
-    ck = read_published_checkpoint(checkpoint)
-    cfg = localise(cfg_in, out, vision_encoder, llama_dir, scratch_llama_config, scale_action, notes)
-    sd, where = ck["model"], f"--checkpoint '{checkpoint}' with --run-yaml '{run_yaml}'"
-    D = sd["icrt_vision_norm.weight"].shape[0] if "icrt_vision_norm.weight" in sd else 0
-    check_published_shapes(sd, published_shapes(_strip(y, "ExperimentConfig", "run.yaml"), D, _transformer_params(cfg)), where)
-    base = _base_weights(sd, cfg_in, pretrained_path, notes)
-    model = project_model(cfg)
-    mapped = _map_strict(model, {**base, **sd}, where)
-    model.load_state_dict(mapped, strict=False)
-    frozen = tuple(_own_name(project_key(k), mapped) for k in base)
-    return write_run(model, cfg, int(ck["epoch"] or 0), out, notes, frozen)
+    wy = f"--run-yaml '{run_yaml}'"
+    y, ck = read_published_yaml(run_yaml), read_published_checkpoint(checkpoint)
+    given = tuple(f for f, v in (("--vision-encoder", vision_encoder), ("--scale-action", scale_action)) if v is not None)
+    y, notes = complete_published(y, ck["args"], wy, given)
+    cfg_in, more = published_config(y, wy, given=given); notes += more
+    sd, where = ck["model"], f"--checkpoint '{checkpoint}' with {wy}"
+    with tempfile.TemporaryDirectory(prefix="icrt-import-") as tmp:
+        enc = published_encoder(sd, cfg_in.model_cfg.vision_encoder_cfg, vision_encoder, Path(tmp), where, notes)
+        cfg = localise(cfg_in, out, enc or vision_encoder, llama_dir, scratch_llama_config, scale_action, notes)
+        sd = {k: v for k, v in sd.items() if not k.startswith("vision_encoder.")}  # in the encoder file now
+        D = sd["icrt_vision_norm.weight"].shape[0] if "icrt_vision_norm.weight" in sd else 0
+        check_published_shapes(sd, published_shapes(_strip(y, "ExperimentConfig", "run.yaml"), D, _transformer_params(cfg)), where)
+        base = _base_weights(sd, cfg_in, pretrained_path, notes)
+        model = project_model(cfg)
+        mapped = _map_strict(model, {**base, **sd}, where)
+        model.load_state_dict(mapped, strict=False)
+        frozen = tuple(_own_name(project_key(k), mapped) for k in base)
+        return write_run(model, cfg, int(ck["epoch"] or 0), out, notes, frozen)
 
 # %% ../nbs/22_published.ipynb #c071
 def import_published_cli(argv:Optional[list]=None)->int:

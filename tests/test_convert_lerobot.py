@@ -227,3 +227,76 @@ def test_bench_convert_cli(tmp_path):
     res = json.loads(r.stdout)
     assert res["runs"][0]["frames"] == 180 and res["runs"][0]["frames_per_s"] > 0 and res["machine"]["cores"] >= 1
     assert (tmp_path / "bench_convert.json").is_file()
+
+
+# --- incomplete or damaged metadata and files (issue 28), a missing optional package (issue 27) ----------------------
+import json
+
+
+@pytest.mark.parametrize("version", ["v3.0", "v2.1"])
+def test_episode_metadata_missing_episodes_refused(tmp_path, version):
+    """info.json says 6 episodes but the episode metadata lists 4 (v3: one meta/episodes parquet file gone; v2.1: two
+    episodes.jsonl lines gone): refused in one line naming both counts and the missing episode indices, before any
+    output. Before: 4 of 6 converted with rc 0, and the result passed icrt_check."""
+    ex = write_lerobot_example(tmp_path / "le", version, episodes=6, steps=30, cameras=(), image_cameras=("observation.images.side",),
+                               episodes_per_file=2, keep_frames=False)
+    meta = Path(ex["path"]) / "meta"
+    if version == "v3.0": (meta / "episodes" / "chunk-000" / "file-001.parquet").unlink()
+    else:
+        lines = (meta / "episodes.jsonl").read_text().splitlines(keepends=True)
+        (meta / "episodes.jsonl").write_text("".join(lines[:2] + lines[4:]))
+    with pytest.raises(DatasetError) as e: convert(ex["path"], tmp_path / "out", progress=False)
+    one_line_error(e, "4 episodes", "info.json", "total_episodes 6", "missing episode_index 2, 3")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.mark.parametrize("edit,needle", [({"features": "x"}, "'features' is a str"), ({"fps": "ten"}, "fps 'ten'"),
+                                         ({"fps": 0}, "fps 0"), ({"features": {"action": 3}}, "features['action'] is a int"),
+                                         ({"features": {"action": {"dtype": "float32", "shape": "7"}}}, "features['action']: shape '7'"),
+                                         ({"total_episodes": "six"}, "total_episodes 'six'")])
+def test_damaged_info_json_is_one_line(tmp_path, edit, needle):
+    "A damaged meta/info.json value: one line naming the file and the value, before any output (before: AttributeError, ValueError)."
+    ex = write_lerobot_example(tmp_path / "le", "v2.1", episodes=2, steps=10, cameras=(), image_cameras=("observation.images.side",),
+                               keep_frames=False)
+    p = Path(ex["path"]) / "meta" / "info.json"
+    p.write_text(json.dumps({**json.loads(p.read_text()), **edit}))
+    with pytest.raises(DatasetError) as e: convert(ex["path"], tmp_path / "out", progress=False)
+    one_line_error(e, str(p), needle)
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_data_parquet_then_resume(tmp_path):
+    """A truncated data parquet (the second of two): icrt_convert stops with one line naming the file and saying how
+    to go on (restore it, then --resume); once restored, --resume keeps the shard already converted and finishes.
+    Before: an ArrowInvalid traceback, leaving OUT.partial with no hint."""
+    ex = write_lerobot_example(tmp_path / "le", "v3.0", episodes=4, steps=30, cameras=("observation.images.front",),
+                               episodes_per_file=2, keep_frames=False)
+    f = Path(ex["path"]) / "data" / "chunk-000" / "file-001.parquet"
+    good = f.read_bytes(); f.write_bytes(good[: len(good) // 2])
+    out = tmp_path / "out"
+    r = run_cli("icrt.data.convert", "convert_cli", ex["path"], out, "--workers", "1", "--shard-episodes", "2")
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert str(f) in r.stderr and "--resume" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not out.exists() and (tmp_path / "out.partial").is_dir()
+    f.write_bytes(good)
+    r = run_cli("icrt.data.convert", "convert_cli", ex["path"], out, "--workers", "1", "--shard-episodes", "2", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "episodes: 4 in, 4 written" in r.stdout and "resumed: 1 of 2 shard(s)" in r.stdout, r.stdout
+
+
+@pytest.mark.parametrize("package", ["av", "pyarrow"])
+def test_missing_optional_package_is_one_line(tmp_path, monkeypatch, capsys, package):
+    """Without PyAV (or pyarrow), `icrt_convert --from lerobot` says in one line which install brings them (the
+    `convert` extra of setup.py); detecting another format still works. Before: a ModuleNotFoundError traceback."""
+    from icrt.data.convert import convert_cli, write_robomimic_example
+    monkeypatch.setitem(sys.modules, package, None)   # `import av` now fails as if it were not installed
+    monkeypatch.delitem(sys.modules, "icrt.data.lerobot")
+    (tmp_path / "le" / "meta").mkdir(parents=True)
+    (tmp_path / "le" / "meta" / "info.json").write_text('{"codebase_version": "v3.0", "fps": 10, "features": {}}')
+    with pytest.raises(SystemExit) as e: convert_cli([str(tmp_path / "le"), str(tmp_path / "out"), "--from", "lerobot"])
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith("icrt_convert: error:") and "pip install 'icrt[convert]'" in err and package in err, err
+    write_robomimic_example(tmp_path / "lift.hdf5", demos=2, steps=30)
+    convert_cli([str(tmp_path / "lift.hdf5"), "--list-keys"])
+    assert "robomimic, 2 episode(s)" in capsys.readouterr().out

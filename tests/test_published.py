@@ -98,9 +98,11 @@ def test_cli_out_holding_a_run_refused(tmp_path):
 
 
 def test_wrong_run_yaml_names_first_key(tmp_path):
-    "A finetune checkpoint given with the pretrain run.yaml: the first key the pretrain model lacks is named."
+    """A finetune checkpoint without its pickled args given with the pretrain run.yaml: the first key the pretrain model
+    lacks is named. (With its args the disagreeing config field is named first: test_yaml_and_args_disagree_refused.)"""
+    torch.save({"model": read_published_checkpoint(FIX / "finetune" / "checkpoint-3.pth")["model"], "epoch": 3}, tmp_path / "c.pth")
     with pytest.raises(PublishedError, match=r"key 'llama\.layers\.0\.attention\.wq\.bias' does not exist .*same run\?") as e:
-        import_published(FIX / "pretrain" / "run.yaml", FIX / "finetune" / "checkpoint-3.pth", tmp_path / "out",
+        import_published(FIX / "pretrain" / "run.yaml", tmp_path / "c.pth", tmp_path / "out",
                          **{k[2:].replace("-", "_"): v for k, v in zip(FILES[::2], FILES[1::2])})
     _one_line(e)
     assert not (tmp_path / "out").exists()
@@ -274,3 +276,185 @@ def test_pretrain_on_a_llama_folder_keeps_it_frozen(tmp_path):
     base = load_meta_state_dict(FIX / "llama")
     for k, v in base.items(): assert torch.equal(model.transformer.state_dict()[k], v), k
 
+
+
+# --- a run.yaml with a field missing (issue 28) ----------------------------------------------------------------------
+def _yaml_without(phase:str, field:str, dest:Path)->Path:
+    """The fixture's run.yaml of `phase` without `field` (a field name, or a top-level group such as `shared_cfg`,
+    dropped with its whole block)."""
+    lines, out, skip = (FIX / phase / "run.yaml").read_text().splitlines(keepends=True), [], False
+    for l in lines:
+        if skip and l.startswith(" "): continue
+        skip = l.startswith(field + ":")
+        if skip or l.strip().startswith(field + ":"): continue
+        out.append(l)
+    assert len(out) < len(lines), field
+    dest.write_text("".join(out))
+    return dest
+
+
+def _flags(**kw): return {**{k[2:].replace("-", "_"): v for k, v in zip(FILES[::2], FILES[1::2])}, **kw}
+
+
+@pytest.mark.parametrize("phase,field", [("pretrain", "adapter_num_heads"), ("pretrain", "camera_pos_emb"),
+                                         ("finetune", "modality_pos_emb"), ("finetune", "lora_rank"),
+                                         ("pretrain", "num_pred_steps"), ("finetune", "phase"),
+                                         ("pretrain", "shared_cfg"), ("finetune", "shared_cfg")])
+def test_missing_yaml_field_taken_from_checkpoint_args(tmp_path, phase, field, one_thread):
+    """A run.yaml without a field that changes the model: the import takes it from the checkpoint's pickled `args`
+    (and says so in imported.txt); the imported run gives the published numbers. Before: a KeyError traceback, or
+    (adapter_num_heads) a silent default of 8 heads and outputs off by up to 1.14."""
+    from icrt.inference import ICRTPolicy
+    from icrt.published import imported_outputs
+    y = _yaml_without(phase, field, tmp_path / "run.yaml")
+    run = import_published(y, FIX / phase / "checkpoint-3.pth", tmp_path / "out", **_flags())
+    io = torch.load(FIX / phase / "io.pt", weights_only=True)
+    got = imported_outputs(ICRTPolicy.from_run(run).model, io)
+    for k in ("teacher_forced_net", "teacher_forced", "cached"):
+        torch.testing.assert_close(got[k], io[k], atol=1e-4, rtol=0, msg=lambda m: f"{field} {k}: {m}")
+    notes = (run / "imported.txt").read_text()
+    assert field in notes and "checkpoint's args" in notes, notes
+
+
+def test_missing_scale_action_from_args_is_used(tmp_path):
+    """scale_action missing from the run.yaml and no --scale-action: the checkpoint's args name the statistics file,
+    which is then asked for by its flag. Before: the import succeeded with scaling silently off (outputs off by 0.87)."""
+    y = _yaml_without("pretrain", "scale_action", tmp_path / "run.yaml")
+    kw = {k: v for k, v in _flags().items() if k != "scale_action"}
+    with pytest.raises(PublishedError, match=r"shared_cfg\.scale_action '/tmp/fixture/action_statistics\.json' does not exist here: "
+                                             r"give the action statistics JSON with --scale-action") as e:
+        import_published(y, FIX / "pretrain" / "checkpoint-3.pth", tmp_path / "out", **kw)
+    _one_line(e)
+
+
+@pytest.mark.parametrize("field", ["adapter_num_heads", "camera_pos_emb", "shared_cfg", "scale_action"])
+def test_missing_yaml_field_without_args_refused(tmp_path, field):
+    """The same without pickled `args` in the checkpoint: refused in one line naming the field; nothing written (a
+    missing scale_action could also come from --scale-action)."""
+    ck = read_published_checkpoint(FIX / "pretrain" / "checkpoint-3.pth")
+    torch.save({"model": ck["model"], "epoch": 3}, tmp_path / "checkpoint-3.pth")
+    y = _yaml_without("pretrain", field, tmp_path / "run.yaml")
+    kw = {k: v for k, v in _flags().items() if k != field}   # --scale-action would give the statistics file
+    with pytest.raises(PublishedError, match=rf"{field}.* missing .*no pickled args") as e:
+        import_published(y, tmp_path / "checkpoint-3.pth", tmp_path / "out", **kw)
+    _one_line(e)
+    assert str(y) in str(e.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_yaml_and_args_disagree_refused(tmp_path):
+    "A run.yaml whose adapter_num_heads is not the checkpoint's args' (8 vs 4): the shapes agree, so only this catches it."
+    (tmp_path / "run.yaml").write_text((FIX / "pretrain" / "run.yaml").read_text().replace("adapter_num_heads: 4", "adapter_num_heads: 8"))
+    with pytest.raises(PublishedError, match=r"model_cfg\.policy_cfg\.adapter_num_heads: the run\.yaml says 8, the checkpoint's args 4") as e:
+        import_published(tmp_path / "run.yaml", FIX / "pretrain" / "checkpoint-3.pth", tmp_path / "out", **_flags())
+    _one_line(e)
+    assert not (tmp_path / "out").exists()
+
+
+# --- a run whose vision encoder trained with the policy (issue 27) ---------------------------------------------------
+def _published_vit(sd:dict, lora:dict=None):
+    """The published `VisionEncoder` of the fixture (timm ViT, img 32, patch 16, width 48, 2 blocks, 1 head; final norm
+    replaced by nn.Identity) with tensors `sd`; `lora` {block: (A, B)} adds loralib's `x A^T B^T * (1 / r)` to qkv."""
+    import torch.nn as nn
+    from timm.models.vision_transformer import VisionTransformer
+    vit = VisionTransformer(img_size=32, patch_size=16, embed_dim=48, depth=2, num_heads=1).eval()
+    missing, unexpected = vit.load_state_dict(sd, strict=False)
+    assert not unexpected and all(k.startswith("norm.") for k in missing), (missing, unexpected)
+    vit.norm = nn.Identity()
+    for i, (A, B) in (lora or {}).items():
+        vit.blocks[i].attn.qkv.register_forward_hook(lambda m, inp, out, A=A, B=B: out + inp[0] @ A.T @ B.T / A.shape[0])
+    return vit
+
+
+def _trained_encoder_run(tmp_path:Path, mode:str, encoder:str="vit_icrt_fixture"):
+    """The pretrain fixture as the published code saves it when its encoder trains too: run.yaml with the mode's flag,
+    checkpoint = the fixture's tensors + the `vision_encoder.model.*` tensors its get_trainable_params keeps (moved by
+    0.1 N(0, 1) from the fixture's frozen encoder): every tensor (all), blocks[-i] for i < n, i.e. block 0 for n = 1
+    (last_n), or the loralib factors of every qkv and every bias (lora, rank 4). Returns (run.yaml, checkpoint, encoder)."""
+    base = torch.load(FIX / "vision_encoder.pth", weights_only=True)
+    g = torch.Generator().manual_seed(11)
+    move = lambda v: v + 0.1 * torch.randn(v.shape, generator=g)
+    flag = {"all": "vision_unfreeze_all: false", "last_n": "vision_unfreeze_last_n: 0", "lora": "vision_lora: false"}[mode]
+    text = (FIX / "pretrain" / "run.yaml").read_text().replace(flag, flag.replace("false", "true").replace(": 0", ": 1"))
+    text = text.replace("vision_lora_rank: 8", "vision_lora_rank: 4").replace("vision_encoder: vit_icrt_fixture", f"vision_encoder: {encoder}")
+    (tmp_path / "run.yaml").write_text(text)
+    lora = {}
+    if mode == "all": trained = {k: move(v) for k, v in base.items()}
+    elif mode == "last_n": trained = {k: move(v) for k, v in base.items() if k.startswith("blocks.0.")}
+    else:
+        trained = {k: move(v) for k, v in base.items() if k.endswith("bias")}
+        for i in range(2):
+            lora[i] = (0.3 * torch.randn(4, 48, generator=g), 0.3 * torch.randn(144, 4, generator=g))
+            trained |= {f"blocks.{i}.attn.qkv.lora_A": lora[i][0], f"blocks.{i}.attn.qkv.lora_B": lora[i][1]}
+    ck = read_published_checkpoint(FIX / "pretrain" / "checkpoint-3.pth")
+    sd = {**ck["model"], **{f"vision_encoder.model.{k}": v for k, v in trained.items()}}
+    torch.save({"model": sd, "epoch": 3}, tmp_path / "checkpoint-3.pth")
+    return tmp_path / "run.yaml", tmp_path / "checkpoint-3.pth", _published_vit({**base, **{k: v for k, v in trained.items() if "lora_" not in k}}, lora)
+
+
+def _published_numbers(run_ck:Path, vit)->tuple:
+    "(head output, unscaled chunks) of the published forward pass on the pretrain fixture's inputs with encoder `vit`."
+    import json
+    from icrt.published import _strip, published_reference
+    io = torch.load(FIX / "pretrain" / "io.pt", weights_only=True)
+    sd = torch.load(run_ck, weights_only=True)["model"]
+    p = _strip(read_published_yaml(FIX / "pretrain" / "run.yaml"), "ExperimentConfig", "run.yaml")
+    with torch.no_grad():
+        feats = vit.forward_features(io["observation"].flatten(0, 2)).unflatten(0, io["observation"].shape[:3])
+        return published_reference(sd, p, json.loads((FIX / "tiny_transformer.json").read_text()), feats, io["proprio"],
+                                   io["action"], json.loads((FIX / "action_statistics.json").read_text()))
+
+
+@pytest.mark.parametrize("mode", ["all", "last_n", "lora"])
+def test_trained_vision_encoder_imported_exactly(tmp_path, mode, one_thread):
+    """A published run whose encoder trained with the policy (--vision-unfreeze-all; the last n blocks; LoRA) imports,
+    and the imported run computes the published numbers with the trained encoder (fp32, 1e-4). The untrained part of a
+    partly trained encoder comes from --vision-encoder. Before: refused ("was randomly initialised and is not in the
+    checkpoint"), or for LoRA "cannot be reproduced"."""
+    from icrt.inference import ICRTPolicy
+    from icrt.published import _gram_schmidt, imported_outputs
+    y, ck, vit = _trained_encoder_run(tmp_path, mode)
+    kw = _flags() if mode != "all" else {k: v for k, v in _flags().items() if k != "vision_encoder"}  # all: nothing else needed
+    run = import_published(y, ck, tmp_path / "out", **kw)
+    net, act = _published_numbers(ck, vit)
+    io = torch.load(FIX / "pretrain" / "io.pt", weights_only=True)
+    got = imported_outputs(ICRTPolicy.from_run(run).model, io)
+    torch.testing.assert_close(got["teacher_forced_net"], net, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got["teacher_forced"], act, atol=1e-4, rtol=0)
+    torch.testing.assert_close(got["cached"], _gram_schmidt(act[:, io["prompt_steps"]:]), atol=1e-4, rtol=0)
+    assert (got["teacher_forced_net"] - io["teacher_forced_net"]).abs().max() > 1e-2  # the trained encoder matters
+
+
+def test_local_encoder_file_with_nonpretrained_is_loaded(tmp_path, one_thread):
+    """A run.yaml naming a local CrossMAE file together with vision_nonpretrained: the published code loads the file
+    (timm.models.load_checkpoint after building), so the import uses it without --vision-encoder, exactly. Before:
+    refused ("was randomly initialised and is not in the checkpoint")."""
+    import shutil
+    from icrt.inference import ICRTPolicy
+    from icrt.published import imported_outputs
+    enc = tmp_path / "cross-mae-rtx-vitb.pth"; shutil.copy(FIX / "vision_encoder.pth", enc)
+    (tmp_path / "run.yaml").write_text((FIX / "pretrain" / "run.yaml").read_text().replace("vision_encoder: vit_icrt_fixture", f"vision_encoder: {enc}"))
+    run = import_published(tmp_path / "run.yaml", FIX / "pretrain" / "checkpoint-3.pth", tmp_path / "out",
+                           **{k: v for k, v in _flags().items() if k != "vision_encoder"})
+    io = torch.load(FIX / "pretrain" / "io.pt", weights_only=True)
+    got = imported_outputs(ICRTPolicy.from_run(run).model, io)
+    for k in ("teacher_forced_net", "teacher_forced", "cached", "loss"):
+        torch.testing.assert_close(got[k], io[k], atol=1e-4, rtol=0, msg=lambda m: f"{k}: {m}")
+
+
+def test_partly_trained_random_encoder_refused(tmp_path):
+    """The last block trained, the rest randomly initialised (vision_nonpretrained, a timm name) and in no file: refused in
+    one line naming what is missing and --vision-encoder; nothing written."""
+    y, ck, _ = _trained_encoder_run(tmp_path, "last_n")
+    with pytest.raises(PublishedError, match=r"vision encoder only \(vision_unfreeze_last_n 1: 12 tensors.*randomly initialised.*--vision-encoder") as e:
+        import_published(y, ck, tmp_path / "out", **{k: v for k, v in _flags().items() if k != "vision_encoder"})
+    _one_line(e)
+    assert not (tmp_path / "out").exists()
+
+
+def test_encoder_tensors_of_a_frozen_encoder_refused(tmp_path):
+    "A checkpoint with trained encoder tensors given with a run.yaml whose encoder is frozen: refused as another run's."
+    y, ck, _ = _trained_encoder_run(tmp_path, "all")
+    with pytest.raises(PublishedError, match=r"vision_encoder\.model\.[^ ]+' .*frozen.*same run\?") as e:
+        import_published(FIX / "pretrain" / "run.yaml", ck, tmp_path / "out", **_flags())
+    _one_line(e)
