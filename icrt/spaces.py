@@ -224,6 +224,16 @@ def robot_vector(self, action:Array)->Array:  # (..., sum of dims)
     "An absolute action vector in the robot's format, its parts laid end to end (the published layout: 7 numbers)."
     return _cat(list(self.to_robot(action).values()))
 
+@patch_to(RobotSpace)
+def split_robot(self, vec:Array)->dict:  # {key: (..., dim)}
+    "A robot-format action vector (`robot_vector`'s layout) split into its keys."
+    if vec.shape[-1] != sum(p.dim for p in self.action):
+        raise SpaceError(f"robot space '{self.name}': an action of {vec.shape[-1]} numbers; its keys "
+                         f"{self.action_keys} take {sum(p.dim for p in self.action)}")
+    out, i = {}, 0
+    for p in self.action: out[p.key] = vec[..., i:i + p.dim]; i += p.dim
+    return out
+
 # %% ../nbs/01a_spaces.ipynb #c023
 def joint_space(
     arms:dict,                 # {arm name: number of joints (without the gripper)}; "" for a single arm

@@ -20,6 +20,7 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 from .format import (EpisodeWriter, write_dataset_files, DEFAULT_IMAGE_KEYS, DEFAULT_PROPRIO_KEYS,
                               DEFAULT_ACTION_KEYS, IMAGE_LAYOUTS, JPEG_QUALITY)
+from .arm import JOINT_KEYS, Arm, forward, inverse
 
 # %% ../../nbs/04_data.synthetic.ipynb #c006
 @dataclass(frozen=True)
@@ -238,7 +239,8 @@ def expert_episode(
     rng=0,                 # `np.random.Generator` (then it is advanced) or seed for the expert's noise
     min_len:int=30,        # shortest episode (steps)
     max_len:int=150,       # longest episode (steps)
-)->dict:                   # dataset keys (T, 6)/(T, 1) float32, "objects" (T, n, 3), "success" bool
+    arm:Optional[Arm]=None,  # a joint-space body (`04a_data.arm`): joint commands, and their joint keys recorded too
+)->dict:                   # dataset keys (T, 6)/(T, 1) (+ joints (T, 5)) float32, "objects" (T, n, 3), "success" bool
     "Run the scripted expert for `task` in `scene` and record observations and actions."
     task = get_task(task)
     if not 2 <= min_len <= max_len: raise ValueError(f"need 2 <= min_len <= max_len, got min_len={min_len}, max_len={max_len}")
@@ -256,14 +258,19 @@ def expert_episode(
     xyz += ramp * _smooth_noise(rng, T, 3, 0.002)
     ang = ramp * _smooth_noise(rng, T, 2, 0.012)
     act = np.c_[xyz, np.full(T, np.pi), ang[:, 0], yaw + ang[:, 1], grip]     # (T, 7)
+    if arm is not None:                                  # the arm's joint targets, and the pose they reach (tool down)
+        q_act = inverse(arm, act[:, :3], act[:, 5])[0]; act[:, :6] = forward(arm, q_act)
     state, obs, objs = scene.reset(), [], []
     for a in act:
         obs.append(np.r_[state["pose"], state["gripper"]]); objs.append(state["objects"])
         state = scene.step(state, a, rng)
-    obs = np.array(obs, np.float32)
-    return {"observation/cartesian_position": obs[:, :6], "observation/gripper_position": obs[:, 6:],
-            "action/cartesian_position": act[:, :6].astype(np.float32), "action/gripper_position": act[:, 6:].astype(np.float32),
-            "objects": np.array(objs, np.float32), "success": task_success(task, scene, state)}
+    obs = np.array(obs)
+    out = {"observation/cartesian_position": obs[:, :6].astype(np.float32), "observation/gripper_position": obs[:, 6:].astype(np.float32),
+           "action/cartesian_position": act[:, :6].astype(np.float32), "action/gripper_position": act[:, 6:].astype(np.float32),
+           "objects": np.array(objs, np.float32), "success": task_success(task, scene, state)}
+    if arm is not None:  # the joints that hold each observed pose, and the commanded ones
+        out.update({JOINT_KEYS[0]: inverse(arm, obs[:, :3], obs[:, 5])[0].astype(np.float32), JOINT_KEYS[1]: q_act.astype(np.float32)})
+    return out
 
 # %% ../../nbs/04_data.synthetic.ipynb #c044
 def _stamp(

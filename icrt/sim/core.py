@@ -10,7 +10,7 @@ from typing import Optional
 import numpy as np
 
 from ..config import ICRTError
-from ..data.format import DEFAULT_ACTION_KEYS
+from ..spaces import RobotSpace, published_space
 
 # %% auto #0
 __all__ = ['SimError', 'ReplayPolicy', 'ExpertPolicy', 'rollout']
@@ -23,14 +23,15 @@ class SimError(ICRTError, ValueError):
 class ReplayPolicy:
     "Replays the absolute targets of a recorded episode (holding the last one past its end)."
     def __init__(self,
-        episode:dict,   # needs "action/cartesian_position" (T, 6) and "action/gripper_position" (T, 1)
+        episode:dict,   # needs the space's action keys: "action/cartesian_position" (T, 6) and "action/gripper_position" (T, 1)
+        space:Optional[RobotSpace]=None,  # whose action keys, in order (default: the published layout)
     ):
-        self.targets = np.concatenate([np.asarray(episode[DEFAULT_ACTION_KEYS[0]], dtype=np.float64),
-                                       np.asarray(episode[DEFAULT_ACTION_KEYS[1]], dtype=np.float64).reshape(-1, 1)], 1)
+        space = space or published_space()
+        self.targets = np.concatenate([np.asarray(episode[p.key], dtype=np.float64).reshape(-1, p.dim) for p in space.action], 1)
         self.t = 0
     def reset(self): self.t = 0
     def prompt(self, episodes:list): pass
-    def act(self, observation:dict)->np.ndarray:  # (7,)
+    def act(self, observation:dict)->np.ndarray:  # (7,) in the published layout: the action keys laid end to end
         "The next recorded target."
         target = self.targets[min(self.t, len(self.targets) - 1)]; self.t += 1
         return target
@@ -46,26 +47,26 @@ class ExpertPolicy:
         return np.asarray(self.sim.expert_action(), dtype=np.float64)
 
 # %% ../../nbs/15_sim.core.ipynb #c016
-def _to_episode(obs:list, targets:np.ndarray)->dict:
-    "Stack per-step observations and (T, 7) targets into the on-disk episode dict (low-dim keys as float32)."
+def _to_episode(obs:list, targets:np.ndarray, space:RobotSpace)->dict:
+    "Stack per-step observations and (T, D) targets (the space's action keys end to end) into an on-disk episode dict."
     ep = {k: np.stack([o[k] for o in obs]) for k in obs[0]}                       # images (T, H, W, 3) uint8
     for k in ep:
         if ep[k].dtype != np.uint8: ep[k] = ep[k].astype(np.float32)
-    ep[DEFAULT_ACTION_KEYS[0]] = targets[:, :6].astype(np.float32)
-    ep[DEFAULT_ACTION_KEYS[1]] = targets[:, 6:].astype(np.float32)
+    ep.update({k: v.astype(np.float32) for k, v in space.split_robot(targets).items()})
     return ep
 
 def rollout(
     sim,                          # a simulator of the step protocol
-    policy,                       # anything with act(observation) -> (7,)
+    policy,                       # anything with act(observation) -> (D,): the space's action keys end to end
     init=None,                    # the simulator's initial state (None: its default)
     max_steps:Optional[int]=None, # step budget (default and upper bound: sim.max_path_length)
     extra_steps:int=0,            # steps to keep going after the first success
     min_len:int=0,                # never stop before this many steps (unless max_steps)
     record:bool=False,            # keep the observations and targets as an episode
-)->dict:  # success, success_step (first successful step or None), length, actions (T, 7), episode (dict or None)
+    space:Optional[RobotSpace]=None,  # the action keys of a recorded episode (default: the published layout)
+)->dict:  # success, success_step (first successful step or None), length, actions (T, D), episode (dict or None)
     "Run `policy` in `sim` from `init` until success (+ `extra_steps`, at least `min_len` steps) or `max_steps`."
-    limit = getattr(sim, "max_path_length", None)
+    space, limit = space or published_space(), getattr(sim, "max_path_length", None)
     if max_steps is None and limit is None: raise SimError("rollout: give max_steps (the simulator has no max_path_length)")
     max_steps = limit if max_steps is None else int(max_steps) if limit is None else min(int(max_steps), limit)
     obs, seen, targets, success_step, stop = sim.reset(init), [], [], None, max_steps
@@ -76,6 +77,6 @@ def rollout(
         obs, success = sim.step(target)
         if success and success_step is None: success_step, stop = t, min(max(t + 1 + extra_steps, min_len), max_steps)
         if t + 1 >= stop: break
-    acts = np.stack(targets) if targets else np.zeros((0, 7))
+    acts = np.stack(targets) if targets else np.zeros((0, sum(p.dim for p in space.action)))
     return dict(success=success_step is not None, success_step=success_step, length=len(targets), actions=acts,
-                episode=_to_episode(seen, acts) if record and targets else None)
+                episode=_to_episode(seen, acts, space) if record and targets else None)

@@ -11,7 +11,9 @@ import numpy as np
 from fastcore.basics import patch
 
 from ..data.format import DEFAULT_ACTION_KEYS, DEFAULT_PROPRIO_KEYS
+from ..data.arm import JOINT_KEYS, Arm, forward, inverse
 from ..data.synthetic import SyntheticScene, get_task, task_success
+from .core import SimError
 
 # %% auto #0
 __all__ = ['SyntheticSim']
@@ -24,7 +26,8 @@ class SyntheticSim:
         task,                       # the task whose success is tracked
         seed:int=0,                 # seed of the tracking noise
         expert:Optional[dict]=None, # the episode's expert (`episode_world`), for `expert_action`
-    ): self.scene, self.task, self.seed, self.expert = scene, get_task(task), seed, expert
+        arm:Optional[Arm]=None,     # a joint-space body: observations gain its joints, commands are joints + gripper
+    ): self.scene, self.task, self.seed, self.expert, self.arm = scene, get_task(task), seed, expert, arm
 
     def reset(self, init=None)->dict:
         "Start pose, objects in place; the first observation (`init`: a seed of the tracking noise, default `seed`)."
@@ -33,27 +36,33 @@ class SyntheticSim:
         return self.observe()
 
     def observe(self)->dict:
-        "Camera frames (H, W, 3) uint8 and the proprio keys of the dataset."
-        obs = self.scene.render(self.state)
-        obs[DEFAULT_PROPRIO_KEYS[0]] = self.state["pose"].astype(np.float32)
+        "Camera frames (H, W, 3) uint8 and the proprio keys of the dataset (with an arm, its joints too)."
+        obs = self.scene.render(self.state); pose = self.state["pose"]
+        obs[DEFAULT_PROPRIO_KEYS[0]] = pose.astype(np.float32)
         obs[DEFAULT_PROPRIO_KEYS[1]] = np.array([self.state["gripper"]], np.float32)
+        if self.arm is not None: obs[JOINT_KEYS[0]] = inverse(self.arm, pose[:3], pose[5])[0].astype(np.float32)
         return obs
 
 # %% ../../nbs/16_sim.synthetic.ipynb #c007
 @patch
 def step(self:SyntheticSim,
-    target,   # (7,) absolute xyz, Euler XYZ, gripper
+    target,   # (7,) absolute xyz, Euler XYZ, gripper; with an arm (6,) joints + gripper
 )->tuple:     # (observation, success so far)
-    "Apply a (7,) command; `success` records whether the task was ever achieved."
-    self.state = self.scene.step(self.state, np.asarray(target, np.float64), self.rng); self.t += 1
+    "Apply a command; `success` records whether the task was ever achieved."
+    target = np.asarray(target, np.float64)
+    if self.arm is not None:  # the joints move the tool to the pose they reach
+        if target.shape != (self.arm.dof + 1,): raise SimError(f"SyntheticSim with an arm: a command is {self.arm.dof} joints and "
+                                                                f"the gripper ({self.arm.dof + 1} numbers), got shape {target.shape}")
+        target = np.r_[forward(self.arm, target[:-1]), target[-1:]]
+    self.state = self.scene.step(self.state, target, self.rng); self.t += 1
     self.success = self.success or task_success(self.task, self.scene, self.state)
     return self.observe(), self.success
 
 # %% ../../nbs/16_sim.synthetic.ipynb #c009
 @patch
-def expert_action(self:SyntheticSim)->np.ndarray:  # (7,)
-    "The expert episode's absolute target of the current step."
+def expert_action(self:SyntheticSim)->np.ndarray:  # (7,), with an arm (6,)
+    "The expert episode's absolute target of the current step (with an arm: its joint targets and the gripper)."
     if self.expert is None: raise ValueError("SyntheticSim: no expert episode given (pass expert=episode_world(...)[2])")
-    acts = self.expert[DEFAULT_ACTION_KEYS[0]], self.expert[DEFAULT_ACTION_KEYS[1]]
+    acts = self.expert[JOINT_KEYS[1] if self.arm is not None else DEFAULT_ACTION_KEYS[0]], self.expert[DEFAULT_ACTION_KEYS[1]]
     t = min(self.t, len(acts[0]) - 1)
     return np.r_[acts[0][t], np.reshape(acts[1][t], -1)].astype(np.float64)
