@@ -24,7 +24,7 @@ import h5py
 import numpy as np
 from fastcore.basics import patch
 
-from .compress import SHARD_EPISODES, check_state, run_jobs, run_tool, swap_in, work_folder
+from .compress import SHARD_EPISODES, check_state, disk_guard, run_jobs, run_tool, swap_in, work_folder
 from .format import (DEFAULT_ACTION_KEYS, DEFAULT_IMAGE_KEYS, DEFAULT_PROPRIO_KEYS, IMAGE_LAYOUTS, JPEG_QUALITY,
                               SOURCE_SUFFIXES, DatasetError, EpisodeWriter, check_quality, write_dataset_files)
 from ..geometry import axis_angle_to_matrix, euler_to_matrix, matrix_to_euler, quat_to_matrix
@@ -304,6 +304,7 @@ class ConvertJob:
     image_layout: str
     jpeg_quality: int
     strict: bool
+    writers: int = 1      # workers writing at once (each writer keeps room on the disk for the others)
 
 def read_episode(source:Source, ref:EpisodeRef, km:KeyMap)->dict:
     "Read the keys `km` needs of episode `ref`, checking every array has the episode's length."
@@ -321,18 +322,20 @@ def _convert_shard(job:ConvertJob)->dict:
     "Worker: write shard `job`; returns what it wrote and skipped."
     final = Path(job.work)/f"part-{job.index:05d}.hdf5"; tmp = final.with_name(final.name + ".tmp")
     done = dict(index=job.index, written=[], skipped=[], frames=0, episodes=0)
-    with EpisodeWriter(tmp, job.image_layout, jpeg_quality=job.jpeg_quality) as w:
-        for ref in job.refs:
-            done["episodes"] += 1
-            if ref.skip: done["skipped"].append([ref.name, ref.skip]); continue
-            arrays = read_episode(job.source, ref, job.km)
-            bad = check_finite(arrays, needed_keys(job.km)[1])
-            if bad and job.strict: raise DatasetError(f"{ref.where}: {bad}; drop the episode, or run without --strict to skip it")
-            if bad: done["skipped"].append([ref.name, bad.split(" (")[0]]); continue
-            data = map_episode(arrays, job.km, ref.where, job.image_size)
-            T = w.write(ref.name, data); w.file[ref.name].attrs["source"] = ref.where
-            done["written"].append([ref.name, ref.task, T]); done["frames"] += T * len(job.km.cameras)
-    Path(str(final)[:-5] + ".json").write_text(json.dumps(done))
+    try:
+        with EpisodeWriter(tmp, job.image_layout, jpeg_quality=job.jpeg_quality, writers=job.writers) as w:
+            for ref in job.refs:
+                done["episodes"] += 1
+                if ref.skip: done["skipped"].append([ref.name, ref.skip]); continue
+                arrays = read_episode(job.source, ref, job.km)
+                bad = check_finite(arrays, needed_keys(job.km)[1])
+                if bad and job.strict: raise DatasetError(f"{ref.where}: {bad}; drop the episode, or run without --strict to skip it")
+                if bad: done["skipped"].append([ref.name, bad.split(" (")[0]]); continue
+                data = map_episode(arrays, job.km, ref.where, job.image_size)
+                T = w.write(ref.name, data); w.file[ref.name].attrs["source"] = ref.where
+                done["written"].append([ref.name, ref.task, T]); done["frames"] += T * len(job.km.cameras)
+        Path(str(final)[:-5] + ".json").write_text(json.dumps(done))
+    except BaseException: tmp.unlink(missing_ok=True); raise          # a half-written shard is never kept
     os.replace(tmp, final)
     return done
 
@@ -459,16 +462,17 @@ def convert(
     km = make_keymap(src_obj.default_map, mapping); check_keys(src_obj, km)
     shards = _plan(src_obj, km, shard_episodes)
     work = work_folder(out, [src], overwrite, resume, "icrt_convert")
-    check_state(work, dict(source=str(Path(os.path.abspath(src))), kind=src_obj.kind, map=vars(km),
-                           image_size=list(image_size) if image_size else None, image_layout=image_layout,
-                           jpeg_quality=jpeg_quality, strict=strict, shards=[[r.name for r in s] for s in shards]))
-    for t in work.glob("*.tmp"): t.unlink()                       # a shard that was being written when we stopped
-    todo = [i for i in range(len(shards)) if _shard_done(work, i) is None]
-    jobs = [ConvertJob(i, shards[i], src_obj, km, str(work), tuple(image_size) if image_size else None,
-                       image_layout, jpeg_quality, strict) for i in todo]
-    new = run_jobs(_convert_shard, jobs, workers, sum(len(shards[i]) for i in todo), progress, "icrt_convert")
-    cfg, written, skipped = _write_outputs(work, shards, km, train_split)
-    out = swap_in(work, Path(os.path.abspath(out))); cfg = out/cfg.name
+    with disk_guard(work, [len(s) for s in shards], lambda i: _shard_done(work, i) is not None):
+        check_state(work, dict(source=str(Path(os.path.abspath(src))), kind=src_obj.kind, map=vars(km),
+                               image_size=list(image_size) if image_size else None, image_layout=image_layout,
+                               jpeg_quality=jpeg_quality, strict=strict, shards=[[r.name for r in s] for s in shards]))
+        for t in work.glob("*.tmp"): t.unlink()                   # a shard that was being written when we stopped
+        todo = [i for i in range(len(shards)) if _shard_done(work, i) is None]
+        jobs = [ConvertJob(i, shards[i], src_obj, km, str(work), tuple(image_size) if image_size else None,
+                           image_layout, jpeg_quality, strict, max(1, min(workers, len(todo)))) for i in todo]
+        new = run_jobs(_convert_shard, jobs, workers, sum(len(shards[i]) for i in todo), progress, "icrt_convert", work)
+        cfg, written, skipped = _write_outputs(work, shards, km, train_split)
+        out = swap_in(work, Path(os.path.abspath(out))); cfg = out/cfg.name
     return _summary(src, src_obj, source is None, km, shards, len(todo), new, written, skipped, cfg, workers, time.time() - t0)
 
 # %% ../../nbs/03b_data.convert.ipynb #c052

@@ -5,9 +5,10 @@
 # %% auto #0
 __all__ = ['logger', 'DEFAULT_IMAGE_KEYS', 'DEFAULT_PROPRIO_KEYS', 'DEFAULT_ACTION_KEYS', 'EPISODE_LENGTHS',
            'EPISODE_FRAME_SHAPE', 'DEMO_FRAME_SHAPE', 'SOURCE_SUFFIXES', 'IMAGE_LAYOUTS', 'JPEG_QUALITY',
-           'JPEG_SUBSAMPLING', 'DatasetError', 'frame_shape', 'check_quality', 'encode_frames', 'decode_frames',
-           'is_jpeg', 'read_frames', 'read_encoded', 'read_lowdim', 'EpisodeWriter', 'h5_tree', 'write_dataset_files',
-           'DatasetSpec', 'dataset_keys', 'load_dataset_config', 'check_dataset', 'format_summary', 'check_cli']
+           'JPEG_SUBSAMPLING', 'KEEP_FREE', 'DatasetError', 'DiskFullError', 'human_bytes', 'frame_shape',
+           'check_quality', 'encode_frames', 'decode_frames', 'is_jpeg', 'read_frames', 'read_encoded', 'read_lowdim',
+           'EpisodeWriter', 'h5_tree', 'write_dataset_files', 'DatasetSpec', 'dataset_keys', 'load_dataset_config',
+           'check_dataset', 'format_summary', 'check_cli']
 
 # %% ../../nbs/03_data.format.ipynb #c003
 import argparse
@@ -15,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,10 +41,22 @@ SOURCE_SUFFIXES = (".hdf5", ".h5", ".npz")  # episode files the converter reads
 IMAGE_LAYOUTS = ("flat", "plain", "jpeg")    # how frames are stored: raw (T, H*W*3), raw (T, H, W, 3), JPEG per frame
 JPEG_QUALITY = 90                            # default quality of the jpeg layout
 JPEG_SUBSAMPLING = "444"                     # full-resolution colour: small coloured objects keep their colour
+KEEP_FREE = 1 << 20                          # bytes a writer leaves free after each checked write: room for HDF5 records
 
 # %% ../../nbs/03_data.format.ipynb #c007
 class DatasetError(ICRTError, ValueError):
     "A problem with a dataset file or config; the one-line message names the file, episode and key."
+
+class DiskFullError(DatasetError):
+    "Not enough disk space for the next write, found before it is tried: HDF5 cannot recover from a failed write."
+    def __init__(self, msg:str,
+                 free:int=None, need:int=None,          # bytes free, bytes the refused write needed
+                 written:int=None, episodes:int=None):  # bytes in the file so far, and its complete episodes (for estimates)
+        super().__init__(msg); self.free, self.need, self.written, self.episodes = free, need, written, episodes
+
+def human_bytes(b)->str:
+    "`b` bytes as MB (or GB from 1e9)."
+    return f"{b / 1e9:.2f} GB" if b >= 1e9 else f"{b / 1e6:.1f} MB"
 
 # %% ../../nbs/03_data.format.ipynb #c009
 def _where(file, episode=None, key=None)->str:
@@ -198,11 +212,12 @@ class EpisodeWriter:
         image_layout:str="flat",  # "flat": (T, H*W*3) as in ICRT-MT; "plain": (T, H, W, 3); "jpeg": a JPEG per frame
         mode:str="w",             # "w" truncate, "a" append episodes to an existing file
         jpeg_quality:int=JPEG_QUALITY,  # quality of the jpeg layout (1-100)
+        writers:int=1,            # processes writing to this disk at once: each write leaves room for the others' next
     ):
         if image_layout not in IMAGE_LAYOUTS:
             raise DatasetError(f"image_layout={image_layout!r}: use one of {', '.join(IMAGE_LAYOUTS)}")
         if mode not in ("w", "a"): raise DatasetError(f"mode={mode!r}: use 'w' or 'a'")
-        self.path, self.image_layout, self.mode = Path(path), image_layout, mode
+        self.path, self.image_layout, self.mode, self.writers = Path(path), image_layout, mode, max(1, int(writers))
         self.jpeg_quality = check_quality(jpeg_quality)
         self.file, self.lengths = None, {}  # lengths: {episode_name: T} of episodes written by this writer
     def __enter__(self):
@@ -212,6 +227,20 @@ class EpisodeWriter:
     def close(self):
         if self.file is not None: self.file.close()
         self.file = None
+
+# %% ../../nbs/03_data.format.ipynb #c038b
+@patch
+def _room(self:EpisodeWriter,
+    nbytes:int,   # the array about to be written
+    what:str,     # "file: episode 'e': key 'k'", for the message
+):
+    "Raise `DiskFullError` unless `nbytes` (for each of `writers`) and `KEEP_FREE` fit on the disk, once HDF5 has flushed."
+    self.file.flush()
+    free, need = shutil.disk_usage(self.path.parent).free, int(nbytes) * self.writers + KEEP_FREE
+    if free < need:
+        raise DiskFullError(f"{what}: not enough disk space in {self.path.parent}: {human_bytes(free)} free, "
+                            f"{human_bytes(need)} needed for this array; free some space", free=free, need=need,
+                            written=self.path.stat().st_size, episodes=len(self.file) - 1)   # - the episode being written
 
 # %% ../../nbs/03_data.format.ipynb #c039
 def _is_image(a:np.ndarray)->bool: return a.dtype == np.uint8 and a.ndim == 4
@@ -240,21 +269,25 @@ def write(self:EpisodeWriter,
     for k, a in arrays.items():
         if _is_image(a): self._write_frames(grp, k, a)
         else:
-            a = a.astype(np.float32)
-            grp.create_dataset(k, data=a[:, None] if a.ndim == 1 else a)
+            a = a.astype(np.float32); a = a[:, None] if a.ndim == 1 else a
+            self._room(a.nbytes, _where(self.path, name, k)); grp.create_dataset(k, data=a)
     self.lengths[name] = T
     return T
 
 # %% ../../nbs/03_data.format.ipynb #c041
 @patch
 def _write_frames(self:EpisodeWriter, grp:h5py.Group, key:str, a:np.ndarray)->h5py.Dataset:
-    "Write `(T, H, W, 3)` uint8 frames as dataset `key` of `grp` in the writer's image layout."
+    "Write `(T, H, W, 3)` uint8 frames as dataset `key` of `grp` in the writer's image layout, if they fit on the disk."
     t, h, w, c = a.shape
-    if self.image_layout == "flat": ds = grp.create_dataset(key, data=a.reshape(t, h*w*c), chunks=(1, h*w*c))
-    elif self.image_layout == "plain": ds = grp.create_dataset(key, data=a, chunks=(1, h, w, c))
-    else:
-        ds = grp.create_dataset(key, data=encode_frames(a, self.jpeg_quality), dtype=h5py.vlen_dtype(np.uint8))
+    where = _where(self.path, grp.name.rsplit("/", 1)[-1], key)
+    if self.image_layout == "jpeg":
+        enc = encode_frames(a, self.jpeg_quality)
+        self._room(sum(len(b) for b in enc) + 16 * t, where)           # + a heap record per frame
+        ds = grp.create_dataset(key, data=enc, dtype=h5py.vlen_dtype(np.uint8))
         ds.attrs.update(image_layout="jpeg", jpeg_quality=self.jpeg_quality, jpeg_subsampling=JPEG_SUBSAMPLING)
+    else:
+        data = a.reshape(t, h*w*c) if self.image_layout == "flat" else a
+        self._room(data.nbytes, where); ds = grp.create_dataset(key, data=data, chunks=(1, *data.shape[1:]))
     ds.attrs["frame_shape"] = np.array([h, w, c], dtype=np.int64)
     return ds
 
