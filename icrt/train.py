@@ -63,7 +63,8 @@ def _check_output(run_dir:Path, resume:Optional[str]):
             raise TrainingError(f"--logging-cfg.output-dir: '{p}' is a file, not a folder; choose another output folder")
         if p.exists():  # the nearest existing folder: the run folder is made in it, or is it
             if not os.access(p, os.W_OK | os.X_OK):
-                raise TrainingError(f"--logging-cfg.output-dir: cannot write to '{p}' (permission denied); choose a writable output folder")
+                why = "a read-only file system" if os.statvfs(p).f_flag & os.ST_RDONLY else "permission denied"
+                raise TrainingError(f"--logging-cfg.output-dir: cannot write to '{p}' ({why}); choose a writable output folder")
             break
     if resume is None and run_dir.is_dir() and any(run_dir.glob("checkpoint-*.pth")):
         raise TrainingError(f"run folder '{run_dir}' already holds checkpoints; continue it with --shared-cfg.resume "

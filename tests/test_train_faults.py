@@ -84,3 +84,10 @@ def test_a_run_deploys_with_its_own_camera_order_when_its_dataset_config_is_gone
         with_config = actions()
     finally: swapped.unlink()
     np.testing.assert_array_equal(actions(), with_config)   # the dataset config is gone: same cameras, same actions
+
+
+def test_a_read_only_file_system_is_called_one(assets, tmpfs, capsys):
+    ro = tmpfs("1m")
+    if subprocess.run(["mount", "-o", "remount,ro", str(ro)], capture_output=True).returncode: pytest.skip("cannot remount read-only")
+    line = _main_error(_flags(assets, ro), capsys)
+    assert "cannot write to" in line and "(a read-only file system)" in line, line
