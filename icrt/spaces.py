@@ -19,8 +19,9 @@ from .geometry import (Array, absolute_to_delta, axis_angle_to_matrix, delta_to_
                            matrix_to_quat, matrix_to_rot6d, quat_to_matrix, rot6d_to_matrix)
 
 # %% auto #0
-__all__ = ['KINDS', 'ROTATIONS', 'DEFAULT_UNITS', 'PRESETS', 'SpaceError', 'Part', 'part_to_model', 'part_from_model',
-           'RobotSpace', 'from_keys', 'published_space', 'joint_space', 'preset', 'space_from_dict', 'load_space']
+__all__ = ['KINDS', 'ROTATIONS', 'EULER_OR_QUAT', 'DEFAULT_UNITS', 'PRESETS', 'SpaceError', 'Part', 'part_to_model',
+           'part_from_model', 'RobotSpace', 'from_keys', 'published_space', 'joint_space', 'preset', 'space_from_dict',
+           'load_space']
 
 # %% ../nbs/01a_spaces.ipynb #c005
 class SpaceError(ICRTError, ValueError):
@@ -28,6 +29,7 @@ class SpaceError(ICRTError, ValueError):
 
 KINDS = ("pose", "joints", "gripper", "other")
 ROTATIONS = {"euler_xyz": 3, "quat_wxyz": 4, "quat_xyzw": 4, "axis_angle": 3, "rot6d": 6}  # numbers after the xyz
+EULER_OR_QUAT = "euler_xyz|quat_wxyz"  # as DROID/ICRT-MT files hold poses: 6 wide (Euler XYZ) or 7 (quaternion wxyz); out: Euler
 DEFAULT_UNITS = {"pose": "m", "joints": "rad", "gripper": "0-1", "other": ""}
 
 # %% ../nbs/01a_spaces.ipynb #c007
@@ -47,10 +49,10 @@ class Part:
         if not isinstance(self.key, str) or not self.key: raise SpaceError(f"robot space: a part needs a key (a dataset key name), got {self.key!r}")
         if self.kind not in KINDS: raise SpaceError(f"{w}: kind must be one of {', '.join(KINDS)}, got {self.kind!r}")
         if self.kind == "pose":
-            if self.rotation not in ROTATIONS:
-                raise SpaceError(f"{w}: a pose needs its rotation format, one of {', '.join(ROTATIONS)}, got {self.rotation!r}")
-            width = 3 + ROTATIONS[self.rotation]
-            if self.dim is not None and self.dim != width:
+            if self.rotation not in (*ROTATIONS, EULER_OR_QUAT):
+                raise SpaceError(f"{w}: a pose needs its rotation format, one of {', '.join(ROTATIONS)} or {EULER_OR_QUAT}, got {self.rotation!r}")
+            width = 6 if self.rotation == EULER_OR_QUAT else 3 + ROTATIONS[self.rotation]
+            if self.dim is not None and self.dim != width and not (self.rotation == EULER_OR_QUAT and self.dim == 7):
                 raise SpaceError(f"{w}: a {self.rotation} pose is {width} numbers wide (xyz + rotation), got dim {self.dim}")
             object.__setattr__(self, "dim", width)
         elif self.rotation is not None:
@@ -66,6 +68,11 @@ class Part:
     def model_dim(self)->int:
         "Numbers in the network's vector: a pose is xyz + 6-D rotation (9)."
         return 9 if self.kind == "pose" else self.dim
+
+    @property
+    def widths(self)->tuple:
+        "The widths accepted on the way in (`dim`, or 6 and 7 for `euler_xyz|quat_wxyz`)."
+        return (6, 7) if self.rotation == EULER_OR_QUAT else (self.dim,)
 
 # %% ../nbs/01a_spaces.ipynb #c010
 def _matrix(rot:Array, fmt:str)->Array:  # (..., r) rotation on disk -> (..., 3, 3)
@@ -92,12 +99,13 @@ def _cat(xs:list)->Array:
 def part_to_model(p:Part, x:Array)->Array:  # (..., dim) on disk -> (..., model_dim)
     "A part's columns on disk as the network's numbers."
     if p.kind != "pose": return x
-    return _cat([x[..., :3], matrix_to_rot6d(_matrix(x[..., 3:], p.rotation))])
+    fmt = p.rotation if p.rotation != EULER_OR_QUAT else "euler_xyz" if x.shape[-1] == 6 else "quat_wxyz"
+    return _cat([x[..., :3], matrix_to_rot6d(_matrix(x[..., 3:], fmt))])
 
 def part_from_model(p:Part, y:Array)->Array:  # (..., model_dim) -> (..., dim) on disk
     "The network's numbers of a part back in its format on disk."
     if p.kind != "pose": return y
-    return _cat([y[..., :3], _from_matrix(rot6d_to_matrix(y[..., 3:9]), p.rotation)])
+    return _cat([y[..., :3], _from_matrix(rot6d_to_matrix(y[..., 3:9]), "euler_xyz" if p.rotation == EULER_OR_QUAT else p.rotation)])
 
 # %% ../nbs/01a_spaces.ipynb #c014
 @dataclass(frozen=True)
@@ -146,7 +154,6 @@ class RobotSpace:
 def from_keys(
     proprio_keys:list,         # [pose key, gripper key] of a dataset config
     action_keys:list,          # [pose key, gripper key]
-    pose_width:int=6,          # the pose's width on disk: 6 (xyz + Euler XYZ) or 7 (xyz + quaternion wxyz)
     name:str="published",
 )->RobotSpace:
     "The published layout (pose + gripper, delta pose actions) under a dataset's key names."
@@ -154,14 +161,13 @@ def from_keys(
         raise SpaceError(f"robot space: without a 'robot_space' entry a dataset config names a pose and a gripper key for "
                          f"proprio and actions, got proprio_keys {list(proprio_keys)} and action_keys {list(action_keys)}; "
                          "describe other layouts with a 'robot_space' entry")
-    if pose_width not in (6, 7): raise SpaceError(f"robot space: a pose is 6 (Euler XYZ) or 7 (quaternion wxyz) wide, got {pose_width}")
-    rot = "euler_xyz" if pose_width == 6 else "quat_wxyz"
+    rot = EULER_OR_QUAT
     return RobotSpace(state=(Part(proprio_keys[0], "pose", rotation=rot), Part(proprio_keys[1], "gripper", 1)),
                       action=(Part(action_keys[0], "pose", rotation=rot, relative_to=proprio_keys[0]),
                               Part(action_keys[1], "gripper", 1)), name=name)
 
 def published_space()->RobotSpace:
-    "The layout of the published ICRT (DROID / ICRT-MT): end-effector pose (Euler XYZ) and gripper, delta pose actions."
+    "The layout of the published ICRT (DROID / ICRT-MT): end-effector pose (Euler XYZ or quaternion) and gripper, delta pose actions."
     return from_keys(["observation/cartesian_position", "observation/gripper_position"],
                      ["action/cartesian_position", "action/gripper_position"])
 
@@ -173,8 +179,9 @@ def _vector(parts:tuple, values:dict, where:str)->Array:
     for p in parts:
         x = values[p.key]
         if not isinstance(x, torch.Tensor): x = np.asarray(x, dtype=np.float64)
-        if x.ndim == 0 or x.shape[-1] != p.dim:
-            raise SpaceError(f"{where}: '{p.key}' has {x.shape[-1] if x.ndim else 1} column(s), the robot space says {p.dim} ({p.kind})")
+        if x.ndim == 0 or x.shape[-1] not in p.widths:
+            raise SpaceError(f"{where}: '{p.key}' has {x.shape[-1] if x.ndim else 1} column(s), the robot space says "
+                             f"{' or '.join(map(str, p.widths))} ({p.kind})")
         out.append(part_to_model(p, x))
     return _cat(out)
 

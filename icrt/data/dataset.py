@@ -20,7 +20,6 @@ import torch
 from fastcore.basics import patch
 
 from ..config import ConfigError, DatasetConfig, SharedConfig, atomic_write_text
-from ..geometry import absolute_to_delta, pose_vector
 from .format import (EPISODE_LENGTHS, DatasetError, DatasetSpec, load_dataset_config, read_encoded, read_frames,
                               read_lowdim)
 from .image import (AUG_RATIO, AUG_SCALE, BRIGHTNESS, CONTRAST, DEFAULT_DATA_CONFIG, _input_hw, is_wrist,
@@ -235,6 +234,7 @@ class SequenceDataset(torch.utils.data.Dataset):
         if dataset_cfg.gpu_decode and not dataset_cfg.gpu_preprocess:
             raise ConfigError("--dataset-cfg.gpu-decode ships JPEG bytes to the device, so it needs --dataset-cfg.gpu-preprocess too")
         self.spec = load_dataset_config(dataset_cfg.dataset_json)
+        self.space = self.spec.space   # the state/action layout (01a_spaces): the published one unless the config says otherwise
         self.T, self.K, self.seed = int(shared_cfg.seq_length), int(shared_cfg.num_pred_steps), int(shared_cfg.seed)
         self.skip = 2 if dataset_cfg.skip_step else 1
         self._select(split_file)
@@ -379,19 +379,24 @@ def _chunk_index(n:int, last:int, K:int)->np.ndarray:
     return np.minimum(np.arange(n)[:, None] + np.arange(K)[None, :], last)
 
 @patch
+def _parts(self:SequenceDataset, g, parts:tuple, a:int, c:int, noise:float, rng)->dict:
+    "{key: (c - a, dim) float64} of a space's parts; Gaussian `noise` on the poses' and joints' columns (in that order)."
+    out = {}
+    for p in parts:
+        x = self._rows(g, p.key, a, c).astype(np.float64)
+        if noise > 0 and rng is not None and p.kind in ("pose", "joints"): x = x + rng.normal(0, noise, x.shape)
+        out[p.key] = x
+    return out
+
+@patch
 def _lowdim(self:SequenceDataset, episode:str, a:int, b:int, rng)->tuple:
-    "Proprio (n, K, 10), absolute action targets (n, K, 10) and end flags (n, K) of steps a..b-1."
-    spec, g = self.spec, self._group(episode)
+    "Proprio (n, K, S), absolute action targets (n, K, A) and end flags (n, K) of steps a..b-1 (S, A: the space's widths)."
+    spec, g, space = self.spec, self._group(episode), self.space
     L = (spec.epi_len[episode] + self.skip - 1) // self.skip          # steps after skip_step
     c = min(b + self.K - 1, L)                                        # rows needed for the chunks
-    pose = self._rows(g, spec.proprio_keys[0], a, c).astype(np.float64)
-    if self.cfg.proprio_noise > 0 and rng is not None:
-        pose = pose + rng.normal(0, self.cfg.proprio_noise, pose.shape)
-    prop = pose_vector(pose, *[self._rows(g, k, a, c) for k in spec.proprio_keys[1:]])   # (c - a, 10)
-    act_pose = self._rows(g, spec.action_keys[0], a, c).astype(np.float64)
-    if self.cfg.action_noise > 0 and rng is not None:
-        act_pose = act_pose + rng.normal(0, self.cfg.action_noise, act_pose.shape)
-    act = pose_vector(act_pose, *[self._rows(g, k, a, c) for k in spec.action_keys[1:]])  # (c - a, 10)
+    where = f"{spec.dataset_path[spec.episode_file[episode]]}: episode '{episode}'"
+    prop = space.state_vector(self._parts(g, space.state, a, c, self.cfg.proprio_noise, rng), where)   # (c - a, S)
+    act = space.action_vector(self._parts(g, space.action, a, c, self.cfg.action_noise, rng), where)   # (c - a, A)
     eos = (np.arange(a, c) == L - 1).astype(np.float64)
     ci = _chunk_index(b - a, c - a - 1, self.K)                       # (n, K)
     return prop[ci], act[ci], eos[ci]
@@ -399,9 +404,8 @@ def _lowdim(self:SequenceDataset, episode:str, a:int, b:int, rng)->tuple:
 # %% ../../nbs/06_data.dataset.ipynb #c074
 @patch
 def _actions(self:SequenceDataset, prop:np.ndarray, act:np.ndarray, eos:np.ndarray)->np.ndarray:
-    "(n, K, 11) float32 targets: delta (or absolute) pose, the rest absolute, end flag last."
-    if self.shared.use_delta_action:
-        act = np.concatenate([absolute_to_delta(prop[:, :1, :9], act[..., :9]), act[..., 9:]], -1)
+    "(n, K, A + 1) float32 targets: deltas where the space pairs an action with the state (with use_delta_action), end flag last."
+    act = self.space.to_model_action(act, prop[:, :1], self.shared.use_delta_action)   # relative to each window step's state
     return np.concatenate([act, eos[..., None]], -1).astype(np.float32)
 
 # %% ../../nbs/06_data.dataset.ipynb #c077
@@ -530,12 +534,12 @@ def save_split(self:SequenceDataset, out_dir:Union[str, Path])->tuple:
 def action_statistics(self:SequenceDataset,
     min_std:float=1e-3,  # floor of the std: a column that barely varies (a fixed orientation) must not blow up when divided by it
 )->dict:
-    "Mean, std, min and max of the 10-D action targets over the split's episodes."
+    "Mean, std, min and max of the action targets (the network's action vector) over the split's episodes."
     n, s, s2, lo, hi = 0, 0., 0., None, None
     for e in self.episodes:
         L = int(self.lengths[self.index[e]])
         p, q, f = self._lowdim(e, 0, L, None)
-        a = self._actions(p, q, f)[..., :-1].reshape(-1, 10).astype(np.float64)
+        a = self._actions(p, q, f)[..., :-1].reshape(-1, self.space.action_dim).astype(np.float64)
         n += len(a); s = s + a.sum(0); s2 = s2 + (a * a).sum(0)
         lo = a.min(0) if lo is None else np.minimum(lo, a.min(0)); hi = a.max(0) if hi is None else np.maximum(hi, a.max(0))
     self.close()
@@ -547,18 +551,19 @@ def action_statistics(self:SequenceDataset,
 def load_episode(
     spec:Union[DatasetSpec, str, Path],  # a DatasetSpec or a dataset config path
     episode:str,                         # episode name
-)->dict:   # {"frames": {key: uint8 (T, H, W, 3)}, "proprio": (T, 10), "actions": (T, 10) absolute, "task", "length"}
+)->dict:   # {"frames": {key: uint8 (T, H, W, 3)}, "proprio": (T, S), "actions": (T, A) absolute, "task", "length"}
     "Read one full episode (no augmentation, no noise)."
     if not isinstance(spec, DatasetSpec): spec = load_dataset_config(spec)
     if episode not in spec.episode_file: raise DatasetError(f"{spec.config_path}: unknown episode '{episode}'")
     path = spec.dataset_path[spec.episode_file[episode]]
     with h5py.File(path, "r") as f:
         if episode not in f: raise DatasetError(f"{path}: episode '{episode}' is missing from the file")
-        g = f[episode]; T = g[spec.action_keys[0]].shape[0]
-        vec = lambda keys: pose_vector(read_lowdim(g, keys[0], 0, T).astype(np.float64),
-                                       *[read_lowdim(g, k, 0, T) for k in keys[1:]]).astype(np.float32)   # (T, 10)
-        return {"frames": {k: read_frames(g, k, 0, T) for k in spec.image_keys}, "proprio": vec(spec.proprio_keys),
-                "actions": vec(spec.action_keys), "task": spec.episode_task.get(episode), "length": T}
+        g, space, where = f[episode], spec.space, f"{path}: episode '{episode}'"; T = g[spec.action_keys[0]].shape[0]
+        raw = lambda parts: {p.key: read_lowdim(g, p.key, 0, T).astype(np.float64) for p in parts}
+        return {"frames": {k: read_frames(g, k, 0, T) for k in spec.image_keys},
+                "proprio": space.state_vector(raw(space.state), where).astype(np.float32),     # (T, S)
+                "actions": space.action_vector(raw(space.action), where).astype(np.float32),  # (T, A)
+                "task": spec.episode_task.get(episode), "length": T}
 
 # %% ../../nbs/06_data.dataset.ipynb #c129
 class DistributedSubEpochSampler(torch.utils.data.Sampler):

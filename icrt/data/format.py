@@ -27,6 +27,7 @@ from fastcore.basics import patch
 import simplejpeg
 
 from ..config import ICRTError
+from ..spaces import RobotSpace, SpaceError, from_keys, space_from_dict
 
 # %% ../../nbs/03_data.format.ipynb #c005
 logger = logging.getLogger(__name__)
@@ -327,6 +328,7 @@ def write_dataset_files(
     train_split:float=0.95,       # fraction of episodes used for training
     task_grouping:dict=None,      # {"ratios": {group: r}, "tasks": {group: [task, ...]}}
     name:str="dataset_config.json",  # file name of the dataset config
+    robot_space:RobotSpace=None,  # the state/action layout (its keys become proprio_keys/action_keys); None: pose + gripper
 )->Path:                          # the dataset config
     "Write hdf5_keys*.json, epi_len_mapping.json, verb_to_episode.json (+ task_grouping.json) and the dataset config."
     out_dir = Path(out_dir); out_dir.mkdir(parents=True, exist_ok=True)
@@ -341,8 +343,10 @@ def write_dataset_files(
                epi_len_mapping_json="epi_len_mapping.json", verb_to_episode="verb_to_episode.json")
     if task_grouping is not None:
         _dump_json(task_grouping, out_dir/"task_grouping.json"); cfg["task_grouping"] = "task_grouping.json"
+    if robot_space is not None: proprio_keys, action_keys = robot_space.state_keys, robot_space.action_keys
     cfg.update(train_split=float(train_split), image_keys=list(image_keys or DEFAULT_IMAGE_KEYS),
                proprio_keys=list(proprio_keys or DEFAULT_PROPRIO_KEYS), action_keys=list(action_keys or DEFAULT_ACTION_KEYS))
+    if robot_space is not None: cfg["robot_space"] = robot_space.to_dict()
     _dump_json(cfg, out_dir/name)
     return out_dir/name
 
@@ -364,6 +368,14 @@ class DatasetSpec:
     episode_task: dict = field(default_factory=dict)    # {episode: task}
     hdf5_keys_path: list = field(default_factory=list)  # [Path] the hdf5_keys JSON files (for messages)
     epi_len_path: list = field(default_factory=list)    # [Path] the epi_len_mapping JSON files (for messages)
+    space_entry: RobotSpace|None = None                 # the config's `robot_space`, when it has one
+
+    @property
+    def space(self)->RobotSpace:
+        "The state/action layout: the config's `robot_space`, else the published one (pose + gripper) under its keys."
+        if self.space_entry is not None: return self.space_entry
+        try: return from_keys(self.proprio_keys, self.action_keys)
+        except SpaceError as e: raise DatasetError(f"{self.config_path}: {e}") from None
 
 # %% ../../nbs/03_data.format.ipynb #c059
 def _read_json(path:Path, problems:list, kind:type, what:str):
@@ -404,6 +416,12 @@ def _config_keys(cfg:dict, key:str, default:list, cfg_path:Path, problems:list)-
     return list(v)
 
 # %% ../../nbs/03_data.format.ipynb #c061
+def _config_space(cfg:dict, cfg_path:Path, problems:list)->RobotSpace|None:
+    "The config's `robot_space` entry (a preset name or a description), checked; None when it has none."
+    if "robot_space" not in cfg: return None
+    try: return space_from_dict(cfg["robot_space"], f"{cfg_path}: key 'robot_space'")
+    except SpaceError as e: problems.append(str(e)); return None
+
 def dataset_keys(
     config_path,   # a dataset config JSON
 )->dict:           # {'image_keys', 'proprio_keys', 'action_keys'}; {} when the JSON cannot be read or its keys are malformed
@@ -411,8 +429,10 @@ def dataset_keys(
     problems, p = [], Path(os.path.expanduser(str(config_path))).absolute()
     cfg = _read_json(p, problems, dict, "dataset config")
     if cfg is None: return {}
+    space = _config_space(cfg, p, problems)
     out = {k: _config_keys(cfg, k, d, p, problems) for k, d in
-           (("image_keys", DEFAULT_IMAGE_KEYS), ("proprio_keys", DEFAULT_PROPRIO_KEYS), ("action_keys", DEFAULT_ACTION_KEYS))}
+           (("image_keys", DEFAULT_IMAGE_KEYS), ("proprio_keys", space.state_keys if space else DEFAULT_PROPRIO_KEYS),
+            ("action_keys", space.action_keys if space else DEFAULT_ACTION_KEYS))}
     return {} if problems else out
 
 # %% ../../nbs/03_data.format.ipynb #c063
@@ -507,11 +527,17 @@ def _collect_spec(config_path)->tuple:
     if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 < split <= 1:
         problems.append(f"{cfg_path}: key 'train_split': {split!r} must be a number in (0, 1]"); split = 0.95
     grouping = _load_task_grouping(cfg, root, cfg_path, v2e, problems)
+    space, lowdim = _config_space(cfg, cfg_path, problems), {}
+    for k, side in (("proprio_keys", "state_keys"), ("action_keys", "action_keys")):
+        lowdim[k] = _config_keys(cfg, k, getattr(space, side) if space else DEFAULT_PROPRIO_KEYS if k[0] == "p" else DEFAULT_ACTION_KEYS,
+                                 cfg_path, problems)
+        if space and lowdim[k] != getattr(space, side):
+            problems.append(f"{cfg_path}: key '{k}': {lowdim[k]} differs from the robot_space's keys {getattr(space, side)}; "
+                            f"drop '{k}' (the robot_space names them) or make the two agree")
     spec = DatasetSpec(cfg_path, h5_paths, hdf5_keys, epi_len, v2e, grouping, float(split),
                        _config_keys(cfg, "image_keys", DEFAULT_IMAGE_KEYS, cfg_path, problems),
-                       _config_keys(cfg, "proprio_keys", DEFAULT_PROPRIO_KEYS, cfg_path, problems),
-                       _config_keys(cfg, "action_keys", DEFAULT_ACTION_KEYS, cfg_path, problems),
-                       hdf5_keys_path=keys_paths, epi_len_path=len_paths)
+                       lowdim["proprio_keys"], lowdim["action_keys"],
+                       hdf5_keys_path=keys_paths, epi_len_path=len_paths, space_entry=space)
     _cross_check(spec, problems, _config_paths(cfg, "verb_to_episode", root, cfg_path, []))
     return spec, problems
 
@@ -560,7 +586,7 @@ def _check_image(ds, where, ep, problems, info):
     info.setdefault("shape", set()).add(fs); info.setdefault("dtype", set()).add(str(ds.dtype))
     info.setdefault("layout", set()).add("flat" if ds.ndim == 2 else "plain")
 
-def _check_lowdim(ds, where, key, problems, info):
+def _check_lowdim(ds, where, key, problems, info, part=None):  # part: the robot space's Part of `key`, when known
     if ds.ndim not in (1, 2) or not np.issubdtype(ds.dtype, np.number):
         problems.append(f"{where}: {ds.dtype} dataset of shape {tuple(ds.shape)}; expected numeric (T, D)"); return
     x = ds[()]  # (T, D), small
@@ -569,15 +595,21 @@ def _check_lowdim(ds, where, key, problems, info):
         steps = np.unique(np.nonzero(bad)[0])
         problems.append(f"{where}: {int(bad.sum())} non-finite values (NaN/inf) at steps {steps[:5].tolist()}{' ...' if len(steps) > 5 else ''}")
     d = 1 if ds.ndim == 1 else ds.shape[1]
-    if "cartesian" in key and d not in (6, 7):
+    if part is None: pass
+    elif part.kind == "pose" and part.widths == (6, 7) and d not in (6, 7):
         problems.append(f"{where}: pose with {d} numbers per step; expected 6 (xyz + Euler XYZ) or 7 (xyz + quaternion wxyz)")
-    if "gripper" in key and d != 1: problems.append(f"{where}: gripper with {d} numbers per step; expected 1")
+    elif part.kind == "gripper" and part.dim == 1 and d != 1: problems.append(f"{where}: gripper with {d} numbers per step; expected 1")
+    elif d not in part.widths:
+        problems.append(f"{where}: {part.kind} with {d} numbers per step; the robot space says {' or '.join(map(str, part.widths))}"
+                        + (f" ({part.rotation})" if part.rotation else "") + ": fix the dataset config's robot_space or the data")
     info.setdefault("shape", set()).add((d,)); info.setdefault("dtype", set()).add(str(ds.dtype))
 
 # %% ../../nbs/03_data.format.ipynb #c079
 def _check_episode(grp, h5, ep, spec, problems, key_info)->int|None:
     "Check one episode group; returns its number of steps (None when unknown)."
     steps = {}
+    try: parts = {**{p.key: p for p in spec.space.state}, **{p.key: p for p in spec.space.action}}
+    except DatasetError: parts = {}  # not the published layout and no robot_space: widths are not checked
     for kind, keys in (("image", spec.image_keys), ("proprio", spec.proprio_keys), ("action", spec.action_keys)):
         for key in keys:
             where = _where(h5, ep, key)
@@ -589,7 +621,7 @@ def _check_episode(grp, h5, ep, spec, problems, key_info)->int|None:
             info = key_info.setdefault(key, {})
             try:
                 if kind == "image": _check_image(obj, where, ep, problems, info)
-                else: _check_lowdim(obj, where, key, problems, info)
+                else: _check_lowdim(obj, where, key, problems, info, parts.get(key))
             except (OSError, ValueError) as e: problems.append(f"{where}: unreadable ({e})")
     if not steps: return None
     T = max(set(steps.values()), key=list(steps.values()).count)  # the majority
