@@ -73,12 +73,14 @@ class PolicyClient:
                  url:str,                    # ws://host:port of an icrt_serve
                  token:Optional[str]=None,   # the server's token (icrt_serve --token-file)
                  timeout:float=60.0,         # seconds to wait for a connection or a reply
+                 run:Optional[str]=None,     # the run folder (name or path) this client expects; another is refused
+                 checkpoint:Optional[str]=None, # or the first 8+ hex digits of its checkpoint's sha256
                 ):
         from websockets.sync.client import connect
         self.url, self.timeout, self.last_timing, self.last_chunk, self.step_times = url, timeout, {}, None, []
         try: self.ws = connect(url, max_size=None, open_timeout=timeout, close_timeout=2, compression=None).__enter__()
         except Exception as e: raise ServerError(f"cannot connect to {url} ({type(e).__name__}: {e}); is icrt_serve running there?") from None
-        self.metadata = self._call({"type": "hello", "token": token, "protocol": PROTOCOL})["metadata"]
+        self.metadata = self._call({"type": "hello", "token": token, "protocol": PROTOCOL, "run": run, "checkpoint": checkpoint})["metadata"]
 
     def _call(self, msg:dict)->dict:
         "Send one request, wait for its reply; an error reply or a closed connection is a `ServerError`."
@@ -149,6 +151,8 @@ def read_token(path:Optional[str], flag:str="--token-file")->Optional[str]:  # t
     if path is None: return None
     p = Path(path).expanduser()
     if not p.is_file(): raise ICRTError(f"{flag}: no such file '{p}'")
-    token = p.read_text().strip()
+    try: token = p.read_bytes().decode("utf-8").strip()
+    except UnicodeDecodeError as e: raise ICRTError(f"{flag} '{p}' is not UTF-8 text (byte {e.start}): write the token as plain text") from None
+    except OSError as e: raise ICRTError(f"{flag} '{p}' cannot be read ({e.strerror or e})") from None
     if not token: raise ICRTError(f"{flag} '{p}' is empty: write the token into it")
     return token

@@ -7,29 +7,118 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
+import contextlib
+import functools
+import hashlib
 import hmac
 import json
 import logging
+import os
 import re
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from http import HTTPStatus
+from pathlib import Path
 from typing import Optional
 
+import msgpack
 import numpy as np
 import torch
 from fastcore.basics import patch
 
 from .client import PROTOCOL, ProtocolError, pack, read_token, unpack
 from .config import ICRTError
+from .data.dataset import load_episode
+from .data.format import load_dataset_config
 from .inference import ICRTPolicy, InferenceError
+from .models.policy import get_actions
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'RESET_KEYS', 'Session', 'PolicyServer', 'start_server', 'stop_server', 'serve_cli']
+__all__ = ['log', 'RESET_KEYS', 'MAX_KEYS', 'PROTOCOLS', 'ModelWorker', 'Session', 'run_identity', 'run_mismatch', 'PolicyServer',
+           'start_server', 'stop_server', 'op_pack', 'op_unpack', 'prompt_key', 'PromptLibrary', 'check_map',
+           'parse_map', 'serve_cli']
+
+# %% ../nbs/24_serve.ipynb #c004b
+class ModelWorker:
+    "The thread that runs the model: calls in arrival order, control steps that arrive together as one batched call."
+    def __init__(self,
+                 context=contextlib.nullcontext,  # entered around the model work (the policy's autocast)
+                 wait_ms:float=5.0,               # longest wait for announced steps that are on their way
+                ):
+        self.context, self.wait_s = context, wait_ms / 1e3
+        self._cv, self._jobs, self._coming, self._stop = threading.Condition(), [], set(), False
+        self.batches = collections.Counter()  # {batch size: how many batched steps of that size ran}
+        self.thread = threading.Thread(target=self._loop, daemon=True, name="icrt-model"); self.thread.start()
+
+    def expect(self, key):
+        "A step of `key` (a model) is on its way: a batch waits for it (up to `wait_ms`)."
+        with self._cv: self._coming.add(id(key))
+
+    def arrived(self, key):
+        "`key`'s step is queued, or will not come (its request failed before it)."
+        with self._cv: self._coming.discard(id(key)); self._cv.notify_all()
+
+# %% ../nbs/24_serve.ipynb #c004c
+@patch
+def _submit(self:ModelWorker, kind:str, payload:tuple):
+    "Queue a job and wait for its result (its exception is raised here)."
+    fut = Future()
+    with self._cv:
+        if self._stop: raise ICRTError("icrt_serve: the server is shutting down")
+        self._jobs.append((kind, payload, fut))
+        if kind == "step": self._coming.discard(id(payload[0]))
+        self._cv.notify_all()
+    return fut.result()
+
+@patch
+def call(self:ModelWorker, fn, *args, **kw):
+    "Run `fn(*args, **kw)` on the model thread; its result."
+    return self._submit("call", (fn, args, kw))
+
+@patch
+def step(self:ModelWorker, model, observation, proprio, prev_action=None):
+    "`model.get_action(...)` on the model thread, batched with the other steps waiting there."
+    return self._submit("step", (model, observation, proprio, prev_action))
+
+@patch
+def close(self:ModelWorker):
+    "Finish the queued jobs and end the thread."
+    with self._cv: self._stop = True; self._cv.notify_all()
+    self.thread.join(10)
+
+# %% ../nbs/24_serve.ipynb #c004d
+@patch
+def _loop(self:ModelWorker):
+    while True:
+        with self._cv:
+            self._cv.wait_for(lambda: self._jobs or self._stop)
+            if not self._jobs: return
+            if any(k == "step" for k, _, _ in self._jobs):  # wait (briefly) for the steps on their way
+                end = time.monotonic() + self.wait_s
+                while self._coming and not self._stop and (left := end - time.monotonic()) > 0: self._cv.wait(left)
+            jobs, self._jobs = self._jobs, []
+        self._run(jobs)
+
+@patch
+def _run(self:ModelWorker, jobs:list):
+    "The calls one by one, then all steps as one `get_actions` call; each job's future gets its result or its error."
+    with self.context():
+        for _, (fn, a, kw), fut in [j for j in jobs if j[0] == "call"]:
+            try: fut.set_result(fn(*a, **kw))
+            except BaseException as e: fut.set_exception(e)
+        steps = [(p, fut) for kind, p, fut in jobs if kind == "step"]
+        if not steps: return
+        self.batches[len(steps)] += 1
+        try: res = get_actions(*zip(*[p for p, _ in steps]))
+        except Exception as e: res = [e] * len(steps)
+        for (_, fut), r in zip(steps, res):
+            if isinstance(r, BaseException): fut.set_exception(r)
+            else: fut.set_result(r)
 
 # %% ../nbs/24_serve.ipynb #c006
 RESET_KEYS = ("keep_prompt", "action_exec_horizon", "temporal_ensemble", "max_len")
@@ -42,9 +131,14 @@ def _tensors(ep:dict)->dict:
 
 class Session:
     "One client's context: a policy on a fork of the served model, and its step latencies."
-    def __init__(self, base:ICRTPolicy, sid:int, peer:str, max_len:Optional[int]=None):
-        self.policy = ICRTPolicy(base.model.fork(), base.cfg, base.keys, base.checkpoint, base.precision, max_len=max_len)
+    def __init__(self, base:ICRTPolicy, sid:int, peer:str, max_len:Optional[int]=None, worker:Optional[ModelWorker]=None):
+        model = base.model.fork()
+        if worker is not None:  # this session's model calls run on the model thread; its steps batched with others'
+            model.get_action = functools.partial(worker.step, model)
+            model.prompt = functools.partial(worker.call, type(model).prompt, model)
+        self.policy = ICRTPolicy(model, base.cfg, base.keys, base.checkpoint, base.precision, max_len=max_len)
         self.sid, self.peer, self.max_len, self.prompted, self.act_ms = sid, peer, max_len, False, []
+        self.prompt_name, self.episode, self.last_seen = None, 0, None  # openpi sessions: prompt, episodes, last request
 
 # %% ../nbs/24_serve.ipynb #c007
 @patch
@@ -65,10 +159,27 @@ def _reset(self:Session, msg:dict)->dict:
     cap, n = self.max_len or self.policy.model.transformer.args.max_seq_len, msg.get("max_len")
     if n is not None and (not isinstance(n, int) or not 1 <= n <= cap):
         raise ProtocolError(f"reset: 'max_len' must be a whole number of tokens in 1..{cap} (this server's context: icrt_serve --max-len), got {n!r}")
-    try: self.policy.reset(**{k: msg[k] for k in RESET_KEYS if k in msg and msg[k] is not None})
+    kw = {"max_len": self.max_len} | {k: msg[k] for k in RESET_KEYS if k in msg and msg[k] is not None}  # --max-len stays
+    try: self.policy.reset(**kw)
     except (TypeError, ValueError) as e: raise InferenceError(f"reset: {e}") from None
     if not msg.get("keep_prompt", True): self.prompted = False
     return {"type": "reset", "prompt_tokens": self.policy.model._prompt_len}
+
+# %% ../nbs/24_serve.ipynb #c008b
+MAX_KEYS = 1024  # keys in one observation; more is refused (a robot sends a handful)
+
+def _some(keys:list, n:int=8)->str:
+    "A few of `keys`, for a message: 'a, b, c, … (+97 more)'."
+    shown = ", ".join(repr(k)[:60] for k in keys[:n])
+    return shown + (f", … (+{len(keys) - n} more)" if len(keys) > n else "")
+
+def _check_keys(obs:dict, need:list, where:str):
+    "Refuse an observation whose keys are not strings, too many, or lack one of `need` (one line, a few keys named)."
+    if len(obs) > MAX_KEYS: raise ProtocolError(f"{where} has {len(obs)} keys, more than {MAX_KEYS}: send only the cameras and proprio keys")
+    bad = [k for k in obs if not isinstance(k, str)]
+    if bad: raise ProtocolError(f"{where}: keys must be strings, got {type(bad[0]).__name__} key(s) {_some(bad, 3)}")
+    missing = [k for k in need if k not in obs]
+    if missing: raise InferenceError(f"{where} lacks key(s) {missing} (it has {len(obs)}: {_some(sorted(obs))})")
 
 # %% ../nbs/24_serve.ipynb #c009
 @patch
@@ -76,6 +187,7 @@ def _act(self:Session, msg:dict)->dict:
     if not self.prompted: raise InferenceError("act: no prompt yet: send 'prompt' with the demonstrations first")
     obs = msg.get("observation")
     if not isinstance(obs, dict): raise ProtocolError("act: 'observation' must be a map of camera, pose and gripper arrays")
+    _check_keys(obs, self.policy.image_keys + self.policy.keys["proprio_keys"], "act: observation")
     t0 = time.perf_counter()
     a = self.policy.act(obs, msg.get("executed_action"))
     self.act_ms.append(1e3 * (time.perf_counter() - t0))
@@ -94,11 +206,40 @@ def _field(msg:str)->Optional[str]:
 
 def _error(request:str, e:Exception)->dict:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if len(msg) > 500: msg = msg[:500] + " …"  # a message never carries a whole request back
     return {"type": "error", "request": request, "error": msg, "field": _field(msg)}
 
 def _pct(xs:list, q:float)->float: return float(np.percentile(xs, q)) if xs else float("nan")
 
+# %% ../nbs/24_serve.ipynb #c013b
+def run_identity(policy:ICRTPolicy, run_dir=None)->dict:  # {"run", "run_dir", "checkpoint_sha256"} (None: an in-memory model)
+    "What identifies the served run: its folder's name and path, and the sha256 of its checkpoint file."
+    ck = Path(policy.checkpoint) if policy.checkpoint else None
+    if ck is None or not ck.is_file(): return {"run": None, "run_dir": None, "checkpoint_sha256": None}
+    h = hashlib.sha256()
+    with open(ck, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""): h.update(block)
+    d = Path(run_dir).expanduser().absolute() if run_dir else ck.absolute().parent
+    return {"run": d.name, "run_dir": str(d), "checkpoint_sha256": h.hexdigest()}
+
+def run_mismatch(identity:dict, run=None, checkpoint=None)->Optional[tuple]:  # (field, why) of a failed expectation, or None
+    "Check hello's `run` (a run folder's name or path) and `checkpoint` (a sha256 prefix) against the served run."
+    served = f"run {identity['run']!r} ({identity['run_dir']}, checkpoint sha256 {(identity['checkpoint_sha256'] or '?')[:12]}…)" \
+        if identity["run"] else "an in-memory model (no run folder)"
+    if run is not None:
+        if not isinstance(run, str) or not run.strip(): return "run", "hello: 'run' must be a run folder's name or path"
+        if identity["run"] is None or run.rstrip("/") not in (identity["run"], identity["run_dir"]):
+            return "run", f"hello: this server serves {served}, not run {run[:200]!r}: connect to that run's server, or leave 'run' out"
+    if checkpoint is not None:
+        if not isinstance(checkpoint, str) or not re.fullmatch(r"[0-9a-fA-F]{8,64}", checkpoint):
+            return "checkpoint", "hello: 'checkpoint' must be 8 to 64 hex digits of the checkpoint file's sha256"
+        if not (identity["checkpoint_sha256"] or "").startswith(checkpoint.lower()):
+            return "checkpoint", f"hello: this server serves {served}, not checkpoint {checkpoint}…: connect to that run's server, or leave 'checkpoint' out"
+    return None
+
 # %% ../nbs/24_serve.ipynb #c014
+PROTOCOLS = ("icrt", "openpi")
+
 class PolicyServer:
     "A websocket server that gives each connection its own ICRT context over one shared model."
     def __init__(self,
@@ -108,11 +249,24 @@ class PolicyServer:
                  token:Optional[str]=None,             # a client must send this in hello (None: no check)
                  max_request_bytes:int=256 * 2**20,    # larger requests get an error reply, undecoded
                  max_len:Optional[int]=None,           # context length in tokens per session (default: the model's)
+                 protocol:str="icrt",                  # "icrt" (ours) or "openpi" (openpi's websocket protocol)
+                 prompts:Optional[PromptLibrary]=None, # openpi: the named prompts a request's 'prompt' picks from
+                 obs_map:Optional[dict]=None,          # openpi: {request key: run key} renames
+                 episode_gap_s:float=5.0,              # openpi: a request after this long idle starts a new episode (0: never)
+                 batch_wait_ms:float=5.0,              # how long a batch of steps waits for others on their way
+                 run_dir=None,                         # the run folder (default: the checkpoint's folder), for hello's check
                 ):
         if max_sessions < 1: raise ICRTError(f"--max-sessions must be >= 1, got {max_sessions}")
+        if protocol not in PROTOCOLS: raise ICRTError(f"--protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+        if protocol == "openpi" and prompts is None: raise ICRTError("--protocol openpi needs --prompts DATASET_CONFIG (or a folder of them): the demonstrations live on the server")
+        if protocol != "openpi" and (prompts is not None or obs_map): raise ICRTError("--prompts and --map are for --protocol openpi")
+        if episode_gap_s < 0: raise ICRTError(f"--episode-gap-s must be >= 0 (0: never), got {episode_gap_s}")
         self.policy, self.host, self.port, self.max_sessions, self.token = policy, host, port, max_sessions, token
-        self.max_request_bytes, self.max_len = int(max_request_bytes), max_len
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="icrt-model")  # the one thread that runs the model
+        self.max_request_bytes, self.max_len, self.protocol, self.prompts = int(max_request_bytes), max_len, protocol, prompts
+        self.obs_map, self.episode_gap_s = check_map(obs_map, policy.keys) if obs_map else {}, episode_gap_s
+        self.identity = run_identity(policy, run_dir)
+        self.worker = ModelWorker(policy.autocast, batch_wait_ms)  # the one thread that runs the model
+        self.pool = ThreadPoolExecutor(max_workers=max_sessions + 2, thread_name_prefix="icrt-request")
         self.sessions, self._next, self.started = {}, 0, time.time()
         self.metadata = self._metadata()
 
@@ -130,25 +284,36 @@ def _metadata(self:PolicyServer)->dict:
             "action_layout": ["x", "y", "z", "roll", "pitch", "yaw", "gripper"], "action_frame": "absolute, Euler XYZ in radians",
             "num_pred_steps": p.num_pred_steps, "control_rate_hz": round(1 / float(np.median(probe.step_times[1:])), 1),
             "device": str(p.device), "precision": p.precision, "compiled_step": bool(getattr(p.model, "_step_compiled", False)),
-            "checkpoint": str(p.checkpoint), "max_sessions": self.max_sessions,
+            "checkpoint": str(p.checkpoint), "run": self.identity["run"], "checkpoint_sha256": self.identity["checkpoint_sha256"],
+            "max_sessions": self.max_sessions,
             "max_request_bytes": self.max_request_bytes, "token_required": self.token is not None}
 
 # %% ../nbs/24_serve.ipynb #c016
 @patch
+async def _refuse(self:PolicyServer, ws, peer:str, why:str, field, code:int, reason:str):
+    "An error reply to hello, then close the connection (logged)."
+    log.warning("refused %s: %s (%s)", peer, reason, why)
+    await ws.send(pack({"type": "error", "request": "hello", "error": why, "field": field}))
+    await ws.close(code, reason)
+
+@patch
 async def _hello(self:PolicyServer, ws, msg:dict):  # the new Session, or None (the connection was refused)
-    "Check the token and the session limit; open a session."
+    "Check the token, the run the client expects and the session limit; open a session."
     peer = "%s:%s" % ws.remote_address[:2] if ws.remote_address else "?"
     if self.token is not None and not hmac.compare_digest(str(msg.get("token") or ""), self.token):
-        log.warning("refused %s: wrong or missing token", peer)
-        await ws.send(pack({"type": "error", "request": "hello", "error": "hello: wrong or missing 'token'", "field": "token"}))
-        await ws.close(1008, "wrong or missing token"); return None
+        await self._refuse(ws, peer, "hello: wrong or missing 'token'", "token", 1008, "wrong or missing token"); return None
+    wrong = run_mismatch(self.identity, msg.get("run"), msg.get("checkpoint"))
+    if wrong: await self._refuse(ws, peer, wrong[1], wrong[0], 1008, "wrong run"); return None
     if len(self.sessions) >= self.max_sessions:
-        log.warning("refused %s: %d sessions open (--max-sessions)", peer, len(self.sessions))
         why = f"server full: {len(self.sessions)} sessions are open (--max-sessions {self.max_sessions}); try again later"
-        await ws.send(pack({"type": "error", "request": "hello", "error": why, "field": None}))
-        await ws.close(1013, "server full"); return None
+        await self._refuse(ws, peer, why, None, 1013, "server full"); return None
+    return await self._open(peer)
+
+@patch
+async def _open(self:PolicyServer, peer:str)->Session:
+    "A new session (a fork of the model whose model work goes to the model thread)."
     self._next += 1
-    s = await asyncio.get_running_loop().run_in_executor(self.pool, Session, self.policy, self._next, peer, self.max_len)
+    s = await asyncio.get_running_loop().run_in_executor(self.pool, Session, self.policy, self._next, peer, self.max_len, self.worker)
     self.sessions[s.sid] = s
     log.info("session %d from %s: start (%d open)", s.sid, peer, len(self.sessions))
     return s
@@ -171,11 +336,20 @@ async def _reply(self:PolicyServer, ws, session, raw):  # (reply, session, done)
     if kind == "close": return {"type": "close", "closed": True}, session, True
     if kind not in ("prompt", "reset", "act"):
         return _error(kind, ProtocolError(f"unknown message 'type' {kind!r} (hello, prompt, reset, act, close)")), session, False
-    try: return await asyncio.get_running_loop().run_in_executor(self.pool, session.handle, msg), session, False
+    try: return await self._run(session, session.handle, msg, announce=kind == "act"), session, False
     except ICRTError as e: return _error(kind, e), session, False
     except Exception as e:
         log.exception("session %d: %s failed", session.sid, kind)
         return _error(kind, RuntimeError(f"{kind}: internal error ({type(e).__name__}: {e})")), session, False
+
+@patch
+async def _run(self:PolicyServer, session:Session, fn, *args, announce:bool=False):
+    "Run `fn(*args)` on a request thread; `announce`: it makes a control step, which a batch should wait for."
+    model = session.policy.model
+    if announce: self.worker.expect(model)
+    try: return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+    finally:
+        if announce: self.worker.arrived(model)
 
 # %% ../nbs/24_serve.ipynb #c018
 @patch
@@ -193,18 +367,22 @@ async def handler(self:PolicyServer, ws):
             if done: break
     except ConnectionClosed: pass
     finally:
-        if session is not None:
-            self.sessions.pop(session.sid, None)
-            log.info("session %d from %s: end after %d steps, act p50 %.1f ms p99 %.1f ms (%d open)", session.sid, session.peer,
-                     len(session.act_ms), _pct(session.act_ms, 50), _pct(session.act_ms, 99), len(self.sessions))
+        if session is not None: self._closed(session)
+
+@patch
+def _closed(self:PolicyServer, session:Session):
+    self.sessions.pop(session.sid, None)
+    log.info("session %d from %s: end after %d steps, act p50 %.1f ms p99 %.1f ms (%d open)", session.sid, session.peer,
+             len(session.act_ms), _pct(session.act_ms, 50), _pct(session.act_ms, 99), len(self.sessions))
 
 # %% ../nbs/24_serve.ipynb #c019
 @patch
 def _health(self:PolicyServer, connection, request):
     "/healthz: plain HTTP 200 with the server's state; every other path goes on to the websocket handshake."
-    if request.path != "/healthz": return None
+    if request.path != "/healthz": return self._openpi_gate(connection, request) if self.protocol == "openpi" else None
     body = json.dumps({"ok": True, "sessions": len(self.sessions), "max_sessions": self.max_sessions,
-                       "uptime_s": round(time.time() - self.started, 1), "device": self.metadata["device"]})
+                       "uptime_s": round(time.time() - self.started, 1), "device": self.metadata["device"], "protocol": self.protocol,
+                       "batches": dict(self.worker.batches)})
     r = connection.respond(HTTPStatus.OK, body + "\n")
     r.headers["Content-Type"] = "application/json"
     return r
@@ -213,11 +391,12 @@ def _health(self:PolicyServer, connection, request):
 async def serve(self:PolicyServer, ready:Optional[threading.Event]=None, stop:Optional[asyncio.Event]=None):
     "Listen until `stop` is set (or forever)."
     from websockets.asyncio.server import serve
-    hard = self.max_request_bytes + 2**20  # the library closes a connection whose frame exceeds even this
-    async with serve(self.handler, self.host, self.port, process_request=self._health, max_size=hard, compression=None) as srv:
+    hard = self.max_request_bytes + 64 * 2**20  # up to this a too-large frame gets an error reply; beyond, the library closes the connection
+    handler = self._openpi_handler if self.protocol == "openpi" else self.handler
+    async with serve(handler, self.host, self.port, process_request=self._health, max_size=hard, compression=None) as srv:
         self.port = srv.sockets[0].getsockname()[1]
-        log.info("icrt_serve: %s on ws://%s:%d (%s, max %d sessions%s)", self.policy.checkpoint, self.host, self.port,
-                 self.metadata["device"], self.max_sessions, ", token required" if self.token else "")
+        log.info("icrt_serve: %s on ws://%s:%d (%s protocol, %s, max %d sessions%s)", self.policy.checkpoint, self.host, self.port,
+                 self.protocol, self.metadata["device"], self.max_sessions, ", token required" if self.token else "")
         if ready is not None: ready.set()
         await (stop.wait() if stop is not None else asyncio.Future())
 
@@ -234,11 +413,249 @@ def start_server(policy:ICRTPolicy, **kw)->PolicyServer:
 
 def stop_server(srv:PolicyServer):
     "Stop a server of start_server."
-    srv._loop.call_soon_threadsafe(srv._stop.set); srv._thread.join(10); srv.pool.shutdown()
+    srv._loop.call_soon_threadsafe(srv._stop.set); srv._thread.join(10); srv.pool.shutdown(); srv.worker.close()
+
+# %% ../nbs/24_serve.ipynb #c023c
+_OP_DTYPE = re.compile(r"[<>|=]?(b1|[iu][1248]|f[248])")
+
+def _op_dtype(s)->np.dtype:
+    if isinstance(s, bytes): s = s.decode("ascii", "replace")
+    if not isinstance(s, str) or not _OP_DTYPE.fullmatch(s):
+        raise ProtocolError(f"array of dtype {str(s)[:20]!r}: only bool, int, uint and float arrays ('<f4', '|u1', ...) are read")
+    return np.dtype(s)
+
+def _op_decode(d:dict):
+    "msgpack's hook for every map of an openpi request: openpi's encoded arrays and scalars become numpy, after checks."
+    if b"__ndarray__" in d:
+        dt, shape, data = _op_dtype(d.get(b"dtype")), d.get(b"shape"), d.get(b"data")
+        if not isinstance(shape, (list, tuple)) or len(shape) > 8 or not isinstance(data, bytes) or \
+           not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape):
+            raise ProtocolError("an encoded array needs a shape of at most 8 non-negative integers and bytes data")
+        want = int(np.prod([int(n) for n in shape], dtype=object)) * dt.itemsize
+        if len(data) != want: raise ProtocolError(f"array of shape {tuple(shape)} and dtype {dt.str} needs {want} bytes, got {len(data)}")
+        return np.frombuffer(data, dtype=dt).reshape(shape).copy()
+    if b"__npgeneric__" in d:
+        dt, v = _op_dtype(d.get(b"dtype")), d.get(b"data")
+        if isinstance(v, bool) and dt.kind != "b" or not isinstance(v, (bool, int, float)): raise ProtocolError("an encoded numpy scalar needs a number")
+        try: return dt.type(v)
+        except (OverflowError, ValueError): raise ProtocolError(f"numpy scalar {v!r} does not fit dtype {dt.str}") from None
+    return d
+
+def _op_encode(o):
+    if isinstance(o, np.ndarray):
+        a = np.ascontiguousarray(o)
+        return {b"__ndarray__": True, b"data": a.tobytes(), b"dtype": a.dtype.str, b"shape": list(a.shape)}
+    if isinstance(o, np.generic): return o.item()
+    raise TypeError(f"cannot pack a {type(o).__name__}")
+
+# %% ../nbs/24_serve.ipynb #c023d
+def op_pack(msg)->bytes:
+    "A reply (or the metadata) in openpi's msgpack-numpy encoding."
+    return msgpack.packb(msg, default=_op_encode, use_bin_type=True)
+
+def op_unpack(raw)->dict:  # the request, with numpy arrays
+    "An openpi request from its bytes; anything else is a `ProtocolError`."
+    if not isinstance(raw, (bytes, bytearray, memoryview)):
+        raise ProtocolError("expected a binary frame (openpi's msgpack-numpy observation), got text")
+    try: msg = msgpack.unpackb(raw, object_hook=_op_decode, raw=False, strict_map_key=False)
+    except ProtocolError: raise
+    except Exception as e: raise ProtocolError(f"not msgpack ({type(e).__name__}: {str(e)[:80]})") from None
+    if not isinstance(msg, dict): raise ProtocolError(f"a request must be a map (the observation), got {type(msg).__name__}")
+    return msg
+
+# %% ../nbs/24_serve.ipynb #c023g
+def prompt_key(s:str)->str:
+    "How a request's prompt matches a task name: case, and runs of spaces and underscores, do not matter."
+    return " ".join(re.split(r"[\s_]+", s.strip().lower())).strip()
+
+def _dataset_configs(p:Path)->list:
+    "The dataset configs of --prompts: the file itself, or the folder's *.json files that have a 'dataset_path'."
+    if p.is_file(): return [p]
+    if not p.is_dir(): raise ICRTError(f"--prompts: no such file or folder '{p}' (a dataset config, or a folder of them)")
+    out = []
+    for f in sorted(p.glob("*.json")):
+        try: d = json.loads(f.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError): continue
+        if isinstance(d, dict) and "dataset_path" in d: out.append(f)
+    if not out: raise ICRTError(f"--prompts '{p}': no dataset config in this folder (a *.json with a 'dataset_path')")
+    return out
+
+# %% ../nbs/24_serve.ipynb #c023h
+class PromptLibrary:
+    "Named prompts for openpi's clients: each task of some dataset configs, as its first `k` demonstrations."
+    def __init__(self,
+                 path,               # a dataset config, or a folder of them
+                 keys:dict,          # the run's key names (run_keys): its cameras must be in every dataset
+                 k:int=1,            # demonstrations per prompt (a task's first k; all it has if fewer)
+                 cache:int=8,        # prompts whose model inputs are kept in memory
+                ):
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1: raise ICRTError(f"--prompt-episodes must be >= 1, got {k!r}")
+        self.k, self.cache, self.tasks, self._inputs, self._lock = k, cache, {}, collections.OrderedDict(), threading.Lock()
+        for f in _dataset_configs(Path(path).expanduser()):
+            spec = load_dataset_config(f)  # a one-line DatasetError naming the file and key
+            lack = [c for c in keys["image_keys"] if c not in spec.image_keys]
+            if lack: raise ICRTError(f"--prompts '{f}': the dataset has no camera(s) {lack} of the run (it has {spec.image_keys}); "
+                                     "give demonstrations recorded with the run's cameras")
+            for task, eps in spec.verb_to_episode.items():
+                name = prompt_key(task)
+                if name in self.tasks: raise ICRTError(f"--prompts: task '{task}' of '{f}' is also in '{self.tasks[name][1].config_path}' "
+                                                       "(as written, or differing in case/spaces/underscores); rename one")
+                if eps: self.tasks[name] = (task, spec, list(eps[:k]))
+        if not self.tasks: raise ICRTError(f"--prompts '{path}': no task with episodes (the datasets' verb_to_episode is empty)")
+
+    @property
+    def names(self)->list: return [t for t, _, _ in self.tasks.values()]
+    def __len__(self): return len(self.tasks)
+
+# %% ../nbs/24_serve.ipynb #c023i
+@patch
+def resolve(self:PromptLibrary, prompt)->str:  # the task's name
+    "The task a request's `prompt` names; an unknown one is a `ProtocolError` listing some known ones."
+    if not isinstance(prompt, str): raise ProtocolError(f"'prompt' must be a string (a task name), got {type(prompt).__name__}")
+    hit = self.tasks.get(prompt_key(prompt))
+    if hit is None: raise ProtocolError(f"unknown prompt {prompt[:80]!r}: this server's prompts are {_some(self.names, 6)} (icrt_serve --prompts)")
+    return hit[0]
+
+@patch
+def inputs(self:PromptLibrary, name:str, policy:ICRTPolicy)->list:  # [episode_inputs dict] of the prompt's demonstrations
+    "The model inputs of a prompt's demonstrations (read and preprocessed once; the last `cache` prompts kept)."
+    with self._lock:
+        if name in self._inputs: self._inputs.move_to_end(name); return self._inputs[name]
+    task, spec, eps = self.tasks[prompt_key(name)]
+    demos = [policy.inputs(load_episode(spec, e), f"prompt '{task}' episode '{e}'") for e in eps]
+    with self._lock:
+        self._inputs[name] = demos
+        while len(self._inputs) > self.cache: self._inputs.popitem(last=False)
+    return demos
+
+# %% ../nbs/24_serve.ipynb #c023m
+def check_map(obs_map:dict, keys:dict)->dict:  # {request key: run key}
+    "Check --map renames: each names a run camera or proprio key, at most once, from distinct request keys."
+    run = keys["image_keys"] + keys["proprio_keys"]
+    for src, dst in obs_map.items():
+        if not src or dst not in run: raise ICRTError(f"--map {src}={dst}: '{dst}' is not a camera or proprio key of the run ({', '.join(run)})")
+    dup = [d for d in set(obs_map.values()) if list(obs_map.values()).count(d) > 1]
+    if dup: raise ICRTError(f"--map: two request keys are mapped to '{dup[0]}'; map one key to each of the run's keys")
+    return dict(obs_map)
+
+def parse_map(items:Optional[list])->dict:
+    "--map SRC=DST items as {SRC: DST}."
+    out = {}
+    for it in items or []:
+        src, eq, dst = it.partition("=")
+        if not eq or not src or not dst: raise ICRTError(f"--map {it!r}: write SRC=DST (a request key, '=', the run's key)")
+        if src in out: raise ICRTError(f"--map: '{src}' is mapped twice")
+        out[src] = dst
+    return out
+
+def _flat(d:dict, prefix:str="", out:Optional[dict]=None)->dict:
+    "Nested maps as one map with '/'-joined keys (non-string keys kept as they are, to be refused by name)."
+    out = {} if out is None else out
+    for k, v in d.items():
+        key = prefix + k if isinstance(k, str) else k
+        if isinstance(v, dict) and isinstance(key, str) and len(out) <= MAX_KEYS: _flat(v, key + "/", out)
+        else: out[key] = v
+    return out
+
+# %% ../nbs/24_serve.ipynb #c023p
+@patch
+def _openpi_observation(self:PolicyServer, req:dict)->dict:
+    "The run's observation from an openpi request: keys checked and renamed, channel-first frames turned channel-last."
+    flat = _flat(req)
+    p, inv = self.policy, {dst: src for src, dst in self.obs_map.items()}
+    need = {k: inv.get(k, k) for k in p.image_keys + p.keys["proprio_keys"]}     # run key -> request key
+    _check_keys(flat, list(need.values()), "request")
+    obs = {k: flat[src] for k, src in need.items()}
+    for k in p.image_keys:
+        x = obs[k]
+        if isinstance(x, np.ndarray) and x.ndim == 3 and x.shape[0] == 3 and x.shape[-1] != 3: obs[k] = x.transpose(1, 2, 0)
+    return obs
+
+# %% ../nbs/24_serve.ipynb #c023q
+@patch
+def _openpi_infer(self:PolicyServer, s:Session, req:dict)->dict:
+    "One openpi request of session `s`: checks, prompt and episode rules, one control step; the reply."
+    try:
+        obs = self._openpi_observation(req)
+        reset, prompt = req.get("reset", False), req.get("prompt")
+        if not isinstance(reset, (bool, np.bool_)): raise ProtocolError(f"'reset' must be true or false, got {type(reset).__name__}")
+        if prompt is None and s.prompt_name is None:
+            if len(self.prompts) != 1: raise ProtocolError(f"the first request must name a task in 'prompt' (this server's prompts are {_some(self.prompts.names, 6)})")
+            prompt = self.prompts.names[0]
+        name = s.prompt_name if prompt is None else self.prompts.resolve(prompt)
+        gap = s.last_seen is not None and self.episode_gap_s > 0 and time.monotonic() - s.last_seen > self.episode_gap_s
+        if name != s.prompt_name:                                   # another task: its demonstrations, a new episode
+            s.prompt_name = None
+            s.policy.prompt(self.prompts.inputs(name, s.policy))
+            s.prompt_name, s.prompted, s.episode = name, True, s.episode + 1
+        elif reset or gap:
+            s.policy.reset(max_len=s.policy.model._max_len); s.episode += 1
+        t0 = time.perf_counter()
+        s.policy.act(obs)
+        s.act_ms.append(1e3 * (time.perf_counter() - t0))
+        return {"actions": s.policy.last_chunk, "prompt": name, "episode": s.episode, "step": s.policy.t - 1,
+                "policy_timing": {"infer_ms": s.act_ms[-1]}}
+    finally: s.last_seen = time.monotonic()
+
+# %% ../nbs/24_serve.ipynb #c023r
+@patch
+def _openpi_metadata(self:PolicyServer)->dict:
+    "The frame sent on connect: what openpi's client (and its user) needs to know."
+    m, p, inv = self.metadata, self.policy, {dst: src for src, dst in self.obs_map.items()}
+    return {"server": "icrt_serve", "protocol": "openpi", "action_horizon": p.num_pred_steps, "action_dim": len(m["action_layout"]),
+            "action_layout": m["action_layout"], "action_frame": m["action_frame"],
+            "observation_keys": {k: inv.get(k, k) for k in p.image_keys + p.keys["proprio_keys"]},
+            "image_size": m["image_size"], "frames": m["frames"], "prompts": self.prompts.names[:1000], "num_prompts": len(self.prompts),
+            "prompt_episodes": self.prompts.k, "episode_gap_s": self.episode_gap_s, "control_rate_hz": m["control_rate_hz"],
+            "run": m["run"], "checkpoint_sha256": m["checkpoint_sha256"], "device": m["device"], "max_request_bytes": self.max_request_bytes}
+
+# %% ../nbs/24_serve.ipynb #c023t
+@patch
+def _openpi_gate(self:PolicyServer, connection, request):
+    "Before the handshake: the token (Authorization: Api-Key TOKEN) and the session limit."
+    if self.token is not None:
+        got = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(got.removeprefix("Api-Key ").strip(), self.token):
+            log.warning("refused an openpi client: wrong or missing token")
+            return connection.respond(HTTPStatus.UNAUTHORIZED, "icrt_serve: wrong or missing token: pass api_key=TOKEN to WebsocketClientPolicy\n")
+    if len(self.sessions) >= self.max_sessions:
+        return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, f"icrt_serve: server full: {len(self.sessions)} sessions are open "
+                                  f"(--max-sessions {self.max_sessions}); try again later\n")
+    return None
+
+@patch
+async def _openpi_reply(self:PolicyServer, s:Session, raw)->dict:
+    if isinstance(raw, (bytes, bytearray)) and len(raw) > self.max_request_bytes:
+        raise ProtocolError(f"request of {len(raw)} bytes is larger than the server's limit of {self.max_request_bytes} "
+                            "(icrt_serve --max-request-mb); send smaller frames")
+    return await self._run(s, self._openpi_infer, s, op_unpack(raw), announce=True)
+
+# %% ../nbs/24_serve.ipynb #c023u
+@patch
+async def _openpi_handler(self:PolicyServer, ws):
+    "One openpi connection: a session, the metadata frame, then one reply (or error text frame) per request."
+    from websockets.exceptions import ConnectionClosed
+    peer = "%s:%s" % ws.remote_address[:2] if ws.remote_address else "?"
+    s, prev = await self._open(peer), None
+    try:
+        await ws.send(op_pack(self._openpi_metadata()))
+        async for raw in ws:
+            t0 = time.perf_counter()
+            try: rep = await self._openpi_reply(s, raw)
+            except ICRTError as e: await ws.send("icrt_serve: error: " + _error("", e)["error"])
+            except Exception as e:
+                log.exception("session %d: openpi request failed", s.sid)
+                await ws.send("icrt_serve: error: " + _error("", RuntimeError(f"internal error ({type(e).__name__}: {e})"))["error"])
+            else:
+                rep["server_timing"] = {"infer_ms": 1e3 * (time.perf_counter() - t0)} | ({"prev_total_ms": prev} if prev else {})
+                await ws.send(op_pack(rep))
+            prev = 1e3 * (time.perf_counter() - t0)
+    except ConnectionClosed: pass
+    finally: self._closed(s)
 
 # %% ../nbs/24_serve.ipynb #c025
 def serve_cli(argv:Optional[list]=None)->int:
-    "icrt_serve RUN_DIR [--host 127.0.0.1] [--port 8765] [--device cuda|cpu] [--max-sessions N] [--token-file F]"
+    "icrt_serve RUN_DIR [--host 127.0.0.1] [--port 8765] [--device cuda|cpu] [--max-sessions N] [--token-file F] [--protocol openpi --prompts P]"
     ap = argparse.ArgumentParser("icrt_serve", description="Serve a trained ICRT run to robots over websockets (msgpack).")
     ap.add_argument("run_dir", help="the run folder (run.yaml + checkpoint-<N>.pth)")
     ap.add_argument("--checkpoint", default=None, help="checkpoint file (default: the run's latest)")
@@ -247,25 +664,37 @@ def serve_cli(argv:Optional[list]=None)->int:
     ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     ap.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="fp32, or bf16 autocast (GPU)")
     ap.add_argument("--compile", nargs="?", const="default", default=None, choices=["default", "reduce-overhead", "max-autotune"],
-                    help="torch.compile the fixed-shape control step (reduce-overhead: CUDA graphs where possible)")
+                    help="torch.compile the fixed-shape control step of a lone session (reduce-overhead: CUDA graphs where possible)")
     ap.add_argument("--max-sessions", type=int, default=8, help="sessions at once (default 8)")
-    ap.add_argument("--token-file", default=None, help="file holding the token every client must send in hello")
+    ap.add_argument("--token-file", default=None, help="file holding the token every client must send (hello, or openpi's api_key)")
     ap.add_argument("--max-request-mb", type=float, default=256, help="largest request in MiB (default 256)")
     ap.add_argument("--max-len", type=int, default=None, help="context length in tokens per session (default: the model's)")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    ap.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a batch of control steps waits for others on their way (default 5)")
+    ap.add_argument("--protocol", default="icrt", choices=PROTOCOLS, help="icrt (ours, default) or openpi (openpi-client's websocket protocol)")
+    ap.add_argument("--prompts", default=None, help="openpi: a dataset config (or a folder of them) whose tasks are the prompts a request names")
+    ap.add_argument("--prompt-episodes", type=int, default=1, help="openpi: demonstrations per prompt, a task's first K (default 1)")
+    ap.add_argument("--episode-gap-s", type=float, default=5.0, help="openpi: a request after this many idle seconds starts a new episode (default 5; 0: never)")
+    ap.add_argument("--map", action="append", default=None, metavar="SRC=DST", help="openpi: use the request's key SRC as the run's key DST (repeatable)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         token = read_token(a.token_file)
         if not 0 < a.port < 65536: raise ICRTError(f"--port {a.port}: must be in 1..65535")
+        if a.protocol == "openpi" and not a.prompts: raise ICRTError("--protocol openpi needs --prompts DATASET_CONFIG (or a folder of them): the demonstrations live on the server")
+        if a.protocol != "openpi" and (a.prompts or a.map): raise ICRTError("--prompts and --map are for --protocol openpi")
+        obs_map = parse_map(a.map)
         if a.threads: torch.set_num_threads(a.threads)
         policy = ICRTPolicy.from_run(a.run_dir, a.checkpoint, device=a.device, precision=a.precision)
+        prompts = PromptLibrary(a.prompts, policy.keys, a.prompt_episodes) if a.prompts else None
         if a.compile: policy.model.compile_step(mode=None if a.compile == "default" else a.compile)  # compiled by the warm-up
-        srv = PolicyServer(policy, a.host, a.port, a.max_sessions, token, int(a.max_request_mb * 2**20), a.max_len)
+        srv = PolicyServer(policy, a.host, a.port, a.max_sessions, token, int(a.max_request_mb * 2**20), a.max_len, a.protocol,
+                           prompts, obs_map, a.episode_gap_s, a.batch_wait_ms, a.run_dir)
     except ICRTError as e: print(f"icrt_serve: error: {e}", file=sys.stderr); return 1
     try: asyncio.run(srv.serve())
     except KeyboardInterrupt: pass
     except OSError as e: print(f"icrt_serve: error: cannot listen on {a.host}:{a.port} ({e.strerror or e})", file=sys.stderr); return 1
+    finally: srv.worker.close()
     return 0
 
 # %% ../nbs/24_serve.ipynb #c026

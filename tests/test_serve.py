@@ -164,7 +164,7 @@ def test_session_limit_and_disconnects_free_sessions(server, data):
 
 
 def test_eight_concurrent_sessions_equal_sequential_runs(server, run_dir, data):
-    "8 sessions x 200 steps at once, each its own prompt and episode: 0 errors, and each equals its in-process run."
+    "8 sessions x 200 steps at once, each its own prompt and episode: 0 errors, steps batched, each equals its in-process run (1e-4)."
     spec, eps = data
     steps, jobs = 200, [(eps[i % 9], eps[(i + 3) % 9]) for i in range(8)]
     T = lambda ep: len(ep[spec.action_keys[0]])
@@ -183,7 +183,10 @@ def test_eight_concurrent_sessions_equal_sequential_runs(server, run_dir, data):
     for t in ths: t.start()
     for t in ths: t.join()
     assert errors == [] and len(out) == 8
-    for i in range(8): np.testing.assert_array_equal(out[i], local[i], err_msg=f"session {i}")
+    # batched model calls differ from one-row calls in float rounding (~5e-7 in the model's outputs); turning rot6d into
+    # Euler angles amplifies that on some steps to ~2e-5 on the tiny random-ish model, hence 1e-4 on the executed actions
+    for i in range(8): np.testing.assert_allclose(out[i], local[i], rtol=0, atol=1e-4, err_msg=f"session {i}")
+    assert max(int(n) for n in _health(server)["batches"]) > 1  # steps of several sessions ran as one model call
 
 
 def test_icrt_eval_closed_loop_through_the_server(server, run_dir, tmp_path):
@@ -198,3 +201,47 @@ def test_icrt_eval_closed_loop_through_the_server(server, run_dir, tmp_path):
             elif k != "chunk_offset": assert b[key][k] == v, (key, k)
     sa = [e.get("closed_loop", {}).get("success") for e in a["episodes"]]
     assert sa == [e.get("closed_loop", {}).get("success") for e in b["episodes"]] and None not in sa
+
+
+def test_hello_names_the_run_and_a_mismatch_is_refused(server, run_dir):
+    "A client may say which run (folder name or path) or checkpoint (sha256 prefix) it expects; another is one clear refusal."
+    with PolicyClient(server["url"], token=TOKEN) as c: sha = c.metadata["checkpoint_sha256"]
+    assert c.metadata["run"] == run_dir.name and len(sha) == 64
+    for ok in (dict(run=run_dir.name), dict(run=str(run_dir)), dict(checkpoint=sha[:8]), dict(run=run_dir.name, checkpoint=sha)):
+        with PolicyClient(server["url"], token=TOKEN, **ok) as c: assert c.metadata["run"] == run_dir.name
+    with pytest.raises(ServerError, match=rf"serves run '{run_dir.name}' .*not run 'other-run': connect to that run's server"):
+        PolicyClient(server["url"], token=TOKEN, run="other-run")
+    other = "0" * 8 if not sha.startswith("0" * 8) else "f" * 8
+    with pytest.raises(ServerError, match=f"not checkpoint {other}"): PolicyClient(server["url"], token=TOKEN, checkpoint=other)
+    with pytest.raises(ServerError, match="8 to 64 hex digits"): PolicyClient(server["url"], token=TOKEN, checkpoint="abc")
+    time.sleep(0.2)
+    assert _health(server)["sessions"] == 0  # refused clients hold no session
+
+
+def test_odd_observation_keys_get_short_errors(server, data):
+    "Integer keys with a missing camera, or 100k extra keys: one short error line, no server traceback (#28 item 9)."
+    spec, eps = data
+    obs, cam = _observation(spec, eps[1], 0), spec.image_keys[0]
+    ws, _ = _raw(server)
+    assert _ask(ws, {"type": "prompt", "episodes": [eps[0]]})["type"] == "prompt"
+    r = _ask(ws, {"type": "act", "observation": {**{k: v for k, v in obs.items() if k != cam}, 1: 2, 3: 4}})
+    assert r["type"] == "error" and "keys must be strings, got int key(s) 1, 3" in r["error"] and "internal" not in r["error"], r
+    r = _ask(ws, {"type": "act", "observation": {**obs, **{f"extra{i}": 0 for i in range(100_000)}}})
+    assert r["type"] == "error" and "100004 keys, more than 1024" in r["error"] and len(pack(r)) < 1000, r["error"][:300]
+    r = _ask(ws, {"type": "act", "observation": {f"k{i}": 0 for i in range(1000)}})   # a missing key among many: a few named
+    assert r["type"] == "error" and "lacks key(s)" in r["error"] and "(+992 more)" in r["error"] and len(r["error"]) < 600, r["error"][:300]
+    assert _ask(ws, {"type": "act", "observation": obs})["type"] == "act"
+    ws.close()
+    time.sleep(0.2)
+    assert "Traceback" not in server["log"].read_text()
+
+
+def test_a_token_file_that_is_not_utf8_is_one_line(run_dir, tmp_path, server):
+    "icrt_serve --token-file and icrt_eval --server --token-file with bytes that are not UTF-8: one line, no traceback."
+    bad = tmp_path / "token"; bad.write_bytes(b"\xff\xfe\x00token")
+    for cmd in ([sys.executable, "-m", "icrt.serve", str(run_dir), "--token-file", str(bad)],
+                [sys.executable, "-m", "icrt.eval", str(run_dir), "--server", server["url"], "--token-file", str(bad), "--episodes", "1"]):
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        tool = "icrt_serve" if "icrt.serve" in cmd else "icrt_eval"
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert f"{tool}: error: --token-file '{bad}' is not UTF-8 text (byte 0): write the token as plain text" in r.stderr, r.stderr

@@ -76,17 +76,21 @@ def bench_serve(
     finally: stop_server(srv)
     if len(out) != clients: raise RuntimeError(f"icrt_bench_serve: {clients - len(out)} client(s) failed (see the log)")
     rt = [x for r in out.values() for x in r["round_trip_ms"][1:]]; sv = [x for r in out.values() for x in r["server_ms"][1:]]
-    same = all(np.array_equal(r["actions"], np.stack(local)) for r in out.values())
+    diff = max(float(np.abs(r["actions"] - np.stack(local)).max()) for r in out.values())
+    b = srv.worker.batches
     return {"clients": clients, "steps": steps, "image": image, "in_process_p50_ms": _pct(local_ms[1:], 50),
             "round_trip_p50_ms": _pct(rt, 50), "round_trip_p99_ms": _pct(rt, 99), "server_p50_ms": _pct(sv, 50), "server_p99_ms": _pct(sv, 99),
             "overhead_p50_ms": _pct(rt, 50) - _pct(local_ms[1:], 50), "throughput_steps_per_s": clients * steps / wall,
-            "actions_equal_in_process": same, "threads": torch.get_num_threads(), "device": str(policy.device), "machine": machine()}
+            "batch_mean": sum(k * v for k, v in b.items()) / max(1, sum(b.values())), "max_abs_diff": diff,
+            "actions_equal_in_process": diff <= 1e-4, "threads": torch.get_num_threads(), "device": str(policy.device), "machine": machine()}
 
 # %% ../../nbs/34_bench.serve.ipynb #c011
 def bench_serve_cli(argv:Optional[list]=None)->int:
     "Console entry point `icrt_bench_serve`."
     ap = argparse.ArgumentParser("icrt_bench_serve", description="Latency and throughput of icrt_serve over loopback.")
-    ap.add_argument("run_dir", nargs="?", default=None, help="a run folder to serve (default: the tiny model, random weights)")
+    ap.add_argument("run_dir", nargs="?", default=None, help="a run folder to serve (default: --config's model, random weights)")
+    ap.add_argument("--config", default="tiny", choices=["tiny", "default"], help="without RUN_DIR: the tiny model (default) or the default "
+                    "model (ViT-B/16 x 2 cameras + 12x768 transformer), random weights, nothing downloaded")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent client counts (default: 1 8)")
     ap.add_argument("--steps", type=int, default=200, help="control steps per client (default 200)")
     ap.add_argument("--image", type=int, default=224, help="frame side of the raw observations (default 224)")
@@ -99,18 +103,22 @@ def bench_serve_cli(argv:Optional[list]=None)->int:
     if min(a.clients) < 1 or a.steps < 2 or a.image < 8: ap.error("--clients >= 1, --steps >= 2 and --image >= 8")
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(a.threads)
+    from icrt.bench.inference import build_bench_model
     from icrt.tiny import tiny_model
     torch.manual_seed(0)
-    pol = ICRTPolicy.from_run(a.run_dir, device=a.device, precision=a.precision) if a.run_dir else \
-        ICRTPolicy(tiny_model().eval().to(a.device if a.device != "auto" else "cpu"), ExperimentConfig(DatasetConfig("none.json")), precision=a.precision)
+    dev = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if a.run_dir: pol = ICRTPolicy.from_run(a.run_dir, device=a.device, precision=a.precision)
+    else:
+        model = tiny_model() if a.config == "tiny" else build_bench_model("default", dev)
+        pol = ICRTPolicy(model.eval().to(dev), ExperimentConfig(DatasetConfig("none.json")), precision=a.precision)
     rows = [bench_serve(pol, n, a.steps, a.image, a.prompt_steps) for n in a.clients]
-    print(f"icrt_bench_serve: {a.run_dir or 'tiny model'}, {a.image}x{a.image} frames x {len(pol.image_keys)} cameras, "
+    print(f"icrt_bench_serve: {a.run_dir or a.config + ' model'}, {a.image}x{a.image} frames x {len(pol.image_keys)} cameras, "
           f"{a.steps} steps per client, {rows[0]['device']}, {a.threads} thread(s); {rows[0]['machine']}")
-    print("clients  in-process p50  round trip p50/p99  server p50/p99  overhead p50  steps/s  same actions")
+    print("clients  in-process p50  round trip p50/p99  server p50/p99  overhead p50  steps/s  batch  same actions")
     for r in rows:
         print(f"{r['clients']:7d}  {r['in_process_p50_ms']:11.2f} ms  {r['round_trip_p50_ms']:7.2f} / {r['round_trip_p99_ms']:6.2f} ms  "
               f"{r['server_p50_ms']:6.2f} / {r['server_p99_ms']:6.2f} ms  {r['overhead_p50_ms']:9.2f} ms  {r['throughput_steps_per_s']:7.1f}  "
-              f"{r['actions_equal_in_process']}")
+              f"{r['batch_mean']:5.1f}  {r['actions_equal_in_process']} ({r['max_abs_diff']:.1e})")
     if a.json: a.json.write_text(json.dumps(rows, indent=1))
     return 0 if all(r["actions_equal_in_process"] for r in rows) else 1
 

@@ -177,6 +177,17 @@ class Attention(nn.Module):
         q = apply_rope(self.wq(x).view(B, L, self.n_heads, self.hd), cos, sin).transpose(1, 2)  # (B, H, L, hd)
         k = apply_rope(self.wk(x).view(B, L, self.n_kv, self.hd), cos, sin).transpose(1, 2)     # (B, KV, L, hd)
         v = self.wv(x).view(B, L, self.n_kv, self.hd).transpose(1, 2)                            # (B, KV, L, hd)
+        return self.wo(self.attend(q, k, v, start_pos, cache, layer))
+
+    def attend(self,
+               q:torch.Tensor,                 # (B, H, L, hd) rotated queries
+               k:torch.Tensor, v:torch.Tensor, # (B, KV, L, hd) rotated keys, values of the same L tokens
+               start_pos:int=0,                # position of the first of them
+               cache:Optional[KVCache]=None,
+               layer:int=0,                    # this layer's index in the cache
+              )->torch.Tensor:                 # (B, L, H*hd), before the output projection
+        "Causal attention of new tokens over the cached ones and themselves (their keys/values go into the cache)."
+        B, _, L, _ = q.shape
         mask, causal = None, True
         if cache is not None:
             k, v = cache.update(layer, start_pos, k, v)          # (B, KV, start_pos+L, hd)
@@ -184,12 +195,12 @@ class Attention(nn.Module):
             if start_pos > 0:
                 causal = False
                 if L > 1:
-                    qpos = torch.arange(start_pos, start_pos + L, device=x.device)
-                    mask = torch.arange(start_pos + L, device=x.device)[None] <= qpos[:, None]  # (L, S) True = attend
+                    qpos = torch.arange(start_pos, start_pos + L, device=q.device)
+                    mask = torch.arange(start_pos + L, device=q.device)[None] <= qpos[:, None]  # (L, S) True = attend
         if self.n_kv != self.n_heads:
             k, v = k.repeat_interleave(self.n_heads // self.n_kv, 1), v.repeat_interleave(self.n_heads // self.n_kv, 1)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, L, hd)
-        return self.wo(o.transpose(1, 2).reshape(B, L, self.n_heads * self.hd))
+        return o.transpose(1, 2).reshape(B, L, self.n_heads * self.hd)
 
 # %% ../../nbs/08_models.llama.ipynb #c029
 class TransformerBlock(nn.Module):
@@ -286,6 +297,36 @@ def step_fixed(self:Transformer,
         x = h + _attend_fixed(b.attention, b.attention_norm(h), cos, sin, pos, cache, i)
         h = x + b.feed_forward(b.ffn_norm(x))
     return self.norm(h)
+
+# %% ../../nbs/08_models.llama.ipynb #c045b
+@patch
+def forward_many(self:Transformer,
+                 hs:Sequence,      # [(1, L_i, dim)] new tokens of each sequence
+                 starts:Sequence,  # [int] position of each sequence's first new token
+                 caches:Sequence,  # [KVCache] each sequence's own cache (batch 1, allocated)
+                )->list:           # [(1, L_i, dim)] after the final norm
+    "Cached steps of several sequences as one call: token-wise layers on all new tokens at once, attention per sequence."
+    lens = [h.shape[1] for h in hs]
+    for i, (s, L, c) in enumerate(zip(starts, lens, caches)):
+        if c.k is None or s + L > c.max_len or c.batch != 1:
+            raise ValueError(f"Transformer.forward_many: sequence {i}: positions {s}..{s + L - 1} do not fit its KV cache "
+                             f"({c.batch} x {c.max_len} tokens; a batch-1 cache is needed)")
+    x = torch.cat(list(hs), 1)                                                   # (1, ΣL, dim)
+    ang = [rope_angles(self.args.head_dim, s, L, self.args.rope_theta, x.device) for s, L in zip(starts, lens)]
+    cos, sin = torch.cat([c for c, _ in ang]), torch.cat([s for _, s in ang])    # (ΣL, hd/2) each
+    S = x.shape[1]
+    for i, b in enumerate(self.layers):
+        a, xn = b.attention, b.attention_norm(x)
+        q = apply_rope(a.wq(xn).view(1, S, a.n_heads, a.hd), cos, sin).transpose(1, 2)  # (1, H, ΣL, hd)
+        k = apply_rope(a.wk(xn).view(1, S, a.n_kv, a.hd), cos, sin).transpose(1, 2)     # (1, KV, ΣL, hd)
+        v = a.wv(xn).view(1, S, a.n_kv, a.hd).transpose(1, 2)
+        o, j = [], 0
+        for s, L, c in zip(starts, lens, caches):
+            o.append(a.attend(q[:, :, j:j + L], k[:, :, j:j + L], v[:, :, j:j + L], s, c, i)); j += L
+        h = x + a.wo(torch.cat(o, 1))
+        x = h + b.feed_forward(b.ffn_norm(h))
+    for s, L, c in zip(starts, lens, caches): c.length = s + L
+    return list(self.norm(x).split(lens, 1))
 
 # %% ../../nbs/08_models.llama.ipynb #c049
 _ROW_SPLIT, _COL_SPLIT = ("wq", "wk", "wv", "w1", "w3"), ("wo", "w2")  # Meta model-parallel layout

@@ -9,7 +9,7 @@ import copy
 import json
 import logging
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -19,7 +19,7 @@ from torch import nn, Tensor
 
 from ..config import ConfigError, ExperimentConfig, ICRTError, ModelConfig, SharedConfig
 from ..geometry import absolute_to_delta, delta_to_absolute, to_pose7
-from .heads import build_head, mlp
+from .heads import DiffusionHead, build_head, mlp
 from .llama import LORA_TARGETS, PUBLISHED_LORA_TARGETS, add_biases, apply_lora, build_transformer, set_trainable
 from .vision import build_vision_encoder
 
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'ACTION_DIM', 'STAT_KEYS', 'AttentionPool', 'check_action_stats', 'load_action_stats', 'ICRT', 'interleave',
-           'NonFiniteError', 'overfit_policy']
+           'NonFiniteError', 'get_actions', 'overfit_policy']
 
 # %% ../../nbs/10_models.policy.ipynb #c006
 class AttentionPool(nn.Module):
@@ -406,14 +406,19 @@ def _resized_cache(self:ICRT, n:int, P:int):
 
 # %% ../../nbs/10_models.policy.ipynb #c095
 @patch
-def _feed(self:ICRT, h:Tensor)->Tensor:  # (1, n, dim) new tokens -> (1, n, dim) outputs
-    "Run new tokens through the transformer, appending to the key/value cache."
-    if self.pos + h.shape[1] > self._max_len:
-        raise RuntimeError(f"inference context full: {self.pos} + {h.shape[1]} tokens > {self._max_len}: the context holds "
+def _room(self:ICRT, n:int, like:Tensor):
+    "Refuse `n` new tokens that would not fit the context; allocate the cache (on `like`'s device and dtype) at the first feed."
+    if self.pos + n > self._max_len:
+        raise RuntimeError(f"inference context full: {self.pos} + {n} tokens > {self._max_len}: the context holds "
                            f"{self._max_len} tokens (2 per step, so at most {self._max_len // 2} steps of prompt and episode "
                            "together); call reset(max_len=...) with a longer cache or shorten the prompt")
     if self._cache is None:
-        self._cache = self.transformer.new_cache(1, self._max_len, h.device, h.dtype)
+        self._cache = self.transformer.new_cache(1, self._max_len, like.device, like.dtype)
+
+@patch
+def _feed(self:ICRT, h:Tensor)->Tensor:  # (1, n, dim) new tokens -> (1, n, dim) outputs
+    "Run new tokens through the transformer, appending to the key/value cache."
+    self._room(h.shape[1], h)
     if getattr(self, "_step_fn", None) is not None and h.shape[1] <= 2 and self.pos + 2 <= self._max_len: out = self._fixed_step(h)
     else: out = self.transformer(h, start_pos=self.pos, cache=self._cache)
     self.pos += h.shape[1]
@@ -449,28 +454,48 @@ def prompt(self:ICRT, demos:list, chunk:int=64):
 # %% ../../nbs/10_models.policy.ipynb #c103
 @patch
 def _to_absolute(self:ICRT, chunk:Tensor, proprio:Tensor)->Tensor:  # (K, 10) model space -> (K, 10) absolute
-    "Delta actions to absolute xyz + rot6d + gripper with the current proprio."
+    "Delta actions to absolute xyz + rot6d + gripper with the current proprio ((10,), or (K, 10): one per row)."
     if not self.shared_cfg.use_delta_action: return chunk
-    pose = delta_to_absolute(proprio[:9].expand(len(chunk), 9), chunk[:, :9])
+    pose = delta_to_absolute(proprio[..., :9].expand(len(chunk), 9), chunk[:, :9])
     return torch.cat([pose, chunk[:, 9:]], dim=-1)
 
 # %% ../../nbs/10_models.policy.ipynb #c106
 @patch
-def _query(self:ICRT, pro:Tensor):
-    "Feed queued tokens, read the chunk at the newest state token."
-    s = self.state_tokens(torch.stack([o for o, _ in self._pending_s])[None], torch.stack([p for _, p in self._pending_s])[None])
-    if self._pending_a:  # tokens a_{t-n+1} s_{t-n+2} ... a_t s_{t+1}: each queued state comes after its action
-        a = self.action_tokens(torch.stack(self._pending_a)[None])           # (1, n, dim)
-        h = torch.stack([a, s], dim=2).flatten(1, 2)
-    else: h = s                                                               # first step of the episode
+def _take_queue(self:ICRT)->tuple:  # (states (n, N, 3, S, S), proprio (n, 10), actions (n, 10) or None)
+    "Empty the queues of states and executed actions waiting to be fed."
+    obs, pro = torch.stack([o for o, _ in self._pending_s]), torch.stack([p for _, p in self._pending_s])
+    act = torch.stack(self._pending_a) if self._pending_a else None
     self._pending_s, self._pending_a = [], []
-    self.last_hidden = self._feed(h)[0, -1]                                   # (dim,)
-    g = torch.Generator(device=self.device).manual_seed(self.step)           # reproducible diffusion samples
-    self.last_chunk = self.denormalize_action(self.head.predict(self.last_hidden[None], generator=g)[0])  # (K, 10)
+    return obs, pro, act
+
+def _in_order(s:Tensor, a:Optional[Tensor])->Tensor:  # (1, n, dim) states, (1, n, dim) actions or None -> (1, 2n or n, dim)
+    "Queued tokens in context order a_{t-n+1} s_{t-n+2} ... a_t s_{t+1} (each state after its action; states alone at an episode's first step)."
+    return s if a is None else torch.stack([a, s], dim=2).flatten(1, 2)
+
+@patch
+def _predict(self:ICRT, hidden:Tensor)->Tensor:  # (dim,) -> (K, 10) normalised
+    "The head's chunk at one hidden state (diffusion samples seeded by the step: reproducible)."
+    g = torch.Generator(device=self.device).manual_seed(self.step)
+    return self.head.predict(hidden[None], generator=g)[0]
+
+@patch
+def _take_chunk(self:ICRT, hidden:Tensor, chunk:Tensor, pro:Tensor,  # (dim,), (K, 10) model space, (10,)
+                abs_chunk:Optional[Tensor]=None):                      # (K, 10) the chunk made absolute, if done already
+    "Keep a query's outputs: the hidden state, the chunk (model space and absolute), end probabilities, recent chunks."
+    self.last_hidden, self.last_chunk = hidden, chunk                          # (dim,), (K, 10)
     if self.end_head is not None: self.last_end_prob = torch.sigmoid(self.end_head(self.last_hidden))  # (K,)
-    self.last_abs_chunk = self._to_absolute(self.last_chunk, pro)              # (K, 10) absolute xyz, rot6d, gripper
+    self.last_abs_chunk = self._to_absolute(chunk, pro) if abs_chunk is None else abs_chunk  # (K, 10) absolute xyz, rot6d, gripper
     self._chunks.append((self.step, self.last_abs_chunk))
     self._chunks = [(t, c) for t, c in self._chunks if self.step - t < self.num_pred_steps]
+
+@patch
+def _query(self:ICRT, pro:Tensor):
+    "Feed queued tokens, read the chunk at the newest state token."
+    obs, p, act = self._take_queue()
+    s = self.state_tokens(obs[None], p[None])                                 # (1, n, dim)
+    a = None if act is None else self.action_tokens(act[None])               # (1, n, dim)
+    hidden = self._feed(_in_order(s, a))[0, -1]                               # (dim,)
+    self._take_chunk(hidden, self.denormalize_action(self._predict(hidden)), pro)
 
 # %% ../../nbs/10_models.policy.ipynb #c109
 @patch
@@ -517,13 +542,8 @@ def _cache_finite(self:ICRT, start:int)->bool:
 
 # %% ../../nbs/10_models.policy.ipynb #c111
 @patch
-@torch.no_grad()
-def get_action(self:ICRT,
-               observation:Tensor,                # (N, 3, S, S) normalised images
-               proprio:Tensor,                    # (10,) current xyz, rot6d, gripper
-               prev_action:Optional[Tensor]=None, # (10,) model-space action executed since the last call
-              )->Tensor:                          # (K, 7) chunk, or (7,) action to execute (horizon / ensembling)
-    "One control step: feed the previous action and the new state, return the action(s) to execute (all or nothing)."
+def _begin_step(self:ICRT, observation, proprio, prev_action)->tuple:  # (saved context, due, proprio (10,))
+    "Queue the executed action and the new state; whether a chunk is due at this step."
     if not hasattr(self, "_chunks"): self.reset()
     saved, ref = self._save_context(), self.action_mean
     obs, pro = _as(observation, ref), _as(proprio, ref)[:ACTION_DIM]
@@ -531,9 +551,11 @@ def get_action(self:ICRT,
         a = _as(prev_action, ref) if prev_action is not None else self._last_action
         self._pending_a.append(a[:ACTION_DIM])
     self._pending_s.append((obs, pro))
-    due = self._horizon is None or self.step % self._horizon == 0
-    if due: self._query(pro)
-    out = to_pose7(self._select(pro))
+    return saved, self._horizon is None or self.step % self._horizon == 0, pro
+
+@patch
+def _end_step(self:ICRT, saved:tuple, due:bool, out:Tensor)->Tensor:  # out: (K, 7) or (7,) what _select picked, as poses
+    "Commit the step and return `out`; a step whose outputs or new keys/values are not finite is undone (NonFiniteError)."
     if not (torch.isfinite(out).all() and self._cache_finite(saved[0]) and (not due or torch.isfinite(self.last_hidden).all())):
         self._restore_context(saved)
         raise NonFiniteError(f"get_action (step {self.step}): the model produced NaN/inf from this observation (a value too "
@@ -541,6 +563,20 @@ def get_action(self:ICRT,
                              "in the robot's usual range")
     self.step += 1
     return out.cpu()
+
+@patch
+@torch.no_grad()
+def get_action(self:ICRT,
+               observation:Tensor,                # (N, 3, S, S) normalised images
+               proprio:Tensor,                    # (10,) current xyz, rot6d, gripper
+               prev_action:Optional[Tensor]=None, # (10,) model-space action executed since the last call
+              )->Tensor:                          # (K, 7) chunk, or (7,) action to execute (horizon / ensembling)
+    "One control step: feed the previous action and the new state, return the action(s) to execute (all or nothing)."
+    saved, due, pro = self._begin_step(observation, proprio, prev_action)
+    if due:
+        try: self._query(pro)
+        except Exception: self._restore_context(saved); raise   # e.g. a full context: the step leaves no trace
+    return self._end_step(saved, due, to_pose7(self._select(pro)))
 
 # %% ../../nbs/10_models.policy.ipynb #c121
 @patch
@@ -550,6 +586,69 @@ def fork(self:ICRT)->ICRT:
     f._cache, f._prompt_len = None, 0
     f.reset(keep_prompt=False)
     return f
+
+# %% ../../nbs/10_models.policy.ipynb #c122b
+def _query_many(models:list, pros:list)->dict:  # {index: error} of the models that could not be queried
+    "`_query` of several forks at once: one vision call, one transformer call (`forward_many`), one head call."
+    errors, ok = {}, []
+    for j, m in enumerate(models):
+        try: m._room(len(m._pending_s) + len(m._pending_a), m.action_mean)
+        except RuntimeError as e: errors[j] = e
+        else: ok.append(j)
+    if not ok: return errors
+    ms, m0 = [models[j] for j in ok], models[ok[0]]
+    qs = [m._take_queue() for m in ms]
+    s = m0.state_tokens(torch.cat([q[0] for q in qs])[None], torch.cat([q[1] for q in qs])[None])[0]  # (Σn, dim)
+    s = s.split([len(q[0]) for q in qs])
+    acts = [q[2] for q in qs if q[2] is not None]
+    a = iter(m0.action_tokens(torch.cat(acts)[None])[0].split([len(x) for x in acts]) if acts else ())
+    hs = [_in_order(si[None], None if q[2] is None else next(a)[None]) for si, q in zip(s, qs)]
+    outs = m0.transformer.forward_many(hs, [m.pos for m in ms], [m._cache for m in ms])
+    for m, h in zip(ms, hs): m.pos += h.shape[1]
+    hidden = torch.stack([o[0, -1] for o in outs])                            # (B, dim)
+    if isinstance(m0.head, DiffusionHead): chunks = torch.stack([m._predict(h) for m, h in zip(ms, hidden)])
+    else: chunks = m0.head.predict(hidden)                                    # (B, K, 10): no sampling, one call
+    chunks, P = m0.denormalize_action(chunks), torch.stack([pros[j] for j in ok])  # (B, K, 10), (B, 10)
+    B, K = chunks.shape[:2]
+    absolute = m0._to_absolute(chunks.flatten(0, 1), P.repeat_interleave(K, 0)).view(B, K, -1)  # one geometry call for all
+    for m, h, c, a, j in zip(ms, hidden, chunks, absolute, ok): m._take_chunk(h, c, pros[j], a)
+    return errors
+
+# %% ../../nbs/10_models.policy.ipynb #c122c
+@torch.no_grad()
+def get_actions(
+    models:Sequence,        # distinct forks of one ICRT (shared weights), each with its own context
+    observations:Sequence,  # [(N, 3, S, S)] normalised images, one per model
+    proprios:Sequence,      # [(10,)] current xyz, rot6d, gripper
+    prev_actions:Sequence,  # [(10,) or None] model-space action executed since each one's last call
+)->list:                    # per model: what its get_action returns, or the exception its step raised
+    "One control step of several contexts as one batched model call; each result equals its own `get_action` (to float error)."
+    if len(models) == 1:
+        try: return [type(models[0]).get_action(models[0], observations[0], proprios[0], prev_actions[0])]  # the class's: never an override
+        except Exception as e: return [e]
+    if len({id(m) for m in models}) < len(models) or any(m.transformer is not models[0].transformer for m in models):
+        raise ValueError("get_actions: the models must be distinct forks of one ICRT (ICRT.fork)")
+    out, begun = [None] * len(models), {}
+    for i, m in enumerate(models):
+        try: begun[i] = m._begin_step(observations[i], proprios[i], prev_actions[i])
+        except Exception as e: out[i] = e                                       # (a bad input: nothing was queued)
+    due = [i for i, (_, d, _) in begun.items() if d]
+    try: failed = {due[j]: e for j, e in _query_many([models[i] for i in due], [begun[i][2] for i in due]).items()}
+    except Exception as e: failed = {i: e for i in due}                       # the batch itself failed: every due step
+    picked = {}
+    for i, (saved, d, pro) in begun.items():
+        try:
+            if i in failed: raise failed[i]
+            picked[i] = models[i]._select(pro)                                # (K, 10) or (10,) absolute
+        except Exception as e: models[i]._restore_context(saved); out[i] = e
+    if picked:  # all picks to poses in one geometry call
+        flat = [x.reshape(-1, x.shape[-1]) for x in picked.values()]
+        poses = to_pose7(torch.cat(flat)).split([len(x) for x in flat])
+        for (i, x), p7 in zip(picked.items(), poses):
+            saved, d, _ = begun[i]
+            try: out[i] = models[i]._end_step(saved, d, p7.view(*x.shape[:-1], 7))
+            except Exception as e: models[i]._restore_context(saved); out[i] = e
+    return out
 
 # %% ../../nbs/10_models.policy.ipynb #c124
 @patch

@@ -21,6 +21,9 @@ icrt_bench_inference --config default --device cuda --precision bf16 --compile r
     --prompt 0 0 --json "$out/inference_bf16_compiled.json" | tee "$out/inference_bf16_compiled.txt"
 # the policy server over loopback on the GPU: 1 and 8 concurrent sessions (tiny model; pass a run folder for a real one)
 icrt_bench_serve --device cuda --clients 1 8 --steps 200 --json "$out/serve.json" | tee "$out/serve.txt"
+# the default model served (ViT-B/16 x 2 cameras + 12x768 transformer, random weights): 8 sessions' steps run as one batched
+# model call (icrt_serve batches concurrent control steps); compare steps/s of 8 clients with 1 (unmeasured so far)
+icrt_bench_serve --config default --device cuda --clients 1 8 --steps 100 --json "$out/serve_default.json" | tee "$out/serve_default.txt"
 icrt_bench_train --config default --steps 200 --num-workers 8 --json "$out/train.json" | tee "$out/train.txt"
 # raw vs JPEG frames: bytes per sample, PSNR, warm/cold samples/s per worker, and nvJPEG decode of gpu_decode batches
 icrt_bench_loader --compression "$out/compression" --no-metaworld --samples 16 | tee "$out/compression.txt"
