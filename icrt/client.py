@@ -5,6 +5,7 @@
 # %% ../nbs/23_client.ipynb #c003
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Optional
@@ -47,7 +48,7 @@ def _decode(d:dict):
     if dt not in WIRE_DTYPES: raise ProtocolError(f"array of dtype {dt!r}: not one of {', '.join(WIRE_DTYPES)}")
     if not isinstance(shape, list) or not all(isinstance(n, int) and n >= 0 for n in shape) or not isinstance(data, bytes):
         raise ProtocolError("array without a shape of non-negative integers and bytes data")
-    want = int(np.prod(shape, dtype=np.int64)) * np.dtype(dt).itemsize
+    want = math.prod(shape) * np.dtype(dt).itemsize   # Python ints: a shape of 2**64 - 1 cannot wrap around
     if len(data) != want: raise ProtocolError(f"array of shape {tuple(shape)} and dtype {dt} needs {want} bytes, got {len(data)}")
     return np.frombuffer(data, dtype=np.dtype(dt).newbyteorder("<")).astype(dt, copy=True).reshape(shape)
 
