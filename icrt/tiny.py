@@ -155,6 +155,7 @@ def tiny_model(
     K:int=4,                                # num_pred_steps
     scale_action:Optional[str]=None,        # shared_cfg.scale_action
     seed:int=0,                             # initial weights
+    space=None,                             # a RobotSpace (default: the published layout)
     **policy,                               # PolicyConfig fields (decoder_pred_head, phase, ...)
 )->ICRT:
     "A tiny ICRT policy for examples and tests."
@@ -162,7 +163,7 @@ def tiny_model(
     mc = ModelConfig(VisionEncoderConfig(vision_nonpretrained=True), pc)
     torch.manual_seed(seed)
     sc = SharedConfig(num_cameras=num_cameras, num_pred_steps=K, seq_length=6, scale_action=scale_action)
-    m = ICRT(mc, sc, vision_encoder=vision if vision is not None else tiny_encoder())
+    m = ICRT(mc, sc, vision_encoder=vision if vision is not None else tiny_encoder(), space=space)
     if scale_action is not None: m.set_action_stats(load_action_stats(scale_action))
     return m
 
@@ -172,12 +173,13 @@ def tiny_batch(
     seed:int=0,
     act_std:float=0.1,  # scale of the random action targets
     end_p:float=0.2,    # probability of an end-of-episode flag
-)->dict:                # observation (B,T,N,3,S,S), proprio (B,T,K,10), action (B,T,K,11), prompt_mask/weight_mask (B,T)
+    state_dim:int=10, action_dim:int=10,  # the robot space's widths (default: the published layout's)
+)->dict:                # observation (B,T,N,3,S,S), proprio (B,T,K,state_dim), action (B,T,K,action_dim+1), masks (B,T)
     "A random batch in the training loader's format."
     g = torch.Generator().manual_seed(seed)
-    act = torch.randn(B, T, K, 11, generator=g) * act_std
-    act[..., 10] = (torch.rand(B, T, K, generator=g) > 1 - end_p).float()
-    return {"observation": torch.randn(B, T, N, 3, S, S, generator=g), "proprio": torch.randn(B, T, K, 10, generator=g),
+    act = torch.randn(B, T, K, action_dim + 1, generator=g) * act_std
+    act[..., action_dim] = (torch.rand(B, T, K, generator=g) > 1 - end_p).float()
+    return {"observation": torch.randn(B, T, N, 3, S, S, generator=g), "proprio": torch.randn(B, T, K, state_dim, generator=g),
             "action": act, "prompt_mask": (torch.arange(T) >= T // 2).float().expand(B, T).clone(),
             "weight_mask": (torch.arange(T) == T // 2).float().expand(B, T).clone()}
 

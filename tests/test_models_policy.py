@@ -9,7 +9,8 @@ import torch
 
 from icrt.config import REPO_CONFIGS, ConfigError, ICRTError, ModelConfig, PolicyConfig, SharedConfig, VisionEncoderConfig
 from icrt.geometry import absolute_to_delta, delta_to_absolute, pose_to_pos_rot6d
-from icrt.models.policy import ICRT, to_pose7
+from icrt.models.policy import ICRT
+from icrt.geometry import to_pose7
 from icrt.tiny import tiny_batch, tiny_encoder, tiny_model
 
 HEADS = ["mlp", "gmm", "diffusion"]

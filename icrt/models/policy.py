@@ -18,10 +18,10 @@ from fastcore.basics import patch
 from torch import nn, Tensor
 
 from ..config import ConfigError, ExperimentConfig, ICRTError, ModelConfig, SharedConfig
-from ..geometry import absolute_to_delta, delta_to_absolute, to_pose7
 from .heads import DiffusionHead, build_head, mlp
 from .llama import LORA_TARGETS, PUBLISHED_LORA_TARGETS, add_biases, apply_lora, build_transformer, set_trainable
 from .vision import build_vision_encoder
+from ..spaces import RobotSpace, published_space
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +68,14 @@ class AttentionPool(nn.Module):
         return x[:, 0] if self.out is None else self.out(x[:, 0])
 
 # %% ../../nbs/10_models.policy.ipynb #c011
-ACTION_DIM = 10  # xyz, 6-D rotation, gripper
+ACTION_DIM = 10  # the published layout's action width: xyz, 6-D rotation, gripper (other robots: RobotSpace.action_dim)
 STAT_KEYS = ("mean", "std", "min", "max")
 
 def check_action_stats(
-    stats:dict,          # {"mean": [10 floats], "std": [...], "min": [...], "max": [...]} (min/max optional)
+    stats:dict,          # {"mean": [A floats], "std": [...], "min": [...], "max": [...]} (min/max optional)
     where:str="action statistics",  # what they came from, for error messages
-)->dict:                 # the same, as float32 tensors of shape (10,)
+    dim:int=ACTION_DIM,  # A: the numbers of the network's action vector (the robot space's action_dim)
+)->dict:                 # the same, as float32 tensors of shape (A,)
     "Validate action statistics and turn them into tensors."
     if not isinstance(stats, dict): raise ConfigError(f"{where}: expected a JSON object with keys {', '.join(STAT_KEYS)}")
     out = {}
@@ -83,20 +84,21 @@ def check_action_stats(
             if k in ("min", "max"): continue
             raise ConfigError(f"{where}: missing key '{k}' (need {', '.join(STAT_KEYS)})")
         v = torch.as_tensor(np.asarray(stats[k], dtype=np.float32)).flatten()
-        if v.numel() != ACTION_DIM or not torch.isfinite(v).all():
-            raise ConfigError(f"{where}: '{k}' must be {ACTION_DIM} finite numbers (xyz, rot6d, gripper), got {v.numel()}")
+        if v.numel() != dim or not torch.isfinite(v).all():
+            raise ConfigError(f"{where}: '{k}' must be {dim} finite numbers (the network's action vector"
+                              f"{': xyz, rot6d, gripper' if dim == ACTION_DIM else ''}), got {v.numel()}")
         out[k] = v
     if (out["std"] < 0).any(): raise ConfigError(f"{where}: 'std' must not be negative")
     return out
 
 # %% ../../nbs/10_models.policy.ipynb #c013
-def load_action_stats(path:Union[str, Path])->dict:  # tensors (10,) per key
+def load_action_stats(path:Union[str, Path], dim:int=ACTION_DIM)->dict:  # tensors (dim,) per key
     "Read and validate a `scale_action` JSON file."
     p = Path(path)
     if not p.is_file(): raise ConfigError(f"--shared-cfg.scale-action: no such file '{p}' (a JSON of action mean/std/min/max)")
     try: d = json.loads(p.read_text())
     except json.JSONDecodeError as e: raise ConfigError(f"--shared-cfg.scale-action: '{p}' is not valid JSON ({e})") from None
-    return check_action_stats(d, f"--shared-cfg.scale-action '{p}'")
+    return check_action_stats(d, f"--shared-cfg.scale-action '{p}'", dim)
 
 # %% ../../nbs/10_models.policy.ipynb #c016
 class ICRT(nn.Module):
@@ -105,10 +107,12 @@ class ICRT(nn.Module):
                  model_cfg:ModelConfig,    # vision encoder + policy settings
                  shared_cfg:SharedConfig,  # num_cameras, num_pred_steps, use_delta_action (not scale_action)
                  vision_encoder:Optional[nn.Module]=None,  # a ready encoder (default: built from model_cfg)
+                 space:Optional[RobotSpace]=None,          # the state/action layout (default: the published one)
                 ):
         super().__init__()
         pc = self.policy_cfg = model_cfg.policy_cfg
-        self.shared_cfg = shared_cfg
+        self.shared_cfg, self.space = shared_cfg, space or published_space()
+        self.state_dim, self.action_dim = self.space.state_dim, self.space.action_dim
         self.num_cameras, self.num_pred_steps = shared_cfg.num_cameras, shared_cfg.num_pred_steps
         if pc.kl_div_loss and pc.decoder_pred_head != "gmm":
             raise ConfigError(f"--model-cfg.policy-cfg.kl-div-loss needs --model-cfg.policy-cfg.decoder-pred-head gmm "
@@ -117,9 +121,9 @@ class ICRT(nn.Module):
         self.transformer = build_transformer(pc)
         self.dim = dim = self.transformer.args.dim
         self._build_tokenisers(pc, self.vision.embed_dim, dim)
-        self.head = build_head(pc.decoder_pred_head, dim, ACTION_DIM, self.num_pred_steps, pc)
+        self.head = build_head(pc.decoder_pred_head, dim, self.action_dim, self.num_pred_steps, pc)
         self.end_head = None if pc.pred_action_only else nn.Linear(dim, self.num_pred_steps)
-        for k in STAT_KEYS: self.register_buffer(f"action_{k}", torch.zeros(ACTION_DIM))
+        for k in STAT_KEYS: self.register_buffer(f"action_{k}", torch.zeros(self.action_dim))
         self.set_action_stats(None)  # the identity until the caller sets statistics (see set_action_stats)
         self._set_phase(pc)
 
@@ -130,9 +134,10 @@ def _build_tokenisers(self:ICRT, pc, D:int, dim:int):
     N = self.num_cameras
     if dim < N: raise ConfigError(f"transformer width {dim} is smaller than --shared-cfg.num-cameras {N}")
     pub = pc.published_layout
-    hid = lambda width: ACTION_DIM if pub else width  # tokeniser hidden width (published: its input width)
+    S, A = self.state_dim, self.action_dim
+    hid = lambda inp, width: inp if pub else width  # tokeniser hidden width (published: its input width)
     self.vision_norm = nn.LayerNorm(D, eps=1e-6 if pub else 1e-5)
-    self.proprio_mlp = None if pc.remove_proprio else mlp(ACTION_DIM, hid(D), D)
+    self.proprio_mlp = None if pc.remove_proprio else mlp(S, hid(S, D), D)
     extra = 0 if pc.remove_proprio else 1  # the proprio token's group
     if pc.separate_camera_adapter:
         self.cam_dim = dim // N
@@ -142,7 +147,7 @@ def _build_tokenisers(self:ICRT, pc, D:int, dim:int):
         self.cam_dim = None
         self.adapters = nn.ModuleList([AttentionPool(D, dim, pc.adapter_num_heads, pc.adapter_mlp_ratio,
                                                      num_kv=(1 if pub else N) + extra if pc.multikv_attn_pool else 1, published=pub)])
-    self.action_mlp = mlp(ACTION_DIM, hid(dim), dim)
+    self.action_mlp = mlp(A, hid(A, dim), dim)
     self.camera_emb = nn.Parameter(torch.randn(N, 1, D) * 0.02) if pc.camera_pos_emb else None
     self.modality_emb = nn.Parameter(torch.randn(2, dim) * 0.02) if pc.modality_pos_emb else None
 
@@ -176,10 +181,11 @@ def data_config(self:ICRT)->dict: return self.vision.data_config
 # %% ../../nbs/10_models.policy.ipynb #c034
 @patch
 def set_action_stats(self:ICRT, stats:Optional[dict]):
-    "Use `stats` (mean/std/min/max of the 10-D targets) to normalise targets; None: no normalisation."
-    st = check_action_stats(stats) if stats is not None else {"mean": torch.zeros(ACTION_DIM), "std": torch.ones(ACTION_DIM)}
+    "Use `stats` (mean/std/min/max of the action targets) to normalise targets; None: no normalisation."
+    A = self.action_dim
+    st = check_action_stats(stats, dim=A) if stats is not None else {"mean": torch.zeros(A), "std": torch.ones(A)}
     for k in STAT_KEYS:
-        v = st.get(k, torch.zeros(ACTION_DIM))
+        v = st.get(k, torch.zeros(A))
         if k == "std": v = v.clamp_min(1e-6)
         getattr(self, f"action_{k}").copy_(v)
 
@@ -190,13 +196,13 @@ def has_action_stats(self:ICRT)->bool:
 
 # %% ../../nbs/10_models.policy.ipynb #c038
 @patch
-def normalize_action(self:ICRT, a:Tensor)->Tensor:  # (..., 10) -> (..., 10)
+def normalize_action(self:ICRT, a:Tensor)->Tensor:  # (..., A) -> (..., A)
     "Model-space action -> normalised network space."
     return (a - self.action_mean) / self.action_std
 
 # %% ../../nbs/10_models.policy.ipynb #c040
 @patch
-def denormalize_action(self:ICRT, a:Tensor)->Tensor:  # (..., 10) -> (..., 10)
+def denormalize_action(self:ICRT, a:Tensor)->Tensor:  # (..., A) -> (..., A)
     "Normalised network space -> model-space action."
     return a * self.action_std + self.action_mean
 
@@ -215,13 +221,13 @@ def vision_features(self:ICRT, obs:Tensor)->Tensor:  # (B, T, N, 3, S, S) -> (B,
 @patch
 def pool_state(self:ICRT,
                v:Tensor,        # (B, T, N, L, D) vision tokens
-               proprio:Tensor,  # (B, T, 10) current proprio
+               proprio:Tensor,  # (B, T, S) current state vector
               )->Tensor:        # (B, T, dim)
     "State tokens from vision tokens and proprio: LayerNorm, attention pooling per camera, concatenation, padding."
     B, T, N = v.shape[:3]
     v = self.vision_norm(v).flatten(0, 1)                                        # (B*T, N, L, D)
     if self.camera_emb is not None: v = v + self.camera_emb
-    extra = [] if self.proprio_mlp is None else [self.proprio_mlp(proprio.reshape(B * T, 1, ACTION_DIM))]  # (B*T, 1, D)
+    extra = [] if self.proprio_mlp is None else [self.proprio_mlp(proprio.reshape(B * T, 1, self.state_dim))]  # (B*T, 1, D)
     if self.cam_dim is not None: s = torch.cat([ad([v[:, i]] + extra) for i, ad in enumerate(self.adapters)], dim=-1)
     elif self.policy_cfg.published_layout: s = self.adapters[0]([v.flatten(1, 2)] + extra)  # all cameras' tokens, one group
     else: s = self.adapters[0]([v[:, i] for i in range(N)] + extra)
@@ -233,7 +239,7 @@ def pool_state(self:ICRT,
 @patch
 def state_tokens(self:ICRT,
                  obs:Tensor,      # (B, T, N, 3, S, S) normalised images
-                 proprio:Tensor,  # (B, T, 10) current proprio
+                 proprio:Tensor,  # (B, T, S) current state vector
                 )->Tensor:       # (B, T, dim)
     "One token per step from its camera images and proprioception."
     return self.pool_state(self.vision_features(obs), proprio)
@@ -241,7 +247,7 @@ def state_tokens(self:ICRT,
 # %% ../../nbs/10_models.policy.ipynb #c050
 @patch
 def action_tokens(self:ICRT,
-                  action:Tensor,     # (B, T, 10) model-space executed actions
+                  action:Tensor,     # (B, T, A) model-space executed actions
                   noise:float=0.0,   # std of Gaussian noise added to the normalised actions (training augmentation)
                  )->Tensor:          # (B, T, dim)
     "One token per executed action (normalised like the targets; in model space in the published layout)."
@@ -262,9 +268,13 @@ def _check_batch(self:ICRT, batch:dict):
     for k in ("observation", "proprio", "action"):
         if k not in batch: raise KeyError(f"ICRT batch: missing '{k}' (have {', '.join(batch)})")
     a, K = batch["action"], self.num_pred_steps
-    if a.ndim != 4 or a.shape[2] != K or a.shape[3] < ACTION_DIM:
-        raise ValueError(f"ICRT batch: 'action' must be (B, T, {K}, 10 or 11) for --shared-cfg.num-pred-steps {K}, "
+    A = self.action_dim
+    if a.ndim != 4 or a.shape[2] != K or a.shape[3] < A:
+        raise ValueError(f"ICRT batch: 'action' must be (B, T, {K}, {A} or {A + 1}) for --shared-cfg.num-pred-steps {K}, "
                          f"got {tuple(a.shape)}")
+    if batch["proprio"].shape[-1] != self.state_dim:
+        raise ValueError(f"ICRT batch: 'proprio' has {batch['proprio'].shape[-1]} numbers per step, the model's robot space "
+                         f"'{self.space.name}' has {self.state_dim}")
     if batch["observation"].dtype == torch.uint8:
         raise ValueError("ICRT batch: 'observation' is uint8; run icrt.data.dataset.preprocess_batch first (gpu_preprocess)")
 
@@ -275,7 +285,7 @@ def encode(self:ICRT, batch:dict)->Tensor:  # (B, T, dim) transformer outputs at
     self._check_batch(batch)
     s = self.state_tokens(batch["observation"], batch["proprio"][:, :, 0])
     noise = self.policy_cfg.action_token_noise if self.training else 0.0
-    a = self.action_tokens(batch["action"][:, :, 0, :ACTION_DIM], noise)  # the executed action; the end flag is no input
+    a = self.action_tokens(batch["action"][:, :, 0, :self.action_dim], noise)  # the executed action; the end flag is no input
     return self.transformer(interleave(s, a))[:, 0::2]
 
 # %% ../../nbs/10_models.policy.ipynb #c062
@@ -292,19 +302,20 @@ def _step_weights(self:ICRT, batch:dict, shape)->Tensor:  # (B, T)
 # %% ../../nbs/10_models.policy.ipynb #c064
 @patch
 def forward(self:ICRT, batch:dict)->tuple:  # (loss, {name: float})
-    "Training loss of a batch: observation (B,T,N,3,S,S), proprio (B,T,K,10), action (B,T,K,11), masks (B,T)."
+    "Training loss of a batch: observation (B,T,N,3,S,S), proprio (B,T,K,S), action (B,T,K,A+1), masks (B,T)."
     pc = self.policy_cfg
     hs = self.encode(batch)                                  # (B, T, dim)
     B, T = hs.shape[:2]
     h = hs.reshape(B * T, self.dim)
-    target = self.normalize_action(batch["action"][..., :ACTION_DIM]).reshape(B * T, self.num_pred_steps, ACTION_DIM)
+    A = self.action_dim
+    target = self.normalize_action(batch["action"][..., :A]).reshape(B * T, self.num_pred_steps, A)
     w = self._step_weights(batch, (B, T)).reshape(-1)
     wmean = lambda per: (per * w).sum() / w.sum().clamp_min(1e-8)
     act = wmean(self.head.loss(h, target))
     total, out = pc.loss_w_action * act, {"action_loss": act.detach()}
     if self.end_head is not None:
-        if batch["action"].shape[-1] <= ACTION_DIM: raise ValueError("pred_action_only False needs the end flag: 'action' (..., 11)")
-        end = F.binary_cross_entropy_with_logits(self.end_head(h), batch["action"][..., ACTION_DIM].reshape(B * T, -1).float(),
+        if batch["action"].shape[-1] <= A: raise ValueError(f"pred_action_only False needs the end flag: 'action' (..., {A + 1})")
+        end = F.binary_cross_entropy_with_logits(self.end_head(h), batch["action"][..., A].reshape(B * T, -1).float(),
                                                  reduction="none").mean(-1)
         end = wmean(end); total = total + end; out["end_loss"] = end.detach()
     if pc.kl_div_loss:
@@ -366,9 +377,11 @@ def param_groups(self:ICRT, weight_decay:float)->list:  # AdamW parameter groups
 
 # %% ../../nbs/10_models.policy.ipynb #c088
 @patch(cls_method=True)
-def from_config(cls:ICRT, exp_cfg:ExperimentConfig, vision_encoder:Optional[nn.Module]=None)->ICRT:
+def from_config(cls:ICRT, exp_cfg:ExperimentConfig, vision_encoder:Optional[nn.Module]=None,
+                space:Optional[RobotSpace]=None,  # the state/action layout (default: the published one)
+               )->ICRT:
     "The policy of an `ExperimentConfig`."
-    return cls(exp_cfg.model_cfg, exp_cfg.shared_cfg, vision_encoder=vision_encoder)
+    return cls(exp_cfg.model_cfg, exp_cfg.shared_cfg, vision_encoder=vision_encoder, space=space)
 
 # %% ../../nbs/10_models.policy.ipynb #c091
 @patch
@@ -442,8 +455,8 @@ def prompt(self:ICRT, demos:list, chunk:int=64):
         obs, pro, act = _as(d["observation"], ref), _as(d["proprio"], ref), _as(d["action"], ref)
         for t0 in range(0, len(obs), chunk):
             sl = slice(t0, t0 + chunk)
-            s = self.state_tokens(obs[None, sl], pro[None, sl, :ACTION_DIM])  # (1, t, dim)
-            self._feed(interleave(s, self.action_tokens(act[None, sl, :ACTION_DIM])))
+            s = self.state_tokens(obs[None, sl], pro[None, sl, :self.state_dim])  # (1, t, dim)
+            self._feed(interleave(s, self.action_tokens(act[None, sl, :self.action_dim])))
         if not self._cache_finite(0):  # a NaN in the prompt's keys/values would reach every later step
             self.pos = 0; self._restore_context(self._save_context())      # zero the whole cache: an empty context
             raise NonFiniteError(f"prompt: the model produced NaN/inf from demonstration {i} (a value too large for the "
@@ -453,15 +466,13 @@ def prompt(self:ICRT, demos:list, chunk:int=64):
 
 # %% ../../nbs/10_models.policy.ipynb #c103
 @patch
-def _to_absolute(self:ICRT, chunk:Tensor, proprio:Tensor)->Tensor:  # (K, 10) model space -> (K, 10) absolute
-    "Delta actions to absolute xyz + rot6d + gripper with the current proprio ((10,), or (K, 10): one per row)."
-    if not self.shared_cfg.use_delta_action: return chunk
-    pose = delta_to_absolute(proprio[..., :9].expand(len(chunk), 9), chunk[:, :9])
-    return torch.cat([pose, chunk[:, 9:]], dim=-1)
+def _to_absolute(self:ICRT, chunk:Tensor, proprio:Tensor)->Tensor:  # (K, A) model space -> (K, A) absolute
+    "Delta actions to absolute ones with the current state ((S,), or (K, S): one per row), as the robot space pairs them."
+    return self.space.to_absolute_action(chunk, proprio, self.shared_cfg.use_delta_action)
 
 # %% ../../nbs/10_models.policy.ipynb #c106
 @patch
-def _take_queue(self:ICRT)->tuple:  # (states (n, N, 3, S, S), proprio (n, 10), actions (n, 10) or None)
+def _take_queue(self:ICRT)->tuple:  # (states (n, N, 3, S, S), state vectors (n, S), actions (n, A) or None)
     "Empty the queues of states and executed actions waiting to be fed."
     obs, pro = torch.stack([o for o, _ in self._pending_s]), torch.stack([p for _, p in self._pending_s])
     act = torch.stack(self._pending_a) if self._pending_a else None
@@ -473,16 +484,16 @@ def _in_order(s:Tensor, a:Optional[Tensor])->Tensor:  # (1, n, dim) states, (1, 
     return s if a is None else torch.stack([a, s], dim=2).flatten(1, 2)
 
 @patch
-def _predict(self:ICRT, hidden:Tensor)->Tensor:  # (dim,) -> (K, 10) normalised
+def _predict(self:ICRT, hidden:Tensor)->Tensor:  # (dim,) -> (K, A) normalised
     "The head's chunk at one hidden state (diffusion samples seeded by the step: reproducible)."
     g = torch.Generator(device=self.device).manual_seed(self.step)
     return self.head.predict(hidden[None], generator=g)[0]
 
 @patch
-def _take_chunk(self:ICRT, hidden:Tensor, chunk:Tensor, pro:Tensor,  # (dim,), (K, 10) model space, (10,)
-                abs_chunk:Optional[Tensor]=None):                      # (K, 10) the chunk made absolute, if done already
+def _take_chunk(self:ICRT, hidden:Tensor, chunk:Tensor, pro:Tensor,  # (dim,), (K, A) model space, (S,)
+                abs_chunk:Optional[Tensor]=None):                      # (K, A) the chunk made absolute, if done already
     "Keep a query's outputs: the hidden state, the chunk (model space and absolute), end probabilities, recent chunks."
-    self.last_hidden, self.last_chunk = hidden, chunk                          # (dim,), (K, 10)
+    self.last_hidden, self.last_chunk = hidden, chunk                          # (dim,), (K, A)
     if self.end_head is not None: self.last_end_prob = torch.sigmoid(self.end_head(self.last_hidden))  # (K,)
     self.last_abs_chunk = self._to_absolute(chunk, pro) if abs_chunk is None else abs_chunk  # (K, 10) absolute xyz, rot6d, gripper
     self._chunks.append((self.step, self.last_abs_chunk))
@@ -499,7 +510,7 @@ def _query(self:ICRT, pro:Tensor):
 
 # %% ../../nbs/10_models.policy.ipynb #c109
 @patch
-def _select(self:ICRT, pro:Tensor)->Tensor:  # (10,) or (K, 10) absolute
+def _select(self:ICRT, pro:Tensor)->Tensor:  # (A,) or (K, A) absolute
     "The absolute action(s) to execute now, and remember the model-space action for the next step."
     if self._horizon is None and not self._ensemble:
         out = self._chunks[-1][1]; first = out[0]
@@ -509,9 +520,7 @@ def _select(self:ICRT, pro:Tensor)->Tensor:  # (10,) or (K, 10) absolute
         out = first = (w[:, None] * preds).sum(0) / w.sum()
     else:
         t, c = self._chunks[-1]; out = first = c[self.step - t]
-    if self.shared_cfg.use_delta_action:
-        first = torch.cat([absolute_to_delta(pro[:9], first[:9]), first[9:]])
-    self._last_action = first
+    self._last_action = self.space.to_model_action(first, pro, self.shared_cfg.use_delta_action)
     return out
 
 # %% ../../nbs/10_models.policy.ipynb #c110c
@@ -542,19 +551,19 @@ def _cache_finite(self:ICRT, start:int)->bool:
 
 # %% ../../nbs/10_models.policy.ipynb #c111
 @patch
-def _begin_step(self:ICRT, observation, proprio, prev_action)->tuple:  # (saved context, due, proprio (10,))
+def _begin_step(self:ICRT, observation, proprio, prev_action)->tuple:  # (saved context, due, state vector (S,))
     "Queue the executed action and the new state; whether a chunk is due at this step."
     if not hasattr(self, "_chunks"): self.reset()
     saved, ref = self._save_context(), self.action_mean
-    obs, pro = _as(observation, ref), _as(proprio, ref)[:ACTION_DIM]
+    obs, pro = _as(observation, ref), _as(proprio, ref)[:self.state_dim]
     if self.step > 0:
         a = _as(prev_action, ref) if prev_action is not None else self._last_action
-        self._pending_a.append(a[:ACTION_DIM])
+        self._pending_a.append(a[:self.action_dim])
     self._pending_s.append((obs, pro))
     return saved, self._horizon is None or self.step % self._horizon == 0, pro
 
 @patch
-def _end_step(self:ICRT, saved:tuple, due:bool, out:Tensor)->Tensor:  # out: (K, 7) or (7,) what _select picked, as poses
+def _end_step(self:ICRT, saved:tuple, due:bool, out:Tensor)->Tensor:  # out: (K, D) or (D,) what _select picked, robot format
     "Commit the step and return `out`; a step whose outputs or new keys/values are not finite is undone (NonFiniteError)."
     if not (torch.isfinite(out).all() and self._cache_finite(saved[0]) and (not due or torch.isfinite(self.last_hidden).all())):
         self._restore_context(saved)
@@ -568,15 +577,15 @@ def _end_step(self:ICRT, saved:tuple, due:bool, out:Tensor)->Tensor:  # out: (K,
 @torch.no_grad()
 def get_action(self:ICRT,
                observation:Tensor,                # (N, 3, S, S) normalised images
-               proprio:Tensor,                    # (10,) current xyz, rot6d, gripper
-               prev_action:Optional[Tensor]=None, # (10,) model-space action executed since the last call
-              )->Tensor:                          # (K, 7) chunk, or (7,) action to execute (horizon / ensembling)
+               proprio:Tensor,                    # (S,) current state vector (published: xyz, rot6d, gripper)
+               prev_action:Optional[Tensor]=None, # (A,) model-space action executed since the last call
+              )->Tensor:                          # (K, D) chunk, or (D,) action to execute, in the robot's format (published: 7)
     "One control step: feed the previous action and the new state, return the action(s) to execute (all or nothing)."
     saved, due, pro = self._begin_step(observation, proprio, prev_action)
     if due:
         try: self._query(pro)
         except Exception: self._restore_context(saved); raise   # e.g. a full context: the step leaves no trace
-    return self._end_step(saved, due, to_pose7(self._select(pro)))
+    return self._end_step(saved, due, self.space.robot_vector(self._select(pro)))
 
 # %% ../../nbs/10_models.policy.ipynb #c121
 @patch
@@ -619,8 +628,8 @@ def _query_many(models:list, pros:list)->dict:  # {index: error} of the models t
 def get_actions(
     models:Sequence,        # distinct forks of one ICRT (shared weights), each with its own context
     observations:Sequence,  # [(N, 3, S, S)] normalised images, one per model
-    proprios:Sequence,      # [(10,)] current xyz, rot6d, gripper
-    prev_actions:Sequence,  # [(10,) or None] model-space action executed since each one's last call
+    proprios:Sequence,      # [(S,)] current state vectors (published: xyz, rot6d, gripper)
+    prev_actions:Sequence,  # [(A,) or None] model-space action executed since each one's last call
 )->list:                    # per model: what its get_action returns, or the exception its step raised
     "One control step of several contexts as one batched model call; each result equals its own `get_action` (to float error)."
     if len(models) == 1:
@@ -639,14 +648,14 @@ def get_actions(
     for i, (saved, d, pro) in begun.items():
         try:
             if i in failed: raise failed[i]
-            picked[i] = models[i]._select(pro)                                # (K, 10) or (10,) absolute
+            picked[i] = models[i]._select(pro)                                # (K, A) or (A,) absolute
         except Exception as e: models[i]._restore_context(saved); out[i] = e
     if picked:  # all picks to poses in one geometry call
         flat = [x.reshape(-1, x.shape[-1]) for x in picked.values()]
-        poses = to_pose7(torch.cat(flat)).split([len(x) for x in flat])
+        poses = models[0].space.robot_vector(torch.cat(flat)).split([len(x) for x in flat])
         for (i, x), p7 in zip(picked.items(), poses):
             saved, d, _ = begun[i]
-            try: out[i] = models[i]._end_step(saved, d, p7.view(*x.shape[:-1], 7))
+            try: out[i] = models[i]._end_step(saved, d, p7.view(*x.shape[:-1], p7.shape[-1]))
             except Exception as e: models[i]._restore_context(saved); out[i] = e
     return out
 
