@@ -33,7 +33,9 @@ requirements = [
 extras = {
     "sim": ["metaworld>=3.1,<3.2", "mujoco>=3.3", "pillow>=9"],
     "convert": ["pyarrow>=14", "av>=12"],  # icrt_convert --from lerobot/droid: Parquet columns, MP4 frames
-    "dev": ["nbdev==2.4.14", "execnb<0.2", "fastcore>=1.12.3,<2", "pytest>=7", "ipykernel>=6", "transformers>=4.40"],
+    "docs": ["mkdocs>=1.6,<2", "mkdocs-material>=9.5", "mkdocs-jupyter>=0.25"],  # tools/docs.py site
+    "dev": ["nbdev==2.4.14", "execnb<0.2", "fastcore>=1.12.3,<2", "pytest>=7", "ipykernel>=6", "transformers>=4.40",
+            "dm-tree>=0.1.8"],  # openpi-client's ActionChunkBroker (tests/test_openpi.py); the client itself: see .ci/run
 }
 
 console_scripts = [

@@ -10,6 +10,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+pytest.importorskip("openpi_client", reason="openpi's client: pip install --no-deps openpi-client==0.1.2 (.ci/run installs it)")
 from openpi_client import msgpack_numpy
 from openpi_client.action_chunk_broker import ActionChunkBroker
 from openpi_client.websocket_client_policy import WebsocketClientPolicy

@@ -607,8 +607,9 @@ def parse_sets(
         except json.JSONDecodeError: out[k.strip()] = v
     return out
 
-def bench_metaworld_cli(argv:Optional[list]=None):
-    "Console script `icrt_bench_metaworld`: generate -> train -> evaluate -> report on Meta-World."
+# %% ../../nbs/33_bench.metaworld.ipynb #m3312
+def _cli_parser()->argparse.ArgumentParser:
+    "The flags of `icrt_bench_metaworld`."
     ap = argparse.ArgumentParser(prog="icrt_bench_metaworld", description="Record Meta-World expert demonstrations, train "
                                  "ICRT on them, evaluate it closed-loop (with a wrong-task-prompt control and the scripted "
                                  "expert) and write OUT/report.md and OUT/report.json.")
@@ -629,16 +630,29 @@ def bench_metaworld_cli(argv:Optional[list]=None):
     ap.add_argument("--skip-train", action="store_true", help="evaluate the run already in OUT/train/run")
     ap.add_argument("--server", default=None, help="ws://host:port of an icrt_serve of that run: evaluate through it")
     ap.add_argument("--token-file", default=None, help="file holding that server's token")
-    a = ap.parse_args(argv)
+    return ap
+
+# %% ../../nbs/33_bench.metaworld.ipynb #m3315
+def _cli_kwargs(
+    a:argparse.Namespace,  # parsed flags of `icrt_bench_metaworld`
+)->dict:                   # keyword arguments of `bench_metaworld` beyond the positional ones
+    "The preset overrides the flags give, `--set` entries included; a key given twice is refused."
+    kw = dict(minutes=a.minutes, vision_encoder=a.vision_encoder, episodes_per_task=a.episodes_per_task, seeds=a.seeds,
+              k_prompt=a.k_prompt, train_goals=a.train_goals)
+    for k, v in parse_sets(a.set).items():
+        if kw.get(k) is not None or k in ("out", "preset", "tasks", "suite", "device", "server", "token"):
+            raise BenchError(f"--set {k}: it has its own flag (or is given twice); use --{k.replace('_', '-')}")
+        kw[k] = v
+    return kw
+
+# %% ../../nbs/33_bench.metaworld.ipynb #m3318
+def bench_metaworld_cli(argv:Optional[list]=None):
+    "Console script `icrt_bench_metaworld`: generate -> train -> evaluate -> report on Meta-World."
+    a = _cli_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import warnings; warnings.filterwarnings("ignore", message="Constant")
     try:
-        kw = dict(minutes=a.minutes, vision_encoder=a.vision_encoder, episodes_per_task=a.episodes_per_task, seeds=a.seeds,
-                  k_prompt=a.k_prompt, train_goals=a.train_goals)
-        for k, v in parse_sets(a.set).items():
-            if kw.get(k) is not None or k in ("out", "preset", "tasks", "suite", "device", "server", "token"):
-                raise BenchError(f"--set {k}: it has its own flag (or is given twice); use --{k.replace('_', '-')}")
-            kw[k] = v
+        kw = _cli_kwargs(a)
         rep = bench_metaworld(a.out, a.preset, a.tasks, a.suite, a.device, skip_generate=a.skip_generate,
                               skip_train=a.skip_train, server=a.server, token=read_token(a.token_file), **kw)
     except (ICRTError, DatasetError, ImportError) as e:
@@ -647,4 +661,5 @@ def bench_metaworld_cli(argv:Optional[list]=None):
     print(rep["table"]); print(); print(rep["limits"])
     print(f"\nreport: {Path(a.out) / 'report.md'}  ({', '.join(f'{k[:-2]} {v:.0f} s' for k, v in rep['wall_times_s'].items())})")
 
+# %% ../../nbs/33_bench.metaworld.ipynb #m3319
 if __name__ == "__main__" and "__file__" in globals(): bench_metaworld_cli()  # `python -m icrt.bench.metaworld`

@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['SOURCE_MODULES', 'DETECT_ORDER', 'ROTATIONS', 'QUAT_TOL', 'EpisodeRef', 'Source', 'source_class', 'parse_key', 'take',
            'KeyMap', 'make_keymap', 'parse_map_args', 'rotation_matrices', 'gripper01', 'integrate_delta',
-           'needed_keys', 'check_finite', 'map_episode', 'ConvertJob', 'read_episode', 'open_source', 'check_keys',
-           'convert', 'format_convert', 'list_keys', 'convert_cli', 'FolderSource', 'RobomimicSource',
+           'needed_keys', 'check_finite', 'map_episode', 'FolderSource', 'ConvertJob', 'read_episode', 'open_source',
+           'check_keys', 'convert', 'format_convert', 'list_keys', 'convert_cli', 'RobomimicSource',
            'write_robomimic_example']
 
 # %% ../../nbs/03b_data.convert.ipynb #c003
@@ -291,6 +291,84 @@ def _frames(a, where:str, T:int, image_size:tuple=None)->np.ndarray:
     h, w = image_size
     return np.stack([np.asarray(Image.fromarray(f).resize((w, h), Image.BILINEAR)) for f in a])
 
+# %% ../../nbs/03b_data.convert.ipynb #c059
+def _npz_header(zf:zipfile.ZipFile, key:str)->tuple:
+    "(shape, dtype) of array `key` of an open .npz without loading it."
+    with zf.open(key + ".npy") as fp:
+        version = np.lib.format.read_magic(fp)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read(fp)
+    return tuple(shape), np.dtype(dtype)
+
+def _file_headers(path:Path)->dict:
+    "{key: (shape, dtype)} of every array of an .npz or HDF5 episode file."
+    try:
+        if path.suffix == ".npz":
+            with zipfile.ZipFile(path) as zf: return {n[:-4]: _npz_header(zf, n[:-4]) for n in zf.namelist() if n.endswith(".npy")}
+        heads = {}
+        with h5py.File(path, "r") as f:
+            f.visititems(lambda k, o: heads.__setitem__(k, (tuple(o.shape), o.dtype)) if isinstance(o, h5py.Dataset) else None)
+        return heads
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise DatasetError(f"{path}: cannot read episode file ({e})") from None
+
+# %% ../../nbs/03b_data.convert.ipynb #c060
+class FolderSource(Source):
+    "SRC/<task>/<episode>.hdf5|.h5|.npz with this project's key names"
+    kind = "folder"
+    default_map = dict(cameras=list(DEFAULT_IMAGE_KEYS), pose=DEFAULT_PROPRIO_KEYS[0], gripper=DEFAULT_PROPRIO_KEYS[1],
+                       action_pose=DEFAULT_ACTION_KEYS[0], action_gripper=DEFAULT_ACTION_KEYS[1])
+    @classmethod
+    def detect(cls, path:Path)->bool:
+        return path.is_dir() and any(p.suffix in SOURCE_SUFFIXES for d in path.iterdir() if d.is_dir() for p in d.iterdir())
+    def _files(self)->list:
+        if not self.path.is_dir(): raise DatasetError(f"{self.path}: source folder not found")
+        tasks = sorted(d for d in self.path.iterdir() if d.is_dir() and not d.name.startswith("."))
+        if not tasks: raise DatasetError(f"{self.path}: no task folders; expected SRC/<task>/<episode>.hdf5|.h5|.npz")
+        out = []
+        for d in tasks:
+            files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix in SOURCE_SUFFIXES)
+            if not files: raise DatasetError(f"{d}: task folder without episode files ({', '.join(SOURCE_SUFFIXES)})")
+            out += [(d.name, i, p) for i, p in enumerate(files)]
+        return out
+
+# %% ../../nbs/03b_data.convert.ipynb #c061
+@patch
+def episodes(self:FolderSource)->list:
+    "One `EpisodeRef` per file, after checking every file's headers against the first one's keys."
+    files, refs = self._files(), []
+    want = self.keys()
+    for i, (task, j, p) in enumerate(files):
+        heads = _file_headers(p); T = None
+        for k, (shape, dt) in want.items():
+            if k not in heads: raise DatasetError(f"{p}: key '{k}': missing (every episode file needs {', '.join(want)})")
+            s, d = heads[k]
+            if T is None: T = s[0] if s else 0
+            if not s or s[0] != T: raise DatasetError(f"{p}: key '{k}': has {s[0] if s else 0} steps but '{next(iter(want))}' has {T}")
+            if (len(s[1:]) == 3) != (len(shape) == 3) or (len(shape) == 3 and d != np.uint8):
+                raise DatasetError(f"{p}: key '{k}': images must be uint8 (T, H, W, 3), got {d} {s}" if len(shape) == 3 else
+                                   f"{p}: key '{k}': {d} {s}, but the first episode's is {dt} (T, {', '.join(map(str, shape))})")
+        if not T: raise DatasetError(f"{p}: episode has no steps")
+        refs.append(EpisodeRef(i, f"{task}_episode_{j}", task, f"{p}", T, info=dict(file=str(p))))
+    return refs
+
+# %% ../../nbs/03b_data.convert.ipynb #c062
+@patch
+def keys(self:FolderSource)->dict:
+    "The first episode file's arrays: {key: (per-step shape, dtype name)}."
+    if not hasattr(self, "_keys"):
+        heads = _file_headers(self._files()[0][2])
+        self._keys = {k: (tuple(s[1:]), np.dtype(d).name) for k, (s, d) in heads.items()}
+    return self._keys
+
+@patch
+def read(self:FolderSource, ref:EpisodeRef, keys:list)->dict:
+    "The arrays `keys` of episode file `ref`."
+    p = Path(ref.info["file"])
+    if p.suffix == ".npz":
+        with np.load(p) as z: return {k: z[k] for k in keys}
+    with h5py.File(p, "r") as f: return {k: f[k][()] for k in keys}
+
 # %% ../../nbs/03b_data.convert.ipynb #c041
 @dataclass
 class ConvertJob:
@@ -547,84 +625,6 @@ def convert_cli(argv:list=None):
         return convert(a.src, a.out, a.kind, parse_map_args(a.map), a.workers, a.image_size, a.overwrite, a.resume, a.strict,
                        a.task_from, a.image_layout, a.jpeg_quality, a.shard_episodes, a.train_split)
     run_tool("icrt_convert", work, a.out, format_convert, a.json)
-
-# %% ../../nbs/03b_data.convert.ipynb #c059
-def _npz_header(zf:zipfile.ZipFile, key:str)->tuple:
-    "(shape, dtype) of array `key` of an open .npz without loading it."
-    with zf.open(key + ".npy") as fp:
-        version = np.lib.format.read_magic(fp)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, dtype = read(fp)
-    return tuple(shape), np.dtype(dtype)
-
-def _file_headers(path:Path)->dict:
-    "{key: (shape, dtype)} of every array of an .npz or HDF5 episode file."
-    try:
-        if path.suffix == ".npz":
-            with zipfile.ZipFile(path) as zf: return {n[:-4]: _npz_header(zf, n[:-4]) for n in zf.namelist() if n.endswith(".npy")}
-        heads = {}
-        with h5py.File(path, "r") as f:
-            f.visititems(lambda k, o: heads.__setitem__(k, (tuple(o.shape), o.dtype)) if isinstance(o, h5py.Dataset) else None)
-        return heads
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise DatasetError(f"{path}: cannot read episode file ({e})") from None
-
-# %% ../../nbs/03b_data.convert.ipynb #c060
-class FolderSource(Source):
-    "SRC/<task>/<episode>.hdf5|.h5|.npz with this project's key names"
-    kind = "folder"
-    default_map = dict(cameras=list(DEFAULT_IMAGE_KEYS), pose=DEFAULT_PROPRIO_KEYS[0], gripper=DEFAULT_PROPRIO_KEYS[1],
-                       action_pose=DEFAULT_ACTION_KEYS[0], action_gripper=DEFAULT_ACTION_KEYS[1])
-    @classmethod
-    def detect(cls, path:Path)->bool:
-        return path.is_dir() and any(p.suffix in SOURCE_SUFFIXES for d in path.iterdir() if d.is_dir() for p in d.iterdir())
-    def _files(self)->list:
-        if not self.path.is_dir(): raise DatasetError(f"{self.path}: source folder not found")
-        tasks = sorted(d for d in self.path.iterdir() if d.is_dir() and not d.name.startswith("."))
-        if not tasks: raise DatasetError(f"{self.path}: no task folders; expected SRC/<task>/<episode>.hdf5|.h5|.npz")
-        out = []
-        for d in tasks:
-            files = sorted(p for p in d.iterdir() if p.is_file() and p.suffix in SOURCE_SUFFIXES)
-            if not files: raise DatasetError(f"{d}: task folder without episode files ({', '.join(SOURCE_SUFFIXES)})")
-            out += [(d.name, i, p) for i, p in enumerate(files)]
-        return out
-
-# %% ../../nbs/03b_data.convert.ipynb #c061
-@patch
-def episodes(self:FolderSource)->list:
-    "One `EpisodeRef` per file, after checking every file's headers against the first one's keys."
-    files, refs = self._files(), []
-    want = self.keys()
-    for i, (task, j, p) in enumerate(files):
-        heads = _file_headers(p); T = None
-        for k, (shape, dt) in want.items():
-            if k not in heads: raise DatasetError(f"{p}: key '{k}': missing (every episode file needs {', '.join(want)})")
-            s, d = heads[k]
-            if T is None: T = s[0] if s else 0
-            if not s or s[0] != T: raise DatasetError(f"{p}: key '{k}': has {s[0] if s else 0} steps but '{next(iter(want))}' has {T}")
-            if (len(s[1:]) == 3) != (len(shape) == 3) or (len(shape) == 3 and d != np.uint8):
-                raise DatasetError(f"{p}: key '{k}': images must be uint8 (T, H, W, 3), got {d} {s}" if len(shape) == 3 else
-                                   f"{p}: key '{k}': {d} {s}, but the first episode's is {dt} (T, {', '.join(map(str, shape))})")
-        if not T: raise DatasetError(f"{p}: episode has no steps")
-        refs.append(EpisodeRef(i, f"{task}_episode_{j}", task, f"{p}", T, info=dict(file=str(p))))
-    return refs
-
-# %% ../../nbs/03b_data.convert.ipynb #c062
-@patch
-def keys(self:FolderSource)->dict:
-    "The first episode file's arrays: {key: (per-step shape, dtype name)}."
-    if not hasattr(self, "_keys"):
-        heads = _file_headers(self._files()[0][2])
-        self._keys = {k: (tuple(s[1:]), np.dtype(d).name) for k, (s, d) in heads.items()}
-    return self._keys
-
-@patch
-def read(self:FolderSource, ref:EpisodeRef, keys:list)->dict:
-    "The arrays `keys` of episode file `ref`."
-    p = Path(ref.info["file"])
-    if p.suffix == ".npz":
-        with np.load(p) as z: return {k: z[k] for k in keys}
-    with h5py.File(p, "r") as f: return {k: f[k][()] for k in keys}
 
 # %% ../../nbs/03b_data.convert.ipynb #c067
 def _demo_sort(name:str): return (int(name.split("_")[-1]) if name.split("_")[-1].isdigit() else 1 << 30, name)
