@@ -23,10 +23,10 @@ from .config import ConfigError, ExperimentConfig, ICRTError, load_config
 from .data.format import (DEFAULT_ACTION_KEYS, DEFAULT_IMAGE_KEYS, DEFAULT_PROPRIO_KEYS,
                               dataset_keys)
 from .data.image import DEFAULT_DATA_CONFIG, preprocess_frames, sample_box
-from .geometry import absolute_to_delta, pose_vector, to_pose7
 from .models.policy import ICRT
 from .models.vision import is_local_checkpoint
-from .train import RUN_KEYS
+from .spaces import Part, RobotSpace, load_space, published_space
+from .train import RUN_KEYS, RUN_SPACE
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +139,20 @@ _WIDTHS = {"pose": ((6, 7), "a pose must be xyz + Euler XYZ (6 numbers) or xyz +
            "executed": ((7, 8), "must be a pose (6 or 7 numbers) and the gripper"),
            "vector": ((10,), "must be 10 numbers (xyz, rot6d, gripper)")}
 
+def _part_rule(p:Part)->tuple:  # (widths, what a value must be)
+    "The widths a robot-space part takes, and the rule to name when a value has another (the published parts: as before)."
+    if p.kind == "pose" and p.widths == (6, 7): return _WIDTHS["pose"]
+    if p.kind == "gripper" and p.dim == 1: return _WIDTHS["gripper"]
+    return p.widths, f"a {p.kind} part must be {' or '.join(map(str, p.widths))} numbers"
+
+def _vector_rule(n:int, what:str)->tuple:  # (widths, rule) of a network vector of n numbers
+    return _WIDTHS["vector"] if n == 10 else ((n,), f"must be {n} numbers (the robot space's {what} vector)")
+
 def _numbers(
     x,                 # the value under `key`
     key:str,           # its name, for messages
     where:str,         # "act (step 3)", "prompt episode 0", ...
-    kind:str,          # "pose", "gripper", "executed" or "vector" (see _WIDTHS)
+    kind,              # "pose", "gripper", "executed" or "vector" (see _WIDTHS), a robot-space Part, or (widths, rule)
     per_step:bool=False,  # x is (T, d) (an episode) rather than (d,) (one observation)
 )->np.ndarray:         # (d,) or (T, d) float64, finite and within float32
     "A key's numbers as float64 of the right width, all finite; else a one-line InferenceError."
@@ -153,7 +162,7 @@ def _numbers(
     except (TypeError, ValueError): raise InferenceError(f"{where}: '{key}' must be numbers, got {type(x).__name__} {str(x)[:40]!r}") from None
     if per_step and (a.ndim == 0 or len(a) == 0): raise InferenceError(f"{where}: '{key}' has no steps")
     a = a.reshape(len(a), -1) if per_step else a.reshape(-1)
-    widths, rule = _WIDTHS[kind]
+    widths, rule = _WIDTHS[kind] if isinstance(kind, str) else _part_rule(kind) if isinstance(kind, Part) else kind
     if a.shape[-1] not in widths: raise InferenceError(f"{where}: '{key}': {rule}, got {a.shape[-1]}")
     _finite(a, key, where)
     big = np.abs(a) > _F32_MAX
@@ -191,29 +200,31 @@ def preprocess_images(
 
 # %% ../nbs/14_inference.ipynb #c036
 def model_actions(
-    actions:np.ndarray,   # (..., 10) absolute xyz, rot6d, gripper
-    proprio:np.ndarray,   # (..., 10) the proprio of the same steps
+    actions:np.ndarray,   # (..., A) absolute action vectors (published: xyz, rot6d, gripper)
+    proprio:np.ndarray,   # (..., S) the state vectors of the same steps
     use_delta:bool=True,  # the run's shared_cfg.use_delta_action
-)->np.ndarray:            # (..., 10) float32 action tokens' inputs
+    space:Optional[RobotSpace]=None,  # the run's robot space (default: the published layout)
+)->np.ndarray:            # (..., A) float32 action tokens' inputs
     "Executed actions as the model saw them in training."
     actions, proprio = np.asarray(actions, np.float64), np.asarray(proprio, np.float64)
-    if use_delta: actions = np.concatenate([absolute_to_delta(proprio[..., :9], actions[..., :9]), actions[..., 9:]], -1)
-    return actions.astype(np.float32)
+    return (space or published_space()).to_model_action(actions, proprio, use_delta).astype(np.float32)
 
 # %% ../nbs/14_inference.ipynb #c039
-def _episode_arrays(episode:dict, keys:dict, where:str)->tuple:  # ([(T, H, W, 3)] per camera, (T, 10), (T, 10)) float64
-    "Frames, proprio and absolute actions of a load_episode-style or raw episode, checked."
+def _episode_arrays(episode:dict, keys:dict, where:str, space:RobotSpace)->tuple:  # ([(T,H,W,3)] per camera, (T, S), (T, A))
+    "Frames, state vectors and absolute action vectors of a load_episode-style or raw episode, checked."
     if "frames" in episode:
         fr = episode["frames"]
         missing = [k for k in keys["image_keys"] if k not in fr]
         if missing: raise InferenceError(f"{where}: no frames for camera(s) {missing} (have {sorted(fr)})")
-        return ([_as_frames(fr[k], k) for k in keys["image_keys"]], _numbers(episode["proprio"], "proprio", where, "vector", True),
-                _numbers(episode["actions"], "actions", where, "vector", True))
-    need = keys["image_keys"] + keys["proprio_keys"] + keys["action_keys"]
+        return ([_as_frames(fr[k], k) for k in keys["image_keys"]],
+                _numbers(episode["proprio"], "proprio", where, _vector_rule(space.state_dim, "state"), True),
+                _numbers(episode["actions"], "actions", where, _vector_rule(space.action_dim, "action"), True))
+    need = keys["image_keys"] + space.state_keys + space.action_keys
     missing = [k for k in need if k not in episode]
     if missing: raise InferenceError(f"{where}: missing key(s) {missing} (have {sorted(episode)})")
-    vec = lambda ks: pose_vector(*[_numbers(episode[k], k, where, kind, True) for k, kind in zip(ks, ("pose", "gripper"))])
-    return [_as_frames(episode[k], k) for k in keys["image_keys"]], vec(keys["proprio_keys"]), vec(keys["action_keys"])
+    raw = lambda parts: {p.key: _numbers(episode[p.key], p.key, where, p, True) for p in parts}
+    return ([_as_frames(episode[k], k) for k in keys["image_keys"]], space.state_vector(raw(space.state), where),
+            space.action_vector(raw(space.action), where))
 
 def episode_inputs(
     episode:dict,        # load_episode output, or raw {key: (T, ...)} under the run's key names
@@ -222,22 +233,24 @@ def episode_inputs(
     use_delta:bool=True, # the run's use_delta_action
     skip:int=1,          # 2 when the run used skip_step
     where:str="episode", # for messages
-)->dict:  # observation (T,N,3,S,S) float32, proprio (T,10), action (T,10) model space, abs_action (T,10)
+    space:Optional[RobotSpace]=None,  # the run's robot space (default: the published layout under `keys`)
+)->dict:  # observation (T,N,3,S,S) float32, proprio (T,S), action (T,A) model space, abs_action (T,A)
     "Model inputs of one whole episode, exactly as the training loader builds them (without augmentation)."
-    frames, prop, act = _episode_arrays(episode, keys, where)
+    space = space or published_space()
+    frames, prop, act = _episode_arrays(episode, keys, where, space)
     T = len(act)
     if len(prop) != T or any(len(f) != T for f in frames):
         raise InferenceError(f"{where}: frames, proprio and actions differ in length ({[len(f) for f in frames]}, {len(prop)}, {T})")
     if skip > 1: frames, prop, act = [f[::skip] for f in frames], prop[::skip], act[::skip]
     return {"observation": preprocess_images(frames, data_config), "proprio": torch.from_numpy(prop.astype(np.float32)),
-            "action": torch.from_numpy(model_actions(act, prop, use_delta)), "abs_action": torch.from_numpy(act.astype(np.float32))}
+            "action": torch.from_numpy(model_actions(act, prop, use_delta, space)), "abs_action": torch.from_numpy(act.astype(np.float32))}
 
 # %% ../nbs/14_inference.ipynb #c043
 PRECISIONS = ("fp32", "bf16")  # of ICRTPolicy's model calls (see `autocast` below)
 
 # %% ../nbs/14_inference.ipynb #c044
 class ICRTPolicy:
-    "A trained ICRT as a robot policy: raw demonstrations in, absolute xyz + Euler XYZ + gripper actions out."
+    "A trained ICRT as a robot policy: raw demonstrations in, absolute actions in the robot's format out (its robot space)."
     def __init__(self,
                  model:ICRT,                  # a loaded model (eval mode)
                  cfg:ExperimentConfig,        # its run's configuration
@@ -248,7 +261,7 @@ class ICRTPolicy:
                 ):
         if precision not in PRECISIONS: raise InferenceError(f"precision must be one of {', '.join(PRECISIONS)}, got '{precision}'")
         self.model, self.cfg, self.checkpoint, self.precision = model.eval(), cfg, checkpoint, precision
-        self.keys = keys or run_keys(cfg)
+        self.keys, self.space = keys or run_keys(cfg), model.space
         self.data_config = dict(model.data_config)
         self.use_delta, self.skip = bool(cfg.shared_cfg.use_delta_action), 2 if cfg.dataset_cfg.skip_step else 1
         self.step_times = []
@@ -308,7 +321,8 @@ def from_run(cls:ICRTPolicy,
     if "model" not in ck: raise InferenceError(f"checkpoint: '{ck_path}' is not an ICRT training checkpoint (no 'model')")
     try: dev = resolve_device(device)
     except ConfigError as e: raise InferenceError(str(e).replace("--device", "device", 1)) from None
-    model = ICRT.from_config(cfg)
+    space = load_space(run_dir/RUN_SPACE) if (run_dir/RUN_SPACE).is_file() else published_space()  # older runs: published
+    model = ICRT.from_config(cfg, space=space)
     _frozen_from_pretrained(model, cfg, ck["model"])
     try: model.load_trainable_state_dict(ck["model"], strict=True)
     except ValueError as e: raise InferenceError(f"checkpoint: '{ck_path}' does not fit the model of {run_dir/'run.yaml'}: {e}") from None
@@ -330,7 +344,7 @@ def inputs(self:ICRTPolicy,
     if isinstance(episode.get("observation"), torch.Tensor) and episode["observation"].ndim == 5:
         for k in ("proprio", "action"): _finite(episode[k].detach().cpu().numpy(), k, where)
         return episode
-    return episode_inputs(episode, self.keys, self.data_config, self.use_delta, self.skip, where)
+    return episode_inputs(episode, self.keys, self.data_config, self.use_delta, self.skip, where, self.space)
 
 # %% ../nbs/14_inference.ipynb #c058
 @patch
@@ -347,19 +361,19 @@ def prompt(self:ICRTPolicy, episodes:list):
 @patch
 def step(self:ICRTPolicy,
           observation:torch.Tensor,          # (N, 3, S, S) normalised images
-          proprio,                           # (10,) xyz, rot6d, gripper
-          executed:Optional[np.ndarray]=None,# (10,) absolute action executed since the last step (default: the policy's own)
-         )->np.ndarray:                      # (7,) absolute xyz, Euler XYZ, gripper
+          proprio,                           # (S,) state vector (published: xyz, rot6d, gripper)
+          executed:Optional[np.ndarray]=None,# (A,) absolute action vector executed since the last step (default: the policy's own)
+         )->np.ndarray:                      # (D,) absolute action in the robot's format (published: xyz, Euler XYZ, gripper)
     "One control step on ready tensors."
-    t0 = time.perf_counter()
-    proprio = _numbers(proprio, "proprio", f"step {self.t}", "vector")
+    t0, where = time.perf_counter(), f"step {self.t}"
+    proprio = _numbers(proprio, "proprio", where, _vector_rule(self.space.state_dim, "state"))
     prev = None
     if executed is not None and self.t > 0:
-        ex = _numbers(executed, "executed", f"step {self.t}", "vector")
-        prev = torch.from_numpy(model_actions(ex, self._prev_proprio, self.use_delta))
+        ex = _numbers(executed, "executed", where, _vector_rule(self.space.action_dim, "action"))
+        prev = torch.from_numpy(model_actions(ex, self._prev_proprio, self.use_delta, self.space))
     with self.autocast(): out = self.model.get_action(observation, torch.from_numpy(proprio.astype(np.float32)), prev_action=prev)
-    self.last_chunk = to_pose7(self.model.last_abs_chunk).cpu().numpy()           # (K, 7) latest absolute chunk
-    a = (out[0] if out.ndim == 2 else out).cpu().numpy().astype(np.float64)         # (7,)
+    self.last_chunk = self.space.robot_vector(self.model.last_abs_chunk).cpu().numpy()  # (K, D) latest absolute chunk
+    a = (out[0] if out.ndim == 2 else out).cpu().numpy().astype(np.float64)         # (D,)
     self._prev_proprio, self.t = proprio, self.t + 1
     self.step_times.append(time.perf_counter() - t0)
     return a
@@ -367,30 +381,32 @@ def step(self:ICRTPolicy,
 # %% ../nbs/14_inference.ipynb #c064
 @patch
 def observation_inputs(self:ICRTPolicy,
-                       observation:dict,   # {camera key: uint8 (H, W, 3), pose key: (6,)|(7,), gripper key: (1,)}
-                      )->tuple:            # ((N, 3, S, S) float32, (10,) float64)
+                       observation:dict,   # {camera key: uint8 (H, W, 3), state key: its numbers (pose (6,)|(7,), gripper (1,), ...)}
+                      )->tuple:            # ((N, 3, S, S) float32, (S,) float64 state vector)
     "Model inputs of one raw observation dict."
-    need = self.image_keys + self.keys["proprio_keys"]
+    need = self.image_keys + self.space.state_keys
     missing = [k for k in need if k not in observation]
     if missing: raise InferenceError(f"act: observation lacks key(s) {missing} (have {sorted(observation)})")
     where = f"act (step {self.t})"
-    pose, grip = (_numbers(observation[k], k, where, kind) for k, kind in zip(self.keys["proprio_keys"], ("pose", "gripper")))
+    values = {p.key: _numbers(observation[p.key], p.key, where, p) for p in self.space.state}
     frames = [_as_frames(observation[k], k)[:1] for k in self.image_keys]
-    return preprocess_images(frames, self.data_config)[0], pose_vector(pose, grip)
+    return preprocess_images(frames, self.data_config)[0], self.space.state_vector(values, where)
 
 # %% ../nbs/14_inference.ipynb #c067
 @patch
 def act(self:ICRTPolicy,
-         observation:dict,                   # {camera key: uint8 (H, W, 3), pose key: (6,)|(7,), gripper key: (1,)}
-         executed_action=None,               # optional absolute action executed since the last call: pose (6|7) + gripper
-        )->np.ndarray:                       # (7,) absolute xyz, Euler XYZ, gripper
+         observation:dict,                   # {camera key: uint8 (H, W, 3), state key: its numbers (pose (6,)|(7,), gripper (1,))}
+         executed_action=None,               # optional absolute action executed since the last call, in the robot's format
+        )->np.ndarray:                       # (D,) absolute action in the robot's format (published: xyz, Euler XYZ, gripper)
     "One control step from a raw observation."
     obs, prop = self.observation_inputs(observation)
     ex = None
     if executed_action is not None:
         where = f"act (step {self.t})"
-        e = _numbers(executed_action, "executed_action", where, "executed")  # real, finite, float32-sized, 7 or 8 numbers
-        ex = pose_vector(e[:-1], e[-1:])
+        rule = _WIDTHS["executed"] if self.space.robot_widths() == (7, 8) else \
+            (self.space.robot_widths(), f"must be the action keys {self.space.action_keys} end to end")
+        e = _numbers(executed_action, "executed_action", where, rule)  # real, finite, float32-sized, the robot's action width
+        ex = self.space.action_vector(self.space.split_robot(e), where)
     return self.step(obs.to(self.device), prop, ex)
 
 # %% ../nbs/14_inference.ipynb #c070

@@ -232,13 +232,22 @@ def robot_vector(self, action:Array)->Array:  # (..., sum of dims)
     return _cat(list(self.to_robot(action).values()))
 
 @patch_to(RobotSpace)
+def robot_widths(self)->tuple:  # the widths a robot-format action vector may have
+    "`robot_vector`'s width, and one more where a pose may also come as a quaternion (`euler_xyz|quat_wxyz`)."
+    n = sum(p.dim for p in self.action)
+    return (n, n + 1) if any(p.widths == (6, 7) for p in self.action) else (n,)
+
+@patch_to(RobotSpace)
 def split_robot(self, vec:Array)->dict:  # {key: (..., dim)}
-    "A robot-format action vector (`robot_vector`'s layout) split into its keys."
-    if vec.shape[-1] != sum(p.dim for p in self.action):
-        raise SpaceError(f"robot space '{self.name}': an action of {vec.shape[-1]} numbers; its keys "
-                         f"{self.action_keys} take {sum(p.dim for p in self.action)}")
-    out, i = {}, 0
-    for p in self.action: out[p.key] = vec[..., i:i + p.dim]; i += p.dim
+    "A robot-format action vector (`robot_vector`'s layout; a flexible pose may be 7 wide) split into its keys."
+    n = vec.shape[-1]
+    if n not in self.robot_widths():
+        raise SpaceError(f"robot space '{self.name}': an action of {n} numbers; its keys {self.action_keys} take "
+                         f"{' or '.join(map(str, self.robot_widths()))}")
+    out, i, extra = {}, 0, n - sum(p.dim for p in self.action)
+    for p in self.action:
+        w = p.dim + (1 if extra and p.widths == (6, 7) else 0); extra -= w - p.dim
+        out[p.key] = vec[..., i:i + w]; i += w
     return out
 
 # %% ../nbs/01a_spaces.ipynb #c023

@@ -36,14 +36,15 @@ from .data.format import DatasetError, dataset_keys, load_dataset_config
 from .models.policy import ICRT, load_action_stats
 from .models.llama import check_llama_dir
 from .models.vision import build_vision_encoder, is_local_checkpoint
+from .spaces import RobotSpace, published_space
 
 log = logging.getLogger("icrt.train")
 
 # %% auto #0
-__all__ = ['log', 'RUN_KEYS', 'USER_ERRORS', 'TrainingError', 'preflight', 'Dist', 'setup_distributed', 'check_same_config',
-           'build_datasets', 'build_model', 'base_lr', 'lr_at', 'build_optimizer', 'train_one_epoch', 'evaluate',
-           'get_rng_state', 'set_rng_state', 'random_frozen_state', 'make_checkpoint', 'restore_checkpoint', 'train',
-           'main']
+__all__ = ['log', 'RUN_KEYS', 'RUN_SPACE', 'USER_ERRORS', 'TrainingError', 'preflight', 'Dist', 'setup_distributed',
+           'check_same_config', 'build_datasets', 'build_model', 'base_lr', 'lr_at', 'build_optimizer',
+           'train_one_epoch', 'evaluate', 'get_rng_state', 'set_rng_state', 'random_frozen_state', 'make_checkpoint',
+           'restore_checkpoint', 'train', 'main']
 
 # %% ../nbs/12_train.ipynb #c009
 class TrainingError(ICRTError, RuntimeError):
@@ -200,12 +201,12 @@ def _same_layout(ck:dict, cfg:ExperimentConfig, pp:str):
     raise TrainingError(f"--model-cfg.policy-cfg.pretrained-path: '{pp}' holds a model of the {'published' if saved else 'default'} "
                         f"module layout: add {flag} (or start from --load-config with that run's run.yaml)")
 
-def build_model(cfg:ExperimentConfig, device:torch.device, vision_encoder=None)->ICRT:
+def build_model(cfg:ExperimentConfig, device:torch.device, vision_encoder=None, space:Optional[RobotSpace]=None)->ICRT:
     "The policy of `cfg`, with `pretrained_path` weights loaded, on `device`."
     pp = cfg.model_cfg.policy_cfg.pretrained_path
     ck = load_checkpoint(pp, "--model-cfg.policy-cfg.pretrained-path") if pp is not None else {}
     if pp is not None: _same_layout(ck, cfg, pp)
-    model = ICRT(cfg.model_cfg, cfg.shared_cfg, vision_encoder=vision_encoder)
+    model = ICRT(cfg.model_cfg, cfg.shared_cfg, vision_encoder=vision_encoder, space=space)
     if pp is not None:
         sd = ck.get("model", {})
         try: missing, unexpected = model.load_trainable_state_dict(sd, strict=False)
@@ -440,15 +441,17 @@ def _log_epoch(stats:dict, run_dir:Path, loggers:_Loggers):
 
 # %% ../nbs/12_train.ipynb #c103
 RUN_KEYS = "data_keys.json"  # a run's own camera / proprio / action key names, in its training order
+RUN_SPACE = "robot_space.json"  # a run's robot space (01a_spaces): its state and action layout
 
-def _write_run_files(cfg:ExperimentConfig, run_dir:Path, train_ds, val_ds, stats:Optional[dict]):
-    "Make the run folder; write run.yaml, its key names, splits and action statistics (atomically); remove stale temporaries."
+def _write_run_files(cfg:ExperimentConfig, run_dir:Path, train_ds, val_ds, stats:Optional[dict], space:Optional[RobotSpace]=None):
+    "Make the run folder; write run.yaml, its key names and robot space, splits and action statistics (atomically); clear temporaries."
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         stale = remove_stale_temporaries(run_dir)
         if stale: log.info(f"removed {len(stale)} temporary file(s) of checkpoint writes that never finished: {', '.join(stale)}")
         save_config(cfg, run_dir/"run.yaml")
         atomic_write_text(run_dir/RUN_KEYS, json.dumps(dataset_keys(cfg.dataset_cfg.dataset_json), indent=1))
+        atomic_write_text(run_dir/RUN_SPACE, json.dumps((space or published_space()).to_dict(), indent=1))
         for ds in (train_ds, val_ds):
             if ds is not None: ds.save_split(run_dir)
         if stats is not None: atomic_write_text(run_dir/"action_statistics.json", json.dumps(stats, indent=1))
@@ -492,17 +495,18 @@ def train(cfg:ExperimentConfig)->Path:
     cfg, finished = _restart_resume(cfg, d)
     if finished: return cfg.run_dir
     cfg = preflight(cfg); run_dir, sc = cfg.run_dir, cfg.shared_cfg
-    stats = load_action_stats(sc.scale_action) if sc.scale_action not in (None, "auto") else None  # the one read of the file
+    space = load_dataset_config(cfg.dataset_cfg.dataset_json).space  # the robot's state/action layout (01a_spaces)
+    stats = load_action_stats(sc.scale_action, space.action_dim) if sc.scale_action not in (None, "auto") else None  # the one read
     resume = _load_resume(cfg)
     torch.manual_seed(sc.seed + d.rank); np.random.seed(sc.seed + d.rank); random.seed(sc.seed + d.rank)
     enc = build_vision_encoder(cfg.model_cfg.vision_encoder_cfg); data_config = enc.data_config
     train_ds, val_ds = build_datasets(cfg, data_config, None)
     torch.manual_seed(sc.seed)  # identical initial weights in every process
-    model = build_model(cfg, d.device, vision_encoder=enc)
+    model = build_model(cfg, d.device, vision_encoder=enc, space=space)
     stats = _action_stats(train_ds, stats, cfg)
     if stats is not None: model.set_action_stats(stats)
     f = _prepare_fit(cfg, d, model, train_ds, val_ds, resume)
-    if d.is_main: _write_run_files(cfg, run_dir, train_ds, val_ds, stats)
+    if d.is_main: _write_run_files(cfg, run_dir, train_ds, val_ds, stats, space)
     if not cfg.train:
         log.info(f"--no-train: built everything ({sum(p.numel() for p in model.parameters()):,} parameters); stopping"); return run_dir
     return _fit(cfg, d, model, train_ds, data_config, run_dir, f)

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..geometry import euler_to_matrix, matrix_to_euler
+from ..spaces import joint_space
 
 # %% auto #0
-__all__ = ['JOINT_KEYS', 'Arm', 'forward', 'inverse', 'joint_points']
+__all__ = ['JOINT_KEYS', 'ARM_SPACE', 'Arm', 'forward', 'inverse', 'joint_points']
 
 # %% ../../nbs/04a_data.arm.ipynb #c005
 JOINT_KEYS = ("observation/joint_position", "action/joint_position")  # the arm's joints in a dataset (grippers as before)
+ARM_SPACE = joint_space({"": 5}, name="synthetic_arm")  # its robot space: 5 joints (rad) and the gripper, absolute targets
 
 @dataclass(frozen=True)
 class Arm:

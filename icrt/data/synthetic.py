@@ -7,12 +7,12 @@ __all__ = ['OBJECTS', 'OBJECT_NAMES', 'VERBS', 'TASKS', 'TABLE_X', 'TABLE_Y', 'M
            'MIN_SEP', 'LAYOUT', 'HOME', 'WORKSPACE', 'FINGER_R', 'VERB_YAW', 'EXT_EYE', 'EXT_TARGET', 'EXT_HFOV',
            'WRIST_ABOVE', 'WRIST_HFOV', 'WRIST_EE_ROW', 'logger', 'WORLD_FILE', 'ObjectSpec', 'Task', 'get_task',
            'SyntheticScene', 'task_success', 'expert_episode', 'task_grouping', 'make_synthetic_dataset', 'load_world',
-           'episode_world', 'synth_cli']
+           'episode_world', 'world_arm', 'synth_cli']
 
 # %% ../../nbs/04_data.synthetic.ipynb #c002
 import argparse, json, logging, math, time
 from typing import Optional, Union
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
 import numpy as np
@@ -20,7 +20,7 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 from .format import (EpisodeWriter, write_dataset_files, DEFAULT_IMAGE_KEYS, DEFAULT_PROPRIO_KEYS,
                               DEFAULT_ACTION_KEYS, IMAGE_LAYOUTS, JPEG_QUALITY)
-from .arm import JOINT_KEYS, Arm, forward, inverse
+from .arm import ARM_SPACE, JOINT_KEYS, Arm, forward, inverse
 
 # %% ../../nbs/04_data.synthetic.ipynb #c006
 @dataclass(frozen=True)
@@ -585,6 +585,7 @@ def make_synthetic_dataset(
     progress:bool=True,         # show a tqdm bar
     jitter:Optional[float]=None,  # None: objects anywhere; else at fixed homes +- jitter (m), see `SyntheticScene.sample`
     jpeg_quality:int=JPEG_QUALITY,  # quality of the jpeg layout
+    arm:Optional[Arm]=None,     # a joint-space body: joint keys recorded and the config's robot space is ARM_SPACE
 )->Path:                        # the dataset_config.json
     "Write a multi-task synthetic ICRT dataset and return its dataset config."
     _check_sizes(num_tasks, episodes_per_task, height, width, min_len, max_len)
@@ -596,17 +597,19 @@ def make_synthetic_dataset(
         for k, t, i in tqdm(jobs, desc="synthetic episodes", disable=not progress, leave=False):
             rng = np.random.default_rng([seed, k, i])
             scene = SyntheticScene.sample(rng, height, width, jitter)
-            ep = expert_episode(t, scene, rng, min_len, max_len)
+            ep = expert_episode(t, scene, rng, min_len, max_len, arm=arm)
             name = f"{t.name}_episode_{i}"
             world[name] = [t.name, k, i]
-            data = {**{key: ep[key] for key in DEFAULT_PROPRIO_KEYS + DEFAULT_ACTION_KEYS}, **scene.render(ep)}
+            lowdim = DEFAULT_PROPRIO_KEYS + DEFAULT_ACTION_KEYS + (list(JOINT_KEYS) if arm is not None else [])
+            data = {**{key: ep[key] for key in lowdim}, **scene.render(ep)}
             epi_len[name] = w.write(name, data)
             names.append(name); verb_to_episode[t.name].append(name)
     logger.info("wrote %d episodes (%d steps) of %d tasks to %s", len(names), sum(epi_len.values()), num_tasks, h5)
     (out / WORLD_FILE).write_text(json.dumps(dict(seed=seed, height=height, width=width, min_len=min_len, max_len=max_len,
-                                                  jitter=jitter, episodes=world), indent=1))
+                                                  jitter=jitter, episodes=world, **({"arm": asdict(arm)} if arm else {})), indent=1))
     return write_dataset_files(out, [h5], [names], epi_len, verb_to_episode, DEFAULT_IMAGE_KEYS, DEFAULT_PROPRIO_KEYS,
-                               DEFAULT_ACTION_KEYS, train_split=train_split, task_grouping=task_grouping(tasks))
+                               DEFAULT_ACTION_KEYS, train_split=train_split, task_grouping=task_grouping(tasks),
+                               robot_space=ARM_SPACE if arm is not None else None)
 
 # %% ../../nbs/04_data.synthetic.ipynb #c098
 def load_world(
@@ -631,7 +634,11 @@ def episode_world(
     task, k, i = world["episodes"][name]
     rng = np.random.default_rng([world["seed"], k, i])
     scene = SyntheticScene.sample(rng, world["height"], world["width"], world.get("jitter"))
-    return get_task(task), scene, expert_episode(task, scene, rng, world["min_len"], world["max_len"])
+    return get_task(task), scene, expert_episode(task, scene, rng, world["min_len"], world["max_len"], arm=world_arm(world))
+
+def world_arm(world:dict)->Optional[Arm]:
+    "The joint-space arm a synthetic dataset was recorded with (None: the free gripper)."
+    return Arm(**{k: tuple(v) if isinstance(v, list) else v for k, v in world["arm"].items()}) if world.get("arm") else None
 
 # %% ../../nbs/04_data.synthetic.ipynb #c105
 def synth_cli(argv:list=None):
@@ -648,11 +655,13 @@ def synth_cli(argv:list=None):
     p.add_argument("--jpeg-quality", type=int, default=JPEG_QUALITY, help=f"quality of --image-layout jpeg (default {JPEG_QUALITY})")
     p.add_argument("--min-len", type=int, default=30, help="shortest episode (default 30)")
     p.add_argument("--max-len", type=int, default=150, help="longest episode (default 150)")
+    p.add_argument("--space", choices=["pose", "joints"], default="pose",
+                   help="pose: the gripper's pose (the published layout); joints: a 5-joint arm's joint positions (04a_data.arm)")
     a = p.parse_args(argv)
     try:
         t0 = time.time()
         cfg = make_synthetic_dataset(a.out, a.tasks, a.episodes_per_task, a.height, a.width, a.seed, a.image_layout,
-                                     a.min_len, a.max_len, jpeg_quality=a.jpeg_quality)
+                                     a.min_len, a.max_len, jpeg_quality=a.jpeg_quality, arm=Arm() if a.space == "joints" else None)
     except ValueError as e: p.error(str(e).splitlines()[0])
     lens = json.loads((Path(a.out) / "epi_len_mapping.json").read_text())
     print(f"wrote {len(lens)} episodes ({sum(lens.values())} steps, {a.tasks} tasks, {a.height}x{a.width}) "

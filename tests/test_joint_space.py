@@ -1,0 +1,61 @@
+"""A joint-space robot end to end (issue #24): the synthetic world recorded with a 5-joint arm, trained, deployed and run
+in closed loop in joint positions; a run carries its robot space, and its actions are the robot's own (joints + gripper)."""
+import numpy as np
+import pytest
+
+from conftest import FAST
+from icrt.config import parse_args
+from icrt.data.arm import ARM_SPACE, JOINT_KEYS, Arm
+from icrt.data.format import load_dataset_config
+from icrt.data.synthetic import episode_world, load_world, make_synthetic_dataset
+from icrt.inference import ICRTPolicy, InferenceError
+from icrt.sim.core import rollout
+from icrt.sim.synthetic import SyntheticSim
+from icrt.spaces import load_space
+from icrt.tiny import recipe_flags, scale_down
+from icrt.train import RUN_SPACE, train
+from test_inference import _observation, raw_episode
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread(one_thread): pass
+
+
+@pytest.fixture(scope="module")
+def joint_run(assets, tmp_path_factory):
+    "A tiny run trained on the synthetic world recorded in joint space (3 tasks x 5 episodes)."
+    d = tmp_path_factory.mktemp("joints")
+    cfg = make_synthetic_dataset(d / "data", num_tasks=3, episodes_per_task=5, height=48, width=64, max_len=80,
+                                 train_split=0.8, progress=False, arm=Arm())
+    flags = scale_down(recipe_flags("train"), assets, d / "runs", FAST)
+    flags[flags.index("--dataset-cfg.dataset-json") + 1] = str(cfg)
+    return train(parse_args(flags)), load_dataset_config(cfg)
+
+
+def test_the_run_carries_its_robot_space_and_acts_in_joints(joint_run):
+    run, spec = joint_run
+    assert load_space(run / RUN_SPACE) == ARM_SPACE
+    p = ICRTPolicy.from_run(run)
+    assert p.space == ARM_SPACE and p.model.state_dim == p.model.action_dim == 6 and p.model.action_mean.shape == (6,)
+    eps = sorted(spec.epi_len)
+    demo, ep = raw_episode(spec, eps[0]), raw_episode(spec, eps[1])
+    p.prompt([demo])
+    a = np.stack([p.act(_observation(spec, ep, t), None if t == 0 else
+                        np.r_[ep[JOINT_KEYS[1]][t - 1], ep["action/gripper_position"][t - 1]]) for t in range(5)])
+    assert a.shape == (5, 6) and np.isfinite(a).all() and p.last_chunk.shape == (p.num_pred_steps, 6)
+    bad = {**_observation(spec, ep, 0), JOINT_KEYS[0]: np.zeros(6)}
+    with pytest.raises(InferenceError, match=r"'observation/joint_position': a joints part must be 5 numbers, got 6"): p.act(bad)
+    with pytest.raises(InferenceError, match=r"'executed_action': must be the action keys .* end to end, got 7"):
+        p.act(_observation(spec, ep, 5), np.zeros(7))
+
+
+def test_a_joint_space_policy_runs_the_arm_in_closed_loop(joint_run):
+    run, spec = joint_run
+    world = load_world(spec.config_path)
+    name = sorted(spec.epi_len)[2]
+    task, scene, expert = episode_world(world, name)
+    p = ICRTPolicy.from_run(run)
+    p.prompt([raw_episode(spec, sorted(spec.epi_len)[0])])
+    r = rollout(SyntheticSim(scene, task, arm=Arm()), p, max_steps=12, record=True, space=ARM_SPACE)
+    assert r["actions"].shape == (12, 6) and np.isfinite(r["actions"]).all()
+    assert r["episode"][JOINT_KEYS[1]].shape == (12, 5) and r["episode"][JOINT_KEYS[0]].shape == (12, 5)
