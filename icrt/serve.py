@@ -271,17 +271,22 @@ class PolicyServer:
         self.metadata = self._metadata()
 
 # %% ../nbs/24_serve.ipynb #c015
+def _action_frame(space)->str:
+    "How a client reads the actions: absolute, and in which units (the published layout: as before)."
+    if space.robot_columns() == ["x", "y", "z", "roll", "pitch", "yaw", "gripper"]: return "absolute, Euler XYZ in radians"
+    return "absolute; " + ", ".join(f"{q.key}: {q.kind} in {q.unit}" for q in space.action)
+
 @patch
 def _metadata(self:PolicyServer)->dict:
     "What a client learns in hello; the control rate is measured here, on blank frames (which also warms the model up)."
     p, S = self.policy, self.policy.data_config["input_size"][-1]
     blank = {k: np.zeros((S, S, 3), np.uint8) for k in p.image_keys}
-    blank |= {p.keys["proprio_keys"][0]: np.zeros(6), p.keys["proprio_keys"][1]: np.zeros(1)}
+    blank |= {q.key: np.zeros(q.dim) for q in p.space.state}
     probe = ICRTPolicy(p.model.fork(), p.cfg, p.keys, p.checkpoint, p.precision, max_len=64)
     for _ in range(4): probe.act(blank)
     return {"protocol": PROTOCOL, "image_keys": list(p.image_keys), "proprio_keys": list(p.keys["proprio_keys"]),
             "action_keys": list(p.keys["action_keys"]), "image_size": [S, S], "frames": "uint8 (H, W, 3), any size: resized to image_size",
-            "action_layout": ["x", "y", "z", "roll", "pitch", "yaw", "gripper"], "action_frame": "absolute, Euler XYZ in radians",
+            "action_layout": p.space.robot_columns(), "action_frame": _action_frame(p.space), "robot_space": p.space.to_dict(),
             "num_pred_steps": p.num_pred_steps, "control_rate_hz": round(1 / float(np.median(probe.step_times[1:])), 1),
             "device": str(p.device), "precision": p.precision, "compiled_step": bool(getattr(p.model, "_step_compiled", False)),
             "checkpoint": str(p.checkpoint), "run": self.identity["run"], "checkpoint_sha256": self.identity["checkpoint_sha256"],

@@ -231,6 +231,21 @@ def robot_vector(self, action:Array)->Array:  # (..., sum of dims)
     "An absolute action vector in the robot's format, its parts laid end to end (the published layout: 7 numbers)."
     return _cat(list(self.to_robot(action).values()))
 
+_ROT_COLUMNS = {"euler_xyz": ["roll", "pitch", "yaw"], EULER_OR_QUAT: ["roll", "pitch", "yaw"], "quat_wxyz": ["qw", "qx", "qy", "qz"],
+                "quat_xyzw": ["qx", "qy", "qz", "qw"], "axis_angle": ["rx", "ry", "rz"], "rot6d": [f"r{i}" for i in range(6)]}
+
+@patch_to(RobotSpace)
+def robot_columns(self)->list:
+    "A name for each number of `robot_vector` (a pose's xyz and rotation; joint names, or the key and an index)."
+    out, many = [], sum(p.kind == "pose" for p in self.action) > 1 or sum(p.kind == "gripper" for p in self.action) > 1
+    for p in self.action:
+        pre = f"{p.key.rsplit('/', 1)[-1]}." if many else ""
+        if p.kind == "pose": out += [pre + c for c in ["x", "y", "z"] + _ROT_COLUMNS[p.rotation]]
+        elif p.names: out += list(p.names)
+        elif p.kind == "gripper" and p.dim == 1: out.append(pre + "gripper" if many else "gripper")
+        else: out += [f"{p.key.rsplit('/', 1)[-1]}[{i}]" for i in range(p.dim)]
+    return out
+
 @patch_to(RobotSpace)
 def robot_widths(self)->tuple:  # the widths a robot-format action vector may have
     "`robot_vector`'s width, and one more where a pose may also come as a quaternion (`euler_xyz|quat_wxyz`)."

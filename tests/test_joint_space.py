@@ -59,3 +59,23 @@ def test_a_joint_space_policy_runs_the_arm_in_closed_loop(joint_run):
     r = rollout(SyntheticSim(scene, task, arm=Arm()), p, max_steps=12, record=True, space=ARM_SPACE)
     assert r["actions"].shape == (12, 6) and np.isfinite(r["actions"]).all()
     assert r["episode"][JOINT_KEYS[1]].shape == (12, 5) and r["episode"][JOINT_KEYS[0]].shape == (12, 5)
+
+
+def test_the_server_answers_a_joint_space_run_in_joints(joint_run):
+    from icrt.client import PolicyClient
+    from icrt.serve import start_server, stop_server
+    run, spec = joint_run
+    p = ICRTPolicy.from_run(run)
+    eps = sorted(spec.epi_len); demo, ep = raw_episode(spec, eps[0]), raw_episode(spec, eps[1])
+    local = ICRTPolicy.from_run(run); local.reset(max_len=512); local.prompt([demo])
+    want = np.stack([local.act(_observation(spec, ep, t)) for t in range(4)])
+    srv = start_server(p, max_sessions=2, max_len=512)
+    try:
+        with PolicyClient(f"ws://127.0.0.1:{srv.port}") as c:
+            assert c.metadata["action_layout"] == [f"joint_position[{i}]" for i in range(5)] + ["gripper"]
+            assert c.metadata["robot_space"]["name"] == "synthetic_arm" and "joints in rad" in c.metadata["action_frame"]
+            c.prompt([demo])
+            got = np.stack([c.act(_observation(spec, ep, t)) for t in range(4)])
+    finally: stop_server(srv)
+    assert got.shape == (4, 6)
+    np.testing.assert_allclose(got, want, atol=1e-5)

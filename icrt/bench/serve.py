@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import multiprocessing as mp
 import sys
 import threading
 import time
@@ -27,9 +28,9 @@ from ..serve import _pct, start_server, stop_server
 __all__ = ['bench_inputs', 'bench_serve', 'bench_serve_cli']
 
 # %% ../../nbs/34_bench.serve.ipynb #c005
-def bench_inputs(policy:ICRTPolicy, image:int=224, prompt_steps:int=20, steps:int=50, seed:int=0)->tuple:  # (demo, [observation])
-    "A raw prompt demonstration and `steps` raw observations with `image`×`image` frames for every camera."
-    rng, k = np.random.default_rng(seed), policy.keys
+def bench_inputs(keys:dict, image:int=224, prompt_steps:int=20, steps:int=50, seed:int=0)->tuple:  # (demo, [observation])
+    "A raw prompt demonstration and `steps` raw observations with `image`×`image` frames for every camera of `keys`."
+    rng, k = np.random.default_rng(seed), keys
     def obs(t, T=None):
         n = () if T is None else (T,)
         d = {c: rng.integers(0, 255, n + (image, image, 3), dtype=np.uint8) for c in k["image_keys"]}
@@ -41,14 +42,17 @@ def bench_inputs(policy:ICRTPolicy, image:int=224, prompt_steps:int=20, steps:in
     return demo, [obs(t) for t in range(steps)]
 
 # %% ../../nbs/34_bench.serve.ipynb #c006
-def _client_run(url:str, demo:dict, observations:list, out:dict, i:int, barrier:threading.Barrier):
-    "One client: prompt, then every observation; round-trip and server times per step."
-    with PolicyClient(url) as c:
-        c.prompt([demo]); barrier.wait()
-        rt, sv, acts = [], [], []
-        for o in observations:
-            acts.append(c.act(o)); rt.append(c.last_timing["round_trip_ms"]); sv.append(c.last_timing["server_ms"])
-        out[i] = {"round_trip_ms": rt, "server_ms": sv, "actions": np.stack(acts)}
+def _client_run(url:str, inputs:tuple, i:int, barrier, results):
+    "One client (its own process, as a robot is): prompt, then every observation; round-trip and server times per step."
+    try:
+        demo, observations = bench_inputs(*inputs)   # made here from the same seed: no frames pickled across processes
+        with PolicyClient(url) as c:
+            c.prompt([demo]); barrier.wait(timeout=600)
+            rt, sv, acts = [], [], []
+            for o in observations:
+                acts.append(c.act(o)); rt.append(c.last_timing["round_trip_ms"]); sv.append(c.last_timing["server_ms"])
+        results.put((i, {"round_trip_ms": rt, "server_ms": sv, "actions": np.stack(acts)}))
+    except Exception as e: results.put((i, f"{type(e).__name__}: {e}")); barrier.abort()
 
 # %% ../../nbs/34_bench.serve.ipynb #c007
 def bench_serve(
@@ -58,23 +62,32 @@ def bench_serve(
     image:int=224,          # frame side of the raw observations
     prompt_steps:int=20,    # steps of the prompt demonstration
 )->dict:
-    "Latency and throughput of N concurrent clients over loopback, and in-process act on the same inputs."
-    demo, obs = bench_inputs(policy, image, prompt_steps, steps)
+    "Latency and throughput of N concurrent client processes over loopback, and in-process act on the same inputs."
+    inputs = (policy.keys, image, prompt_steps, steps)
+    demo, obs = bench_inputs(*inputs)
     max_len = 2 * (prompt_steps + steps) + 8
     policy.reset(max_len=max_len); policy.prompt([demo])
     local, local_ms = [], []
     for o in obs:  # the whole act, frames' resize included, as the server's act does
         t = time.perf_counter(); local.append(policy.act(o)); local_ms.append(1e3 * (time.perf_counter() - t))
     srv = start_server(policy, max_sessions=clients, max_len=max_len)
+    ctx = mp.get_context("spawn")
+    barrier, results = ctx.Barrier(clients + 1), ctx.Queue()
+    procs = [ctx.Process(target=_client_run, args=(f"ws://127.0.0.1:{srv.port}", inputs, i, barrier, results), daemon=True)
+             for i in range(clients)]
     try:
-        out, barrier, t0 = {}, threading.Barrier(clients + 1), None
-        ths = [threading.Thread(target=_client_run, args=(f"ws://127.0.0.1:{srv.port}", demo, obs, out, i, barrier)) for i in range(clients)]
-        for t in ths: t.start()
-        barrier.wait(); t0 = time.perf_counter()
-        for t in ths: t.join()
+        for pr in procs: pr.start()
+        try: barrier.wait(timeout=600)                       # every client connected and prompted: the clock starts
+        except threading.BrokenBarrierError: pass             # a client failed; its message is in `results`
+        t0 = time.perf_counter()
+        got = [results.get(timeout=900) for _ in procs]      # the clients' results, as they finish
         wall = time.perf_counter() - t0
-    finally: stop_server(srv)
-    if len(out) != clients: raise RuntimeError(f"icrt_bench_serve: {clients - len(out)} client(s) failed (see the log)")
+    finally:
+        stop_server(srv)
+        for pr in procs: pr.join(10); pr.kill() if pr.is_alive() else None
+    out = {i: r for i, r in got if isinstance(r, dict)}
+    if len(out) != clients: raise RuntimeError(f"icrt_bench_serve: {clients - len(out)} client(s) failed: "
+                                               f"{next(r for _, r in got if isinstance(r, str))}")
     rt = [x for r in out.values() for x in r["round_trip_ms"][1:]]; sv = [x for r in out.values() for x in r["server_ms"][1:]]
     diff = max(float(np.abs(r["actions"] - np.stack(local)).max()) for r in out.values())
     b = srv.worker.batches
