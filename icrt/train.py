@@ -205,7 +205,7 @@ def build_model(cfg:ExperimentConfig, device:torch.device, vision_encoder=None, 
     "The policy of `cfg`, with `pretrained_path` weights loaded, on `device`."
     pp = cfg.model_cfg.policy_cfg.pretrained_path
     ck = load_checkpoint(pp, "--model-cfg.policy-cfg.pretrained-path") if pp is not None else {}
-    if pp is not None: _same_layout(ck, cfg, pp)
+    if pp is not None: _same_layout(ck, cfg, pp); _same_space(ck, space or published_space(), "--model-cfg.policy-cfg.pretrained-path", pp)
     model = ICRT(cfg.model_cfg, cfg.shared_cfg, vision_encoder=vision_encoder, space=space)
     if pp is not None:
         sd = ck.get("model", {})
@@ -357,7 +357,15 @@ def make_checkpoint(model, optimizer, scaler, sampler, epoch:int, cfg:Experiment
     return {"model": {**random_frozen_state(model, cfg), **model.trainable_state_dict()},
             "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
             "epoch": epoch, "rng": rng, "sampler": sampler.state_dict(), "config": config_to_dict(cfg),
-            "world_size": d.world_size}
+            "world_size": d.world_size, "robot_space": model.space.to_dict()}
+
+def _same_space(ck:dict, space:RobotSpace, flag:str, path):
+    "Refuse a checkpoint written for another robot space (one without the record is taken as it is)."
+    had = ck.get("robot_space")
+    if had is None or had == space.to_dict(): return
+    raise TrainingError(f"{flag}: '{path}' was trained in robot space '{had.get('name')}' (state {len(had.get('state', []))} "
+                        f"part(s), action {[q.get('key') for q in had.get('action', [])]}), but this run's dataset is in "
+                        f"'{space.name}' (action {space.action_keys}); use a checkpoint of the same space, or this dataset's own run")
 
 # %% ../nbs/12_train.ipynb #c086
 def restore_checkpoint(ck:dict, model, optimizer, scaler, sampler, d:Dist)->int:
@@ -371,7 +379,7 @@ def restore_checkpoint(ck:dict, model, optimizer, scaler, sampler, d:Dist)->int:
     return ck["epoch"] + 1
 
 # %% ../nbs/12_train.ipynb #c090
-def _load_resume(cfg:ExperimentConfig)->Optional[dict]:
+def _load_resume(cfg:ExperimentConfig, space:Optional[RobotSpace]=None)->Optional[dict]:
     "The checkpoint of `--shared-cfg.resume` (None for a new run); refused when it leaves no epoch to train."
     path, epochs = cfg.shared_cfg.resume, cfg.trainer_cfg.epochs
     if path is None: return None
@@ -379,6 +387,7 @@ def _load_resume(cfg:ExperimentConfig)->Optional[dict]:
     if not isinstance(ck.get("epoch"), int) or "optimizer" not in ck:
         raise TrainingError(f"--shared-cfg.resume: '{path}' is not a training checkpoint (no epoch or optimiser state); "
                             "to start from its weights, pass it as --model-cfg.policy-cfg.pretrained-path")
+    _same_space(ck, space or published_space(), "--shared-cfg.resume", path)
     if ck["epoch"] + 1 >= epochs:
         raise TrainingError(f"--shared-cfg.resume: '{path}' ends at epoch {ck['epoch']}, so --trainer-cfg.epochs {epochs} leaves "
                             f"nothing to train (epochs count from 0); pass --trainer-cfg.epochs {ck['epoch'] + 2} or more")
@@ -497,7 +506,7 @@ def train(cfg:ExperimentConfig)->Path:
     cfg = preflight(cfg); run_dir, sc = cfg.run_dir, cfg.shared_cfg
     space = load_dataset_config(cfg.dataset_cfg.dataset_json).space  # the robot's state/action layout (01a_spaces)
     stats = load_action_stats(sc.scale_action, space.action_dim) if sc.scale_action not in (None, "auto") else None  # the one read
-    resume = _load_resume(cfg)
+    resume = _load_resume(cfg, space)
     torch.manual_seed(sc.seed + d.rank); np.random.seed(sc.seed + d.rank); random.seed(sc.seed + d.rank)
     enc = build_vision_encoder(cfg.model_cfg.vision_encoder_cfg); data_config = enc.data_config
     train_ds, val_ds = build_datasets(cfg, data_config, None)

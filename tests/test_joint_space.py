@@ -79,3 +79,15 @@ def test_the_server_answers_a_joint_space_run_in_joints(joint_run):
     finally: stop_server(srv)
     assert got.shape == (4, 6)
     np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_run_of_another_space_is_refused_as_pretrained_path_or_resume(joint_run, assets, tmp_path, capsys):
+    from test_train import _main_error
+    run, _ = joint_run
+    ck = str(run / "checkpoint-0.pth")
+    base = scale_down(recipe_flags("train"), assets, tmp_path, FAST + ["--trainer-cfg.epochs", "2"])
+    line = _main_error(base + ["--model-cfg.policy-cfg.pretrained-path", ck], capsys)
+    assert "--model-cfg.policy-cfg.pretrained-path" in line and "was trained in robot space 'synthetic_arm'" in line, line
+    line = _main_error(base + ["--shared-cfg.resume", ck], capsys)
+    assert "--shared-cfg.resume" in line and "robot space 'synthetic_arm'" in line and "'published'" in line, line
+    assert not (tmp_path / "log_name").exists()   # refused before anything was written
