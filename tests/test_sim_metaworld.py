@@ -184,3 +184,23 @@ def test_cli(tmp_path):
     bad = subprocess.run(cmd + [str(tmp_path / "e"), "--tasks", "fly-v3"], capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown task 'fly-v3'" in bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr, bad.stderr
+
+
+def test_state_keys_give_the_policy_the_puck_and_the_goal(tmp_path):
+    "--state-keys (issue #24 item 4): the puck's and the (hidden) goal's positions recorded and named in the robot space."
+    task = mw.icl_task_name("push", [0.05, 0.85, 0.2])
+    cfg = generate_metaworld_dataset(tmp_path, tasks=[task], episodes_per_task=1, image_size=16, num_procs=1,
+                                     state_keys=("object_position", "goal_position"))
+    spec = load_dataset_config(cfg)
+    assert spec.space.state_dim == 16 and spec.space.state_keys[2:] == ["observation/object_position", "observation/goal_position"]
+    assert check_dataset(cfg)[1] == []
+    ep = load_raw_episode(spec, sorted(spec.epi_len)[0])
+    goal = ep["observation/goal_position"]
+    np.testing.assert_allclose(goal, np.broadcast_to(goal[0], goal.shape))                 # the goal stays put
+    np.testing.assert_allclose(goal[0, :2], mw.parse_icl_task(task)[1][:2], atol=1e-6)      # the task's goal ...
+    assert goal[0, 2] < 0.05                                                                 # ... dropped to the table (push)
+    puck = ep["observation/object_position"]
+    assert np.linalg.norm(puck[-1, :2] - goal[0, :2]) < 0.07                                 # the expert pushed it there
+    with pytest.raises(ValueError, match=r"state key\(s\) \['puck'\]: use object_position, goal_position"):
+        generate_metaworld_dataset(tmp_path / "bad", tasks=[task], state_keys=("puck",))
+    assert not (tmp_path / "bad").exists()

@@ -76,7 +76,7 @@ def resolve_preset(
     "The preset `preset` with overrides applied; raises a one-line ValueError on a bad name."
     table = ICL_PRESETS if suite == "icl" else PRESETS
     if preset not in table: raise BenchError(f"--preset {preset!r}: choose one of {', '.join(table)}")
-    known = set(table[preset]) | set(RECIPE) | {"vision_encoder", "train_goals"} | ({"verbs"} if suite == "icl" else set())
+    known = set(table[preset]) | set(RECIPE) | {"vision_encoder", "train_goals", "state_keys"} | ({"verbs"} if suite == "icl" else set())
     bad = sorted(k for k, v in overrides.items() if v is not None and k not in known)
     if bad: raise BenchError(f"--set {bad[0]}: not a preset entry; use one of {', '.join(sorted(known - {'vision_encoder'}))}")
     p = dict(table[preset], preset=preset, **{k: v for k, v in overrides.items() if v is not None})
@@ -203,7 +203,7 @@ def stage_generate(p:dict, out:Path, skip:bool=False)->Path:
     return generate_metaworld_dataset(data, suite=p.get("suite") or "mt", tasks=p["tasks"],
                                       episodes_per_task=p["episodes_per_task"], image_size=p["image_size"], seed=0,
                                       num_procs=min(p["num_procs"], os.cpu_count() or 1), min_len=p["min_len"],
-                                      train_goals=p.get("train_goals", 16))
+                                      train_goals=p.get("train_goals", 16), state_keys=tuple(p.get("state_keys") or ()))
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c025
 def stage_train(p:dict, out:Path, dataset_json:Path, device:str="auto")->tuple:

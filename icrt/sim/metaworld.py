@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['logger', 'MT_TASKS', 'GOAL_REGIONS', 'GOAL_HALFWIDTH', 'ICL_VERBS', 'ICL_GOAL_LOW', 'ICL_GOAL_HIGH', 'ICL_TABLE_Z',
            'ICL_MIN_GOAL_DISTANCE', 'ICL_FAR_GOAL_DISTANCE', 'GOAL_TRAIN_STREAM', 'GOAL_EVAL_STREAM', 'GOAL_FAR_STREAM',
-           'SUITES', 'FIXED_EULER', 'DEFAULT_CAMERAS', 'TRAIN_STREAM', 'EVAL_STREAM', 'PROMPT_STREAM', 'SimTask',
-           'icl_env_goal', 'icl_task_name', 'parse_icl_task', 'icl_distance', 'icl_goals', 'icl_train_goals',
-           'icl_tasks', 'get_task', 'mw_action_to_target', 'target_to_mw_action', 'MetaWorldSim', 'record_demo',
-           'train_key', 'generate_metaworld_dataset', 'load_raw_episode', 'replay_dataset', 'wilson_interval',
-           'save_gif', 'results_table', 'evaluate_closed_loop', 'icl_end_position', 'IclScenes', 'icl_scenes',
-           'evaluate_icl', 'icl_table', 'gen_cli']
+           'SUITES', 'FIXED_EULER', 'DEFAULT_CAMERAS', 'STATE_KEYS', 'TRAIN_STREAM', 'EVAL_STREAM', 'PROMPT_STREAM',
+           'SimTask', 'icl_env_goal', 'icl_task_name', 'parse_icl_task', 'icl_distance', 'icl_goals', 'icl_train_goals',
+           'icl_tasks', 'get_task', 'mw_action_to_target', 'target_to_mw_action', 'metaworld_space', 'MetaWorldSim',
+           'record_demo', 'train_key', 'generate_metaworld_dataset', 'load_raw_episode', 'replay_dataset',
+           'wilson_interval', 'save_gif', 'results_table', 'evaluate_closed_loop', 'icl_end_position', 'IclScenes',
+           'icl_scenes', 'evaluate_icl', 'icl_table', 'gen_cli']
 
 # %% ../../nbs/17_sim.metaworld.ipynb #c003
 import os
@@ -43,6 +43,7 @@ from fastcore.basics import patch
 from tqdm.auto import tqdm
 
 from ..config import ICRTError
+from ..spaces import Part, RobotSpace, from_keys
 from ..data.format import (DEFAULT_ACTION_KEYS, DEFAULT_IMAGE_KEYS, DEFAULT_PROPRIO_KEYS, EpisodeWriter,
                               load_dataset_config, read_frames, read_lowdim, write_dataset_files)
 from .core import ExpertPolicy, ReplayPolicy, SimError, rollout
@@ -207,6 +208,15 @@ def target_to_mw_action(
 
 # %% ../../nbs/17_sim.metaworld.ipynb #c027
 DEFAULT_CAMERAS = {"observation/exterior_image_1_left": "corner2", "observation/wrist_image_left": "gripperPOV"}
+STATE_KEYS = {"object_position": "observation/object_position", "goal_position": "observation/goal_position"}  # optional state
+
+def metaworld_space(state_keys=())->RobotSpace:
+    "The published pose + gripper layout, with the named STATE_KEYS (3 numbers each, metres) added to the state."
+    bad = [k for k in state_keys if k not in STATE_KEYS]
+    if bad: raise SimError(f"state key(s) {bad}: use {', '.join(STATE_KEYS)}")
+    base = from_keys(DEFAULT_PROPRIO_KEYS, DEFAULT_ACTION_KEYS)
+    extra = tuple(Part(STATE_KEYS[k], "other", 3, unit="m") for k in dict.fromkeys(state_keys))
+    return RobotSpace(base.state + extra, base.action, "metaworld" + "".join(f"+{k}" for k in dict.fromkeys(state_keys)))
 
 class MetaWorldSim:
     "One Meta-World task with its cameras: sample initial states, reset, observe, step with absolute targets."
@@ -295,13 +305,15 @@ def sample_initial_state(self:MetaWorldSim,
 # %% ../../nbs/17_sim.metaworld.ipynb #c036
 @patch
 def observe(self:MetaWorldSim)->dict:
-    "Current frames {image key: (H, W, 3) uint8} + observation/cartesian_position (6,) + observation/gripper_position (1,)."
+    "Current frames {image key: (H, W, 3) uint8}, the hand's pose (6,) and gripper (1,), and the STATE_KEYS (3,) each."
     obs = {}
     for key, cam in self.cameras.items():
         self.renderer.update_scene(self.env.data, camera=cam)
         obs[key] = np.ascontiguousarray(self.renderer.render()[::-1, ::-1])  # Meta-World cameras are upside down
     obs[DEFAULT_PROPRIO_KEYS[0]] = np.concatenate([self.mw_obs[:3], FIXED_EULER])
     obs[DEFAULT_PROPRIO_KEYS[1]] = np.array([1.0 - self.mw_obs[3]])
+    obs[STATE_KEYS["object_position"]] = np.array(self.mw_obs[4:7], np.float64)      # the (first) object: the puck
+    obs[STATE_KEYS["goal_position"]] = np.array(self.env._target_pos, np.float64)    # the goal, even when it is hidden
     return obs
 
 # %% ../../nbs/17_sim.metaworld.ipynb #c038
@@ -446,10 +458,12 @@ def generate_metaworld_dataset(
     image_layout:str="flat",     # EpisodeWriter layout
     train_split:float=None,      # dataset config train_split (default 0.95; icl 1.0: its test is the closed loop)
     train_goals:int=16,          # icl suite: training goals per verb
+    state_keys:tuple=(),         # STATE_KEYS the policy is also given ("object_position", "goal_position"); the config's robot space
 )->Path:                         # the dataset config
     "Record successful scripted-expert episodes of Meta-World tasks and write them as an ICRT dataset."
     _require()
     tasks = _check_gen_args(suite, tasks, episodes_per_task, image_size, num_procs, train_goals, seed)
+    space = metaworld_space(state_keys)  # checked before anything is recorded
     if train_split is None: train_split = 1.0 if all("@" in t for t in tasks) else 0.95
     cameras, out_dir = dict(cameras or DEFAULT_CAMERAS), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -468,18 +482,19 @@ def generate_metaworld_dataset(
         if len(done[t]) < episodes_per_task:
             logger.warning(f"task {t!r}: only {len(done[t])} of {episodes_per_task} episodes after {tried[t]} attempts")
     settings = _gen_settings(suite, tasks, train_goals, image_size=image_size, cameras=cameras, seed=seed,
-                             extra_steps=extra_steps, min_len=min_len)
-    return _write_outputs(out_dir, files, done, meta, frames, t0, settings, train_split)
+                             extra_steps=extra_steps, min_len=min_len, **({"state_keys": list(state_keys)} if state_keys else {}))
+    return _write_outputs(out_dir, files, done, meta, frames, t0, settings, train_split, space if state_keys else None)
 
 # %% ../../nbs/17_sim.metaworld.ipynb #c066
 def _write_outputs(out_dir:Path, files:dict, done:dict, meta:dict, frames:int, t0:float, settings:dict,
-                   train_split:float)->Path:
+                   train_split:float, space:Optional[RobotSpace]=None)->Path:
     "Write the dataset config and metaworld_meta.json of the recorded episodes; return the config."
     tasks = settings["tasks"]
     episodes = [[done[t][a] for a in sorted(done[t])] for t in tasks]
     epi_len = {n: meta[n]["length"] for eps in episodes for n in eps}
     cfg = write_dataset_files(out_dir, [files[t] for t in tasks], episodes, epi_len, dict(zip(tasks, episodes)),
-                              list(settings["cameras"]), DEFAULT_PROPRIO_KEYS, DEFAULT_ACTION_KEYS, train_split=train_split)
+                              list(settings["cameras"]), DEFAULT_PROPRIO_KEYS, DEFAULT_ACTION_KEYS, train_split=train_split,
+                              robot_space=space)
     secs = time.time() - t0
     info = dict(settings, euler="fixed (0, 0, 0)", action_scale=0.01, gripper="0 open .. 1 closed",
                 frames_per_second=frames / secs, seconds=secs, episodes=meta)
@@ -876,6 +891,8 @@ def gen_cli(argv:list=None):
     p.add_argument("--num-procs", type=int, default=2, help="worker processes (default 2)")
     p.add_argument("--extra-steps", type=int, default=10, help="steps kept after success (default 10)")
     p.add_argument("--min-len", type=int, default=30, help="shortest episode (default 30)")
+    p.add_argument("--state-keys", nargs="+", default=[], metavar="KEY", help=f"low-dim state the policy is also given: "
+                   f"{', '.join(STATE_KEYS)} (3 numbers each, metres); default none (the published pose + gripper)")
     p.add_argument("--image-layout", choices=["flat", "plain", "jpeg"], default="flat",
                    help="image storage (default flat; jpeg: one JPEG per frame at quality 90)")
     a = p.parse_args(argv)
@@ -883,7 +900,7 @@ def gen_cli(argv:list=None):
     try:
         cfg = generate_metaworld_dataset(a.out, a.suite, a.tasks, a.episodes_per_task, a.image_size, a.seed,
                                          a.num_procs, a.extra_steps, a.min_len, image_layout=a.image_layout,
-                                         train_goals=a.train_goals)
+                                         train_goals=a.train_goals, state_keys=tuple(a.state_keys))
     except (ICRTError, ImportError) as e:
         sys.stderr.write(f"icrt_metaworld_gen: error: {str(e).splitlines()[0]}\n"); sys.exit(2)
     m = json.loads((Path(a.out) / "metaworld_meta.json").read_text())
