@@ -1,5 +1,10 @@
 "Shared pytest setup: the `slow` marker, tiny assets and a tiny trained run shared by the test files."
+import contextlib
 import os
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 import torch
@@ -48,3 +53,24 @@ def run_dir(assets, tmp_path_factory):
     n = torch.get_num_threads(); torch.set_num_threads(1)
     try: return train(parse_args(scale_down(recipe_flags("train"), assets, tmp_path_factory.mktemp("runs"), FAST)))
     finally: torch.set_num_threads(n)
+
+
+@contextlib.contextmanager
+def serve_process(run_dir, folder, *args):
+    "`icrt_serve RUN_DIR ARGS` on a free loopback port (one torch thread), up and answering /healthz; yields (port, log path)."
+    from icrt.launch import free_port
+    port, log_path = free_port(), folder / "log.txt"
+    with open(log_path, "w") as log:
+        p = subprocess.Popen([sys.executable, "-m", "icrt.serve", str(run_dir), "--port", str(port), "--device", "cpu",
+                              "--threads", "1", *map(str, args)], stdout=log, stderr=subprocess.STDOUT,
+                             env={**os.environ, "OMP_NUM_THREADS": "1"})
+        try:
+            for _ in range(600):
+                try: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1); break
+                except OSError:
+                    if p.poll() is not None: break
+                    time.sleep(0.2)
+            else: pytest.fail("icrt_serve did not come up")
+            if p.poll() is not None: pytest.fail(f"icrt_serve exited: {log_path.read_text()[-2000:]}")
+            yield port, log_path
+        finally: p.terminate(); p.wait(20)

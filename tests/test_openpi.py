@@ -2,11 +2,6 @@
 ActionChunkBroker): metadata on connect, chunks of the run's shape equal to the in-process policy's with the same
 demonstrations, the same chunk after a reset, another task's chunk for another prompt, errors the client raises, and
 the server still serving after every bad request (issue #27)."""
-import os
-import subprocess
-import sys
-import time
-import urllib.request
 
 import numpy as np
 import pytest
@@ -19,7 +14,7 @@ from websockets.sync.client import connect
 from icrt.data.dataset import load_episode
 from icrt.data.format import load_dataset_config
 from icrt.inference import ICRTPolicy
-from icrt.launch import free_port
+from conftest import serve_process
 from test_inference import _observation, raw_episode
 
 TOKEN, MAX_LEN, LIMIT_MB = "openpi-token", 512, 24
@@ -32,21 +27,12 @@ def _one_thread(one_thread): pass
 @pytest.fixture(scope="module")
 def openpi_server(run_dir, assets, tmp_path_factory):
     "icrt_serve --protocol openpi on the tiny run, the synthetic dataset as its prompt library (one demonstration each)."
-    port, d = free_port(), tmp_path_factory.mktemp("openpi")
+    d = tmp_path_factory.mktemp("openpi")
     (d / "token").write_text(TOKEN)
-    log = open(d / "log.txt", "w")
-    p = subprocess.Popen([sys.executable, "-m", "icrt.serve", str(run_dir), "--port", str(port), "--device", "cpu", "--threads", "1",
-                          "--protocol", "openpi", "--prompts", str(assets.dataset_json), "--prompt-episodes", "1",
-                          "--episode-gap-s", "0", "--token-file", str(d / "token"), "--max-request-mb", str(LIMIT_MB),
-                          "--max-len", str(MAX_LEN)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for _ in range(600):
-        try: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1); break
-        except OSError:
-            if p.poll() is not None: break
-            time.sleep(0.2)
-    if p.poll() is not None: pytest.fail(f"icrt_serve exited: {(d / 'log.txt').read_text()[-2000:]}")
-    yield {"port": port, "log": d / "log.txt"}
-    p.terminate(); p.wait(20); log.close()
+    with serve_process(run_dir, d, "--protocol", "openpi", "--prompts", assets.dataset_json, "--prompt-episodes", 1,
+                       "--episode-gap-s", 0, "--token-file", d / "token", "--max-request-mb", LIMIT_MB,
+                       "--max-len", MAX_LEN) as (port, log):
+        yield {"port": port, "log": log}
 
 
 @pytest.fixture(scope="module")

@@ -2,14 +2,12 @@
 equal in-process ones, every bad input gets an error reply and the session goes on, sessions are limited, freed and
 kept apart."""
 import json
-import os
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
 
-import msgpack
 import numpy as np
 import pytest
 from websockets.sync.client import connect
@@ -17,7 +15,7 @@ from websockets.sync.client import connect
 from icrt.client import PolicyClient, ServerError, pack, unpack
 from icrt.data.format import load_dataset_config
 from icrt.inference import ICRTPolicy
-from icrt.launch import free_port
+from conftest import serve_process
 from test_inference import _observation, raw_episode
 
 TOKEN, MAX_LEN, LIMIT_MB = "s3cret-token", 1024, 24
@@ -30,21 +28,11 @@ def _one_thread(one_thread): pass
 @pytest.fixture(scope="module")
 def server(run_dir, tmp_path_factory):
     "icrt_serve on the tiny run: one thread, 8 sessions, a token, a 4 MiB request limit, 1024-token contexts."
-    port, d = free_port(), tmp_path_factory.mktemp("serve")
+    d = tmp_path_factory.mktemp("serve")
     (d / "token").write_text(TOKEN + "\n")
-    log = open(d / "log.txt", "w")
-    p = subprocess.Popen([sys.executable, "-m", "icrt.serve", str(run_dir), "--port", str(port), "--device", "cpu", "--threads", "1",
-                          "--max-sessions", "8", "--token-file", str(d / "token"), "--max-request-mb", str(LIMIT_MB),
-                          "--max-len", str(MAX_LEN)], stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for _ in range(600):
-        try: urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1); break
-        except OSError:
-            if p.poll() is not None: break
-            time.sleep(0.2)
-    else: pytest.fail("icrt_serve did not come up")
-    if p.poll() is not None: pytest.fail(f"icrt_serve exited: {(d / 'log.txt').read_text()[-2000:]}")
-    yield {"url": f"ws://127.0.0.1:{port}", "port": port, "log": d / "log.txt"}
-    p.terminate(); p.wait(20); log.close()
+    with serve_process(run_dir, d, "--max-sessions", 8, "--token-file", d / "token", "--max-request-mb", LIMIT_MB,
+                       "--max-len", MAX_LEN) as (port, log):
+        yield {"url": f"ws://127.0.0.1:{port}", "port": port, "log": log}
 
 
 @pytest.fixture(scope="module")
