@@ -28,6 +28,8 @@ from .sim.core import rollout
 from .sim.synthetic import SyntheticSim
 from .geometry import chunk_actions, euler_to_matrix, pose_vector, rot6d_to_matrix, to_pose7
 from .inference import ICRTPolicy, find_run
+from .spaces import load_space
+from .train import RUN_SPACE
 from .client import PolicyClient, read_token
 
 log = logging.getLogger(__name__)
@@ -363,6 +365,10 @@ def evaluate_run(
     if not dj.is_file():
         raise EvalError(f"dataset config '{dj}' does not exist" + ("" if dataset_json else " (the run's; pass --dataset-json)"))
     spec = load_dataset_config(dj); _check_keys(spec, run.keys, dj)
+    if (run_dir/RUN_SPACE).is_file() and load_space(run_dir/RUN_SPACE).rot6d_slices() != [slice(3, 9)]:
+        raise EvalError(f"icrt_eval measures end-effector errors (mm, degrees), and the robot space of '{run_dir}' is "
+                        f"'{load_space(run_dir/RUN_SPACE).name}': its errors in joint units are not built yet; run it in "
+                        "closed loop with ICRTPolicy and icrt.sim.core.rollout (a joint-space synthetic run: SyntheticSim(arm=Arm()))")
     try: world = load_world(dj) if closed_loop else None
     except ValueError as e: raise EvalError(f"{e} (or pass --no-closed-loop)") from None
     if server and world is None: raise EvalError(f"--server {server}: only the closed-loop rollouts use it, and there are none (synthetic datasets only)")

@@ -91,3 +91,11 @@ def test_a_run_of_another_space_is_refused_as_pretrained_path_or_resume(joint_ru
     line = _main_error(base + ["--shared-cfg.resume", ck], capsys)
     assert "--shared-cfg.resume" in line and "robot space 'synthetic_arm'" in line and "'published'" in line, line
     assert not (tmp_path / "log_name").exists()   # refused before anything was written
+
+
+def test_icrt_eval_refuses_a_joint_space_run_in_one_line(joint_run, tmp_path):
+    from icrt.eval import EvalError, evaluate_run
+    run, _ = joint_run
+    with pytest.raises(EvalError, match="icrt_eval measures end-effector errors .* 'synthetic_arm': its errors in joint units are not built yet"):
+        evaluate_run(run, out=tmp_path / "eval")
+    assert not (tmp_path / "eval").exists()
