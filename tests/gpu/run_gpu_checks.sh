@@ -3,7 +3,7 @@
 # Usage on a CUDA machine, from the repo root after `pip install -e ".[dev]"`:  bash tests/gpu/run_gpu_checks.sh [OUT_DIR]
 # Prints and saves: the inference latency table of the default model (ViT-B/16 x 2 cameras + 12x768 transformer) vs
 # context length in fp32 and bf16 (with the prompt and reset costs), the policy server's latency, and the training throughput of the default recipe with and without --dataset-cfg.gpu-preprocess, and the
-# compressed-frame loader with nvJPEG decoding (--dataset-cfg.gpu-decode).
+# compressed-frame loader with nvJPEG decoding (--dataset-cfg.gpu-decode), and the icl suite's gpu preset (8 minutes of training).
 set -euo pipefail
 out=${1:-${OUT:-gpu_results}}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.txt"
@@ -27,3 +27,6 @@ icrt_bench_serve --config default --device cuda --clients 1 8 --steps 100 --json
 icrt_bench_train --config default --steps 200 --num-workers 8 --json "$out/train.json" | tee "$out/train.txt"
 # raw vs JPEG frames: bytes per sample, PSNR, warm/cold samples/s per worker, and nvJPEG decode of gpu_decode batches
 icrt_bench_loader --compression "$out/compression" --no-metaworld --samples 16 | tee "$out/compression.txt"
+# the in-context suite (issue #25): the gpu preset, at most 8 minutes of training, then its closed-loop evaluation (unseen
+# goals, far-goal and other-verb controls, k-shot curve); Meta-World renders on the CPU (OSMesa). Unmeasured so far.
+MUJOCO_GL=osmesa icrt_bench_metaworld --suite icl --preset gpu --minutes 8 --device cuda --out "$out/icl_gpu" | tail -30 | tee "$out/icl_gpu.txt"
