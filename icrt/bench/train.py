@@ -86,7 +86,7 @@ def _bench_parts(cfg:ExperimentConfig, dev:torch.device)->tuple:  # (encoder, da
     torch.manual_seed(0)
     enc = build_vision_encoder(cfg.model_cfg.vision_encoder_cfg)
     ds = SequenceDataset(cfg.dataset_cfg, cfg.shared_cfg, split="train", data_config=enc.data_config)
-    model = build_model(cfg, dev, vision_encoder=enc); model.train()
+    model = build_model(cfg, dev, vision_encoder=enc, space=ds.space); model.train()   # the dataset's robot space
     opt = build_optimizer(model, cfg, base_lr(cfg))
     nw = cfg.trainer_cfg.num_workers
     sampler = DistributedSubEpochSampler(ds, 1, 0, 1, 0)
