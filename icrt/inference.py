@@ -25,7 +25,7 @@ from .data.format import (DEFAULT_ACTION_KEYS, DEFAULT_IMAGE_KEYS, DEFAULT_PROPR
 from .data.image import DEFAULT_DATA_CONFIG, preprocess_frames, sample_box
 from .models.policy import ICRT
 from .models.vision import is_local_checkpoint
-from .spaces import Part, RobotSpace, load_space, published_space
+from .spaces import Part, RobotSpace, from_keys, load_space, published_space
 from .train import RUN_KEYS, RUN_SPACE
 
 log = logging.getLogger(__name__)
@@ -321,7 +321,8 @@ def from_run(cls:ICRTPolicy,
     if "model" not in ck: raise InferenceError(f"checkpoint: '{ck_path}' is not an ICRT training checkpoint (no 'model')")
     try: dev = resolve_device(device)
     except ConfigError as e: raise InferenceError(str(e).replace("--device", "device", 1)) from None
-    space = load_space(run_dir/RUN_SPACE) if (run_dir/RUN_SPACE).is_file() else published_space()  # older runs: published
+    space = load_space(run_dir/RUN_SPACE) if (run_dir/RUN_SPACE).is_file() else \
+        from_keys(keys["proprio_keys"], keys["action_keys"])  # older runs: the published layout under the run's own key names
     model = ICRT.from_config(cfg, space=space)
     _frozen_from_pretrained(model, cfg, ck["model"])
     try: model.load_trainable_state_dict(ck["model"], strict=True)

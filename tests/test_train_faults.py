@@ -13,7 +13,7 @@ from conftest import FAST
 from icrt.data.format import load_dataset_config
 from icrt.inference import ICRTPolicy
 from icrt.tiny import recipe_flags, scale_down
-from icrt.train import RUN_KEYS, train
+from icrt.train import RUN_KEYS, RUN_SPACE, train
 from icrt.config import parse_args
 from test_inference import _observation, raw_episode
 from test_train import _main_error, _tree
@@ -91,3 +91,18 @@ def test_a_read_only_file_system_is_called_one(assets, tmpfs, capsys):
     if subprocess.run(["mount", "-o", "remount,ro", str(ro)], capture_output=True).returncode: pytest.skip("cannot remount read-only")
     line = _main_error(_flags(assets, ro), capsys)
     assert "cannot write to" in line and "(a read-only file system)" in line, line
+
+
+def test_a_run_without_robot_space_json_keeps_its_own_low_dim_key_names(run_dir, assets, tmp_path):
+    "A run from before robot_space.json, trained on a dataset with its own key names, deploys under those names."
+    old = tmp_path / "old_run"; shutil.copytree(run_dir, old); (old / RUN_SPACE).unlink()
+    keys = json.loads((old / RUN_KEYS).read_text())
+    rename = {k: k.replace("observation/", "robot/obs_").replace("action/", "robot/act_") for k in keys["proprio_keys"] + keys["action_keys"]}
+    (old / RUN_KEYS).write_text(json.dumps({**keys, **{s: [rename[k] for k in keys[s]] for s in ("proprio_keys", "action_keys")}}))
+    spec = load_dataset_config(assets.dataset_json)
+    demo, ep = (raw_episode(spec, e) for e in sorted(spec.epi_len)[:2])
+    ren = lambda d: {rename.get(k, k): v for k, v in d.items()}
+    want = ICRTPolicy.from_run(run_dir); want.prompt([demo])
+    p = ICRTPolicy.from_run(old); p.prompt([ren(demo)])
+    assert p.space.state_keys == [rename[k] for k in keys["proprio_keys"]]
+    for t in range(3): np.testing.assert_array_equal(p.act(ren(_observation(spec, ep, t))), want.act(_observation(spec, ep, t)))
