@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['SOURCE_MODULES', 'DETECT_ORDER', 'ROTATIONS', 'QUAT_TOL', 'EpisodeRef', 'Source', 'source_class', 'parse_key', 'take',
            'KeyMap', 'make_keymap', 'parse_map_args', 'rotation_matrices', 'gripper01', 'integrate_delta',
-           'needed_keys', 'check_finite', 'map_episode', 'FolderSource', 'ConvertJob', 'read_episode', 'open_source',
-           'check_keys', 'convert', 'format_convert', 'list_keys', 'convert_cli', 'RobomimicSource',
-           'write_robomimic_example']
+           'needed_keys', 'check_finite', 'map_episode', 'arm_key', 'extra_state', 'map_joints', 'FolderSource',
+           'ConvertJob', 'read_episode', 'open_source', 'check_keys', 'keymap_space', 'convert', 'format_convert',
+           'describe_space', 'list_keys', 'convert_cli', 'RobomimicSource', 'write_robomimic_example']
 
 # %% ../../nbs/03b_data.convert.ipynb #c003
 import argparse
@@ -28,6 +28,7 @@ from .compress import SHARD_EPISODES, check_state, disk_guard, run_jobs, run_too
 from .format import (DEFAULT_ACTION_KEYS, DEFAULT_IMAGE_KEYS, DEFAULT_PROPRIO_KEYS, IMAGE_LAYOUTS, JPEG_QUALITY,
                               SOURCE_SUFFIXES, DatasetError, EpisodeWriter, check_quality, write_dataset_files)
 from ..geometry import axis_angle_to_matrix, euler_to_matrix, matrix_to_euler, quat_to_matrix
+from ..spaces import Part, RobotSpace, from_keys
 
 # %% ../../nbs/03b_data.convert.ipynb #c006
 @dataclass
@@ -51,6 +52,7 @@ class Source:
     def detect(cls, path:Path)->bool: "Is `path` a dataset of this format?"; return False
     def episodes(self)->list: "Every episode, as `EpisodeRef`s, in a fixed order."; raise NotImplementedError
     def keys(self)->dict: "{key: (per-step shape, dtype name)}; cameras are (H, W, 3) uint8."; raise NotImplementedError
+    def map_hint(self)->str|None: "The --map to pass when the default mapping finds neither a pose nor joints (None: generic advice)."; return None
     def read(self, ref:EpisodeRef, keys:list)->dict:
         "{key: (T, ...) array} of episode `ref`; frames (T, H, W, 3) uint8. A DatasetError names `ref.where` and the key."
         raise NotImplementedError
@@ -106,6 +108,13 @@ class KeyMap:
     actions: str = "absolute"                    # "absolute" targets, or "delta": added to the state pose
     delta_scale: list = field(default_factory=lambda: [1.0, 1.0])  # multipliers of delta position, rotation
     delta_frame: str = "world"                   # delta rotation applied in the world ("world") or hand ("local") frame
+    joints: dict = field(default_factory=dict)   # {arm: key expression} of joint positions ("" for one arm); without a pose: a joint-space robot
+    action_joints: object = "next"               # joint space: {arm: key expression} of absolute joint targets, or "next"
+    joint_unit: str = "rad"                      # the joints' unit, recorded in the robot space: "rad", "deg", "range_m100_100", ...
+    gripper_unit: str|None = None                # joint space: the grippers' unit when kept as recorded (default "0-1")
+    extra: dict = field(default_factory=dict)    # {name: key expression}: more state, stored as observation/<name> ("other" parts)
+    robot: str|None = None                       # the robot space's name (e.g. a detected "so100")
+    names: dict = field(default_factory=dict)    # {ICRT key: [column names]}, recorded in the robot space
 
 # %% ../../nbs/03b_data.convert.ipynb #c016
 def _as_list(v)->list: return [s.strip() for s in v.split(",")] if isinstance(v, str) else list(v or [])
@@ -120,6 +129,19 @@ def _cameras(v)->dict:
         out[name] = key
     return out
 
+def _arms(v, role:str)->dict:
+    "{arm: key expression} from 'EXPR' (one arm, named ''), 'ARM=EXPR,...' items or a dict."
+    if v is None or v == "next": return v
+    items = {str(k): str(x) for k, x in v.items()} if isinstance(v, dict) else None
+    if items is None:
+        its = _as_list(v)
+        if len(its) == 1 and "=" not in its[0]: return {"": its[0]}
+        if any("=" not in i for i in its): raise DatasetError(f"--map {role}={v}: with several arms name each: {role}=ARM=KEY,ARM=KEY")
+        items = dict(i.split("=", 1) for i in its)
+    bad = [a for a in items if not re.fullmatch(r"\w*", a)]
+    if bad: raise DatasetError(f"--map {role}: arm name {bad[0]!r} must be letters, digits or _ (it becomes part of a key)")
+    return {a.strip(): e.strip() for a, e in items.items()}
+
 def _range(v, role:str):
     if v in (None, "auto"): return "auto"
     r = [float(x) for x in _as_list(v)] if not isinstance(v, (int, float)) else []
@@ -127,20 +149,29 @@ def _range(v, role:str):
     return r
 
 # %% ../../nbs/03b_data.convert.ipynb #c017
-def make_keymap(defaults:dict, overrides:dict=None)->KeyMap:
+def make_keymap(
+    defaults:dict,            # a format's default mapping
+    overrides:dict=None,      # the user's {role: value}
+    hint:str=None,            # what to say when there is neither a pose nor joints (`Source.map_hint`)
+)->KeyMap:
     "The `KeyMap` of a format's `defaults` updated by the user's `overrides` ({role: value})."
     d = {**(defaults or {}), **(overrides or {})}
     unknown = set(d) - set(KeyMap.__dataclass_fields__)
     if unknown: raise DatasetError(f"--map {sorted(unknown)[0]}: unknown role; roles are {', '.join(KeyMap.__dataclass_fields__)}")
-    km = KeyMap(cameras=_cameras(d.get("cameras")), pose=_as_list(d.get("pose")), rotation=d.get("rotation", "euler_xyz"),
-                gripper=d.get("gripper"), gripper_range=_range(d.get("gripper_range"), "gripper_range"),
+    pose, joints = _as_list(d.get("pose")), _arms(d.get("joints"), "joints") or {}
+    per_arm = not pose and bool(joints)                                        # a joint-space robot: grippers per arm
+    km = KeyMap(cameras=_cameras(d.get("cameras")), pose=pose, rotation=d.get("rotation", "euler_xyz"),
+                gripper=_arms(d.get("gripper"), "gripper") if per_arm else d.get("gripper"),
+                gripper_range=_range(d.get("gripper_range"), "gripper_range"),
                 action_pose=_as_list(d.get("action_pose", "next")), action_rotation=d.get("action_rotation"),
-                action_gripper=d.get("action_gripper", "next"),
+                action_gripper=_arms(d.get("action_gripper", "next"), "action_gripper") if per_arm else d.get("action_gripper", "next"),
                 action_gripper_range=_range(d.get("action_gripper_range"), "action_gripper_range"),
                 actions=d.get("actions", "absolute"), delta_scale=[float(x) for x in _as_list(d.get("delta_scale", [1, 1]))],
-                delta_frame=d.get("delta_frame", "world"))
+                delta_frame=d.get("delta_frame", "world"), joints=joints, action_joints=_arms(d.get("action_joints", "next"), "action_joints"),
+                joint_unit=str(d.get("joint_unit", "rad")), gripper_unit=d.get("gripper_unit"),
+                extra=_cameras(d.get("extra")), robot=d.get("robot"), names=dict(d.get("names") or {}))
     if not km.cameras: raise DatasetError("--map cameras: no camera keys; name at least one (--list-keys shows the keys)")
-    if not km.pose: raise DatasetError("--map pose: no pose key; this format has no default, pass e.g. --map pose=observation.state[0:6] (--list-keys shows the keys)")
+    if not km.pose and not km.joints: raise DatasetError(hint or "--map pose: no pose key; this format has no default, pass e.g. --map pose=observation.state[0:6] (--list-keys shows the keys)")
     for role in ("rotation", "action_rotation"):
         v = getattr(km, role)
         if v is not None and v not in ROTATIONS: raise DatasetError(f"--map {role}={v}: use one of {', '.join(ROTATIONS)}")
@@ -148,7 +179,20 @@ def make_keymap(defaults:dict, overrides:dict=None)->KeyMap:
     if km.delta_frame not in ("world", "local"): raise DatasetError(f"--map delta_frame={km.delta_frame}: use world or local")
     if len(km.delta_scale) != 2: raise DatasetError(f"--map delta_scale={km.delta_scale}: give POS,ROT")
     if km.actions == "delta" and km.action_pose == ["next"]: raise DatasetError("--map actions=delta needs action_pose: the delta columns")
+    if per_arm: _check_joint_roles(km)
+    elif km.action_joints != "next": raise DatasetError("--map action_joints: beside a pose, joints are state only (the actions are the pose's); drop action_joints, or drop pose for a joint-space robot")
     return km
+
+# %% ../../nbs/03b_data.convert.ipynb #j03b01
+def _check_joint_roles(km:KeyMap):
+    "Refuse joint-space roles that do not pair up: the same arms for joints and their targets, grippers of known arms."
+    arms = list(km.joints)
+    if km.actions != "absolute": raise DatasetError("--map actions=delta: joint positions are converted as recorded, absolute targets; drop actions=delta")
+    if km.action_joints != "next" and sorted(km.action_joints) != sorted(arms):
+        raise DatasetError(f"--map action_joints: arms {sorted(km.action_joints)} differ from the joints' arms {sorted(arms)}; name the same arms")
+    if extra := sorted(set(km.gripper or {}) - set(arms)): raise DatasetError(f"--map gripper: arm(s) {extra} have no joints; name the joints' arms {arms}")
+    if km.action_gripper != "next" and sorted(km.action_gripper or {}) != sorted(km.gripper or {}):
+        raise DatasetError(f"--map action_gripper: arms {sorted(km.action_gripper or {})} differ from the grippers' arms {sorted(km.gripper or {})}")
 
 # %% ../../nbs/03b_data.convert.ipynb #c020
 def parse_map_args(items:list)->dict:
@@ -225,7 +269,8 @@ def integrate_delta(
 # %% ../../nbs/03b_data.convert.ipynb #c032
 def needed_keys(km:KeyMap)->tuple:
     "(camera keys, low-dim keys) that mapping `km` reads."
-    exprs = km.pose + [e for e in km.action_pose if e != "next"] + [e for e in (km.gripper, km.action_gripper) if e and e != "next"]
+    exprs = km.pose + [e for e in km.action_pose if e != "next"] + [e for v in (km.gripper, km.action_gripper, km.joints, km.action_joints, km.extra)
+                                                                    for e in (v.values() if isinstance(v, dict) else [v]) if e and e != "next"]
     low = list(dict.fromkeys(parse_key(e)[0] for e in exprs))
     return list(dict.fromkeys(km.cameras.values())), low
 
@@ -260,6 +305,7 @@ def map_episode(
     image_size:tuple=None,    # (H, W) to resize frames to, or None
 )->dict:                      # {ICRT key: array}, ready for `EpisodeWriter.write`
     "The ICRT arrays of one source episode."
+    if not km.pose: return map_joints(arrays, km, where, image_size)
     w = lambda e: f"{where}, key '{e}'"
     pos, R, eul = _pose6(np.concatenate([take(arrays, e) for e in km.pose], 1), km.rotation, w(km.pose[0]))
     T = len(pos)
@@ -276,9 +322,54 @@ def map_episode(
     out = {f"observation/{n}": _frames(arrays[k], w(k), T, image_size) for n, k in km.cameras.items()}
     out.update({"observation/cartesian_position": np.concatenate([pos, eul], 1), "observation/gripper_position": g,
                 "action/cartesian_position": np.concatenate([apos, aeul], 1), "action/gripper_position": ag})
+    out.update(extra_state(arrays, km))
+    return _same_length(out, T, "the pose", where)
+
+# %% ../../nbs/03b_data.convert.ipynb #j03b02
+def arm_key(side:str, arm:str, what:str)->str:
+    "The ICRT key of one arm's joints or gripper, as `icrt.spaces.joint_space` names them: `observation/left_joint_position`."
+    return f"{side}/{arm + '_' if arm else ''}{what}_position"
+
+def _same_length(out:dict, T:int, ref:str, where:str)->dict:
     for k, a in out.items():
-        if len(a) != T: raise DatasetError(f"{where}: '{k}' has {len(a)} steps but the pose has {T}; the source arrays of an episode must have one row per step")
+        if len(a) != T: raise DatasetError(f"{where}: '{k}' has {len(a)} steps but {ref} has {T}; the source arrays of an episode must have one row per step")
     return out
+
+def extra_state(arrays:dict, km:KeyMap)->dict:
+    "The state keys added beside a pose: joint positions (`joints`) and `extra` keys, as recorded."
+    out = {arm_key("observation", a, "joint"): take(arrays, e).astype(np.float64) for a, e in km.joints.items()} if km.pose else {}
+    return {**out, **{f"observation/{n}": take(arrays, e).astype(np.float64) for n, e in km.extra.items()}}
+
+# %% ../../nbs/03b_data.convert.ipynb #j03b03
+def _grip(g:np.ndarray, rng, unit:str|None, where:str)->np.ndarray:
+    "A joint-space gripper: rescaled to [0, 1] by an explicit range, else as recorded (checked against a 0-1 unit)."
+    if rng != "auto": return gripper01(g, rng, where)
+    if g.shape[1] != 1: raise DatasetError(f"{where}: the gripper needs 1 column, got {g.shape[1]}; pick one, e.g. KEY[0]")
+    if (unit or "0-1") == "0-1" and (g.min() < -1e-6 or g.max() > 1 + 1e-6):
+        raise DatasetError(f"{where}: gripper values span [{g.min():.4g}, {g.max():.4g}], not 0-1; say their unit: --map gripper_unit=UNIT "
+                           "(kept as recorded, e.g. range_0_100) or --map gripper_range=OPEN,CLOSED (rescaled to 0-1)")
+    return g.astype(np.float64)
+
+def map_joints(
+    arrays:dict,              # {source key: (T, ...)} of one episode
+    km:KeyMap,                # a joint-space mapping (joints, no pose)
+    where:str,                # "file, episode" for messages
+    image_size:tuple=None,    # (H, W) to resize frames to, or None
+)->dict:                      # {ICRT key: array}: per arm joint positions and gripper, state and action
+    "The ICRT arrays of one episode of a joint-space robot: joints and grippers as recorded, arm by arm."
+    w = lambda e: f"{where}, key '{e}'"
+    out = {arm_key("observation", a, "joint"): take(arrays, e).astype(np.float64) for a, e in km.joints.items()}
+    T = len(next(iter(out.values())))
+    for a, e in (km.gripper or {}).items(): out[arm_key("observation", a, "gripper")] = _grip(take(arrays, e), km.gripper_range, km.gripper_unit, w(e))
+    for a in km.joints:
+        out[arm_key("action", a, "joint")] = _shift(out[arm_key("observation", a, "joint")]) if km.action_joints == "next" else \
+            take(arrays, km.action_joints[a]).astype(np.float64)
+    for a, e in (km.gripper or {}).items():
+        out[arm_key("action", a, "gripper")] = _shift(out[arm_key("observation", a, "gripper")]) if km.action_gripper == "next" else \
+            _grip(take(arrays, km.action_gripper[a]), km.action_gripper_range, km.gripper_unit, w(km.action_gripper[a]))
+    out.update(extra_state(arrays, km))
+    out.update({f"observation/{n}": _frames(arrays[k], w(k), T, image_size) for n, k in km.cameras.items()})
+    return _same_length(out, T, "the joints", where)
 
 # %% ../../nbs/03b_data.convert.ipynb #c036
 def _frames(a, where:str, T:int, image_size:tuple=None)->np.ndarray:
@@ -457,6 +548,34 @@ def check_keys(source:Source, km:KeyMap)->dict:
             raise DatasetError(f"{source.path}: key '{k}' not found; low-dim keys: {', '.join(low) or 'none'}")
     return have
 
+# %% ../../nbs/03b_data.convert.ipynb #j03b07
+def _width(expr:str, have:dict)->int:
+    key, cols = parse_key(expr); n = int(np.prod(have[key][0] or (1,)))
+    return n if cols is None else len(range(n)[cols])
+
+def keymap_space(
+    km:KeyMap,     # the mapping
+    have:dict,     # the source's {key: (per-step shape, dtype)}
+)->RobotSpace|None:
+    "The robot space the mapping writes (None: the published pose + gripper layout, nothing added)."
+    part = lambda key, kind, e, unit=None: Part(key, kind, _width(e, have), unit=unit, names=km.names.get(key))
+    extra = [part(arm_key("observation", a, "joint"), "joints", e, km.joint_unit) for a, e in km.joints.items()] if km.pose else []
+    extra += [part(f"observation/{n}", "other", e) for n, e in km.extra.items()]
+    if km.pose:
+        if not extra: return None
+        pub = from_keys(DEFAULT_PROPRIO_KEYS, DEFAULT_ACTION_KEYS)
+        return RobotSpace(pub.state + tuple(extra), pub.action, km.robot or "published+" + "+".join(p.key.split("/")[-1] for p in extra))
+    gu = "0-1" if km.gripper_range != "auto" else km.gripper_unit
+    state, action = [], []
+    for a, e in km.joints.items():
+        n, t = _width(e, have), e if km.action_joints == "next" else km.action_joints[a]
+        if _width(t, have) != n: raise DatasetError(f"--map action_joints: '{t}' has {_width(t, have)} columns but the joints '{e}' have {n}; give as many")
+        state.append(part(arm_key("observation", a, "joint"), "joints", e, km.joint_unit)); action.append(part(arm_key("action", a, "joint"), "joints", t, km.joint_unit))
+        if a in (km.gripper or {}):
+            state.append(part(arm_key("observation", a, "gripper"), "gripper", km.gripper[a], gu))
+            action.append(part(arm_key("action", a, "gripper"), "gripper", km.gripper[a] if km.action_gripper == "next" else km.action_gripper[a], gu))
+    return RobotSpace(tuple(state) + tuple(extra), tuple(action), km.robot or "joints")
+
 # %% ../../nbs/03b_data.convert.ipynb #c048
 def _train_command(cfg:Path, n_cameras:int, name:str)->str:
     "The `icrt_train` command that trains on dataset config `cfg` from scratch."
@@ -467,6 +586,7 @@ def _train_command(cfg:Path, n_cameras:int, name:str)->str:
 
 def _notes(km:KeyMap)->list:
     "What `convert` did to the units, in words."
+    if not km.pose: return _joint_notes(km)
     n = [] if km.rotation == "euler_xyz" else [f"pose rotation {km.rotation} -> Euler XYZ"]
     if km.gripper is None: n.append("no gripper key: gripper_position is 0")
     elif km.gripper_range not in ("auto", [0.0, 1.0]): n.append(f"gripper {km.gripper_range[0]:g} (open) .. {km.gripper_range[1]:g} (closed) -> 0 .. 1")
@@ -474,6 +594,17 @@ def _notes(km:KeyMap)->list:
     elif km.actions == "delta":
         n.append(f"delta actions ({km.action_rotation or km.rotation}, scale {km.delta_scale[0]:g}/{km.delta_scale[1]:g}, "
                  f"{km.delta_frame} frame) integrated from the state pose into absolute targets")
+    if added := [*(arm_key("observation", a, "joint") for a in km.joints), *(f"observation/{x}" for x in km.extra)]:
+        n.append(f"state adds {', '.join(added)} as recorded")
+    return n
+
+def _joint_notes(km:KeyMap)->list:
+    arms = ", ".join(a or "one arm" for a in km.joints)
+    g = ("no gripper" if not km.gripper else f"gripper(s) {km.gripper_range[0]:g} (open) .. {km.gripper_range[1]:g} (closed) -> 0 .. 1"
+         if km.gripper_range != "auto" else f"gripper(s) in {km.gripper_unit or '0-1'}")
+    n = [f"joint space{f' ({km.robot})' if km.robot else ''}: {arms}; joints in {km.joint_unit} and {g}, as recorded"]
+    if km.action_joints == "next": n.append("action targets are the next step's joints and grippers")
+    if km.extra: n.append(f"state adds {', '.join(f'observation/{x}' for x in km.extra)} as recorded")
     return n
 
 # %% ../../nbs/03b_data.convert.ipynb #c049
@@ -498,7 +629,7 @@ def _plan(source:Source, km:KeyMap, shard_episodes:int)->list:
     return [refs[a:a + shard_episodes] for a in range(0, len(refs), shard_episodes)]
 
 # %% ../../nbs/03b_data.convert.ipynb #c050
-def _write_outputs(work:Path, shards:list, km:KeyMap, train_split:float)->tuple:
+def _write_outputs(work:Path, shards:list, km:KeyMap, train_split:float, space:RobotSpace|None=None)->tuple:
     "Side files and dataset config of the finished shards; returns (config, written, skipped)."
     done = [_shard_done(work, i) for i in range(len(shards))]
     written = [e for d in done for e in d["written"]]; skipped = [s for d in done for s in d["skipped"]]
@@ -512,7 +643,8 @@ def _write_outputs(work:Path, shards:list, km:KeyMap, train_split:float)->tuple:
     for i, d in enumerate(done):
         if not d["written"]: (work/f"part-{i:05d}.hdf5").unlink()
     cfg = write_dataset_files(work, files, eps, {e[0]: e[2] for e in written}, v2e,
-                              [f"observation/{n}" for n in km.cameras], DEFAULT_PROPRIO_KEYS, DEFAULT_ACTION_KEYS, train_split)
+                              [f"observation/{n}" for n in km.cameras], DEFAULT_PROPRIO_KEYS, DEFAULT_ACTION_KEYS, train_split,
+                              robot_space=space)
     for p in work.glob("part-*.json"): p.unlink()
     return cfg, written, skipped
 
@@ -537,7 +669,7 @@ def convert(
     "Convert a LeRobot, DROID, robomimic or folder dataset into an ICRT dataset at `out`."
     t0 = time.time(); _check_args(image_layout, jpeg_quality, workers, image_size, shard_episodes)
     src_obj = open_source(src, source, task_from=task_from)
-    km = make_keymap(src_obj.default_map, mapping); check_keys(src_obj, km)
+    km = make_keymap(src_obj.default_map, mapping, src_obj.map_hint()); space = keymap_space(km, check_keys(src_obj, km))
     shards = _plan(src_obj, km, shard_episodes)
     work = work_folder(out, [src], overwrite, resume, "icrt_convert")
     with disk_guard(work, [len(s) for s in shards], lambda i: _shard_done(work, i) is not None):
@@ -549,12 +681,12 @@ def convert(
         jobs = [ConvertJob(i, shards[i], src_obj, km, str(work), tuple(image_size) if image_size else None,
                            image_layout, jpeg_quality, strict, max(1, min(workers, len(todo)))) for i in todo]
         new = run_jobs(_convert_shard, jobs, workers, sum(len(shards[i]) for i in todo), progress, "icrt_convert", work)
-        cfg, written, skipped = _write_outputs(work, shards, km, train_split)
+        cfg, written, skipped = _write_outputs(work, shards, km, train_split, space)
         out = swap_in(work, Path(os.path.abspath(out))); cfg = out/cfg.name
-    return _summary(src, src_obj, source is None, km, shards, len(todo), new, written, skipped, cfg, workers, time.time() - t0)
+    return _summary(src, src_obj, source is None, km, shards, len(todo), new, written, skipped, cfg, workers, time.time() - t0, space)
 
 # %% ../../nbs/03b_data.convert.ipynb #c052
-def _summary(src, src_obj, detected, km, shards, n_todo, new, written, skipped, cfg, workers, secs)->dict:
+def _summary(src, src_obj, detected, km, shards, n_todo, new, written, skipped, cfg, workers, secs, space=None)->dict:
     "What `convert` did, as plain data."
     frames, why = sum(d["frames"] for d in new), {}
     for _, r in skipped: why[r] = why.get(r, 0) + 1
@@ -563,7 +695,7 @@ def _summary(src, src_obj, detected, km, shards, n_todo, new, written, skipped, 
                 tasks=len({t for _, t, _ in written}), steps=int(sum(n for *_, n in written)), cameras=list(km.cameras),
                 shards=len(shards), shards_resumed=len(shards) - n_todo, frames=frames, seconds=round(secs, 2),
                 frames_per_s=round(frames / secs, 1) if secs > 0 else None, workers=workers, notes=_notes(km),
-                train_command=_train_command(cfg, len(km.cameras), cfg.parent.name))
+                train_command=_train_command(cfg, len(km.cameras), cfg.parent.name), robot_space=space.to_dict() if space else None)
 
 # %% ../../nbs/03b_data.convert.ipynb #c054
 def format_convert(s:dict)->str:
@@ -575,9 +707,16 @@ def format_convert(s:dict)->str:
              f"tasks: {s['tasks']}, steps: {s['steps']}, cameras: {', '.join(s['cameras'])}"]
     if s["shards_resumed"]: lines.append(f"resumed: {s['shards_resumed']} of {s['shards']} shard(s) kept from the interrupted run")
     lines += [f"conversions: {n}" for n in s["notes"]]
+    if s.get("robot_space"): lines.append(f"robot space: {describe_space(s['robot_space'])}")
     lines.append(f"time: {s['seconds']:.1f} s, {s['frames_per_s']} frames/s with {s['workers']} worker(s)")
     lines += [f"wrote {s['config']}; check it: icrt_check {s['config']}", f"train: {s['train_command']}"]
     return "\n".join(lines)
+
+# %% ../../nbs/03b_data.convert.ipynb #j03b09
+def describe_space(d:dict)->str:
+    "One line of a robot space's `to_dict`: its name, then each part's key, width, kind and unit."
+    part = lambda p: f"{p['key'].split('/', 1)[-1]} {p.get('dim', '')} {p['kind']}" + (f" ({p['unit']})" if p.get("unit") else "")
+    return f"'{d['name']}' state [{', '.join(map(part, d['state']))}] action [{', '.join(map(part, d['action']))}]"
 
 # %% ../../nbs/03b_data.convert.ipynb #c055
 def list_keys(source:Source)->str:
@@ -599,7 +738,9 @@ def _parser()->argparse.ArgumentParser:
     p.add_argument("--from", dest="kind", choices=list(SOURCE_MODULES), help="the format (default: detect it)")
     p.add_argument("--map", action="append", default=[], metavar="ROLE=VALUE|FILE.yaml",
                    help="source keys and conventions: cameras=, pose=, rotation=, gripper=, gripper_range=, action_pose=, "
-                        "action_rotation=, action_gripper=, action_gripper_range=, actions=absolute|delta, delta_scale=, delta_frame=")
+                        "action_rotation=, action_gripper=, action_gripper_range=, actions=absolute|delta, delta_scale=, delta_frame=; "
+                        "a joint-space robot: joints=[ARM=]KEY[a:b],..., gripper=, action_joints=, action_gripper=, joint_unit=, "
+                        "gripper_unit=; more state: extra=NAME=KEY,...")
     p.add_argument("--image-size", type=int, nargs=2, metavar=("H", "W"), help="resize frames (default: keep the recorded size)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1), help="converting processes (default: up to 4)")
     p.add_argument("--task-from", help="where tasks come from (format-specific: annotation, folder, file, attr:NAME, text:TASK)")
@@ -730,7 +871,9 @@ def write_robomimic_example(
             act = np.concatenate([rng.uniform(-1, 1, (T, 3)), rng.uniform(-0.3, 0.3, (T, 3)), np.where(t < 0.5, -1.0, 1.0)], 1)
             u = np.linspace(0, 1, width)[None, None, :, None]; v = np.linspace(0, 1, height)[None, :, None, None]
             img = lambda ph: (255 * (0.5 + 0.5 * np.sin(2 * np.pi * (u + v + t[:, :, None, None] + ph + np.arange(3) / 3)))).astype(np.uint8)
+            jpos = 0.3 * np.sin(2 * np.pi * (t + np.arange(7) / 7))               # (T, 7) arm joints, rad (no rng draw)
             d = {"obs/robot0_eef_pos": pos, "obs/robot0_eef_quat": quat, "obs/robot0_gripper_qpos": np.concatenate([gap, -gap], 1),
+                 "obs/robot0_joint_pos": jpos,
                  "obs/agentview_image": img(0.0), "obs/robot0_eye_in_hand_image": img(0.25), "actions": act,
                  "rewards": (t[:, 0] > 0.9).astype(np.float64), "dones": (t[:, 0] == 1).astype(np.int64)}
             g = data.create_group(f"demo_{i}"); g.attrs["num_samples"] = T
