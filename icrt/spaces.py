@@ -283,11 +283,11 @@ def joint_space(
                    Part(f"action/{pre}gripper_position", "gripper", 1, unit=gripper_unit)]
     return RobotSpace(state=tuple(state) + tuple(extra_state), action=tuple(action), name=name)
 
-PRESETS = {
+PRESETS = {  # the joint robots in the units LeRobot records them (see 03c_data.lerobot for where each comes from)
     "published": published_space,
-    "so100": lambda: joint_space({"": 5}, name="so100"),
-    "koch": lambda: joint_space({"": 5}, name="koch"),
-    "aloha": lambda: joint_space({"left": 6, "right": 6}, name="aloha"),
+    "so100": lambda: joint_space({"": 5}, unit="deg", gripper_unit="range_0_100", name="so100"),
+    "koch": lambda: joint_space({"": 5}, unit="range_m100_100", gripper_unit="range_0_100", name="koch"),
+    "aloha": lambda: joint_space({"left": 6, "right": 6}, unit="rad", gripper_unit="act_normalized", name="aloha"),
 }
 
 def preset(name:str)->RobotSpace:
