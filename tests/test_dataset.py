@@ -206,6 +206,39 @@ def test_bad_inputs(tmp_path, toy):
     with pytest.raises(DatasetError, match="no task has at least 4"): make(short)   # all below the 30-step minimum
 
 
+
+def _with_min_demos(cfg, n):
+    "A copy of dataset config `cfg`, beside it, with a top-level `min_demos` entry."
+    p = Path(cfg).parent / f"min_demos_{n}.json"
+    p.write_text(json.dumps({**json.loads(Path(cfg).read_text()), "min_demos": n})); return p
+
+
+def test_min_demos_keeps_few_demo_tasks_and_fills_their_blocks(tmp_path):
+    "Tasks of 2 and 1 episodes: dropped by default; with min_demos 1 kept, each block drawn until a window fits."
+    cfg = toy_dataset(tmp_path, tasks={"a": 2, "b": 1, "c": 5}, lengths=[30, 30, 35, 50, 50, 50, 50, 50])
+    pub = make(cfg, seq_length=90)
+    assert sorted(pub.groups) == ["c"] and pub.fill == {}                         # the published rule: fewer than 4 dropped
+    ds = make(_with_min_demos(cfg, 1), seq_length=90)
+    assert sorted(ds.groups) == ["a", "b", "c"] and ds.fill == {"a": 90, "b": 90}  # c has 5: drawn as published
+    for epoch in range(4):
+        ds.shuffle_dataset(epoch)
+        for g, task in enumerate(ds.plan.block_task):
+            a, n = ds.plan.block_start[g], ds.plan.block_len[g]
+            assert n >= 90 and ((ds.plan.starts >= a) & (ds.plan.starts <= a + n - 90)).any(), (epoch, task)
+            segs = [ds.episodes[ds.plan.seg_episode[i]] for i in np.flatnonzero((ds.plan.seg_start >= a) & (ds.plan.seg_start < a + n))]
+            if task == "a": assert all(x != y for x, y in zip(segs, segs[1:])), segs   # the other demo, never itself
+            if task == "b": assert segs == ["episode_2"] * 3                               # one demo: repeated
+    s = ds[0]
+    assert s["proprio"].shape == (90, 4, 10) and 0 < s["prompt_mask"].sum() < 90
+
+
+def test_min_demos_bad_value(tmp_path, toy):
+    p = Path(toy).parent / "bad_min_demos.json"  # beside the toy config: its relative paths resolve
+    for v in (0, "2", True, 1.5):
+        p.write_text(json.dumps({**json.loads(Path(toy).read_text()), "min_demos": v}))
+        with pytest.raises(DatasetError, match="key 'min_demos'") as e: make(p)
+        assert "\n" not in str(e.value) and str(p) in str(e.value)
+
 def _file_bytes(folder):
     "Every file under `folder` with its content (to prove a refused input changed nothing)."
     return {p: p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}

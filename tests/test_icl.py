@@ -14,6 +14,10 @@ from icrt.sim.metaworld import (EVAL_STREAM, ICL_FAR_GOAL_DISTANCE, ICL_MIN_GOAL
                                 evaluate_icl, get_task, icl_distance, icl_env_goal, icl_scenes, icl_task_name, icl_tasks,
                                 icl_train_goals, parse_icl_task, train_key)
 from test_bench_metaworld import _run as _bench  # icrt_bench_metaworld in a subprocess, one torch thread
+from icrt.bench.metaworld import window_length
+from icrt.config import DatasetConfig, SharedConfig
+from icrt.data.dataset import SequenceDataset
+from icrt.sim.metaworld import generate_metaworld_dataset
 
 pytestmark = pytest.mark.filterwarnings("ignore:Constant")
 
@@ -73,13 +77,19 @@ def test_evaluator_tells_a_prompt_follower_from_the_goal():
     class FollowPrompt:
         def __init__(self, sim): self.inner = None
         def reset(self): pass
-        def prompt(self, episodes): self.inner = ReplayPolicy(episodes[0])
-        def act(self, observation): return self.inner.act(observation)
+        def prompt(self, episodes): self.inner = ReplayPolicy(episodes[0]) if episodes else None
+        def act(self, observation):  # no prompt: hold the hand where it is
+            if self.inner is None:
+                return np.r_[observation["observation/cartesian_position"], observation["observation/gripper_position"]]
+            return self.inner.act(observation)
     res = evaluate_icl(FollowPrompt, scenes=2, train_goals=4, ks=(1, 2), verbs=["reach"], image_size=24, max_steps=90,
                        expert=True)
     r = res["verbs"]["reach"]
     assert r["unseen_k1"]["rate"] == 1.0 and r["unseen_k2"]["rate"] == 1.0 and r["expert"]["rate"] == 1.0
     assert r["far_goal"]["rate"] == 0.0 and r["other_verb"]["rate"] == 0.0  # a push demo does not lift the hand to the goal
+    assert r["no_prompt"]["rate"] == 0.0 and r["no_prompt"]["n"] == 2  # nothing to follow: the hand stays at its start
+    assert r["no_prompt"]["mean_error"] > 2 * r["unseen_k1"]["mean_error"]
+    assert "| reach | no prompt (the scene alone) | 0/2 | 0% [0, " in res["table"]
     assert r["far_goal"]["mean_prompt_error"] < 0.05 < ICL_FAR_GOAL_DISTANCE - 0.02 < r["far_goal"]["mean_error"]
     assert r["unseen_k1"]["mean_error"] < 0.5 * res["baselines"]["reach"]["mean_training_goal"]
     for run in r["unseen_k1"]["runs"]:  # the error is the distance from where the hand ended to the goal
@@ -106,7 +116,7 @@ def test_bench_icl_smoke_end_to_end(tmp_path):
     rep, md = json.loads((out / "report.json").read_text()), (out / "report.md").read_text()
     ev = rep["evaluation"]
     assert set(ev["verbs"]) == set(ICL_VERBS) and ev["min_goal_distance_m"] >= ICL_MIN_GOAL_DISTANCE
-    conds = {"unseen_k1", "unseen_k2", "seen", "other_verb", "far_goal", "expert"}
+    conds = {"unseen_k1", "unseen_k2", "seen", "other_verb", "far_goal", "no_prompt", "expert"}
     for v in ICL_VERBS:
         assert set(ev["verbs"][v]) == conds
         for c in conds: assert ev["verbs"][v][c]["n"] == rep["preset"]["seeds"]
@@ -115,13 +125,15 @@ def test_bench_icl_smoke_end_to_end(tmp_path):
     assert ev["gifs"] and all((out / g).is_file() for g in ev["gifs"])
     assert "## Targets" in md and "min_goal_distance_m" in md and len(rep["checks"]) >= 3
     assert "| all | unseen goal, k=1 |" in r.stdout
+    assert "| all | no prompt (the scene alone) |" in r.stdout and "With no prompt at all it succeeded in" in md
+    pr = ev["probe"]["reach"]["last"]  # the goal probe: 4 training prompts of one goal, so it can only be the baseline
+    assert "## Goal probe" in md and (pr["n_fit"], pr["n_test"]) == (4, 1) and abs(pr["error"] - pr["baseline"]) < 1e-9
 
 
 @pytest.mark.parametrize("args,needle", [
     (["--suite", "icl", "--tasks", "reach-v3"], "--tasks"),
     (["--suite", "icl", "--train-goals", "0"], "--train-goals 0"),
     (["--train-goals", "3"], "--suite icl"),
-    (["--suite", "icl", "--episodes-per-task", "2"], "--episodes-per-task 2"),
     (["--set", "foo=1"], "--set foo: not a preset entry"),
     (["--set", "step_weight"], "write KEY=VALUE"),
 ])
@@ -136,3 +148,30 @@ def test_gen_cli_train_goals(tmp_path):
     r = subprocess.run(["icrt_metaworld_gen", str(tmp_path / "d"), "--suite", "icl", "--train-goals", "0"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "train_goals=0" in r.stderr
+
+
+def test_two_demos_per_goal_train_every_goal(tmp_path):
+    "3 goals x 2 demonstrations: the dataset says min_demos 2, and every goal gives windows whose prompt is its other demo."
+    tasks = [t for t in icl_tasks(3) if t.startswith("reach@")]
+    cfg = generate_metaworld_dataset(tmp_path / "d", tasks=tasks, episodes_per_task=2, image_size=16, num_procs=2)
+    assert json.loads(cfg.read_text())["min_demos"] == 2
+    T = window_length(tmp_path / "d", 2)  # prompt + target, as the bench trains
+    ds = SequenceDataset(DatasetConfig(dataset_json=str(cfg), non_overlapping=T // 4), SharedConfig(seq_length=T, num_pred_steps=4),
+                         data_config=dict(input_size=(3, 16, 16)))
+    assert sorted(ds.groups) == sorted(tasks) and set(ds.fill) == set(tasks)
+    windows = {ds.plan.block_task[int(np.searchsorted(ds.plan.block_start, s, side="right")) - 1] for s in ds.plan.starts}
+    assert windows == set(tasks)  # without the fill no goal's two demos hold a window of two longest demos
+    first = ds.episodes[ds.plan.seg_episode[0]]; second = ds.episodes[ds.plan.seg_episode[1]]
+    assert first != second and ds.task_of(first) == ds.task_of(second)
+
+
+def test_bench_icl_one_demo_per_goal(tmp_path):
+    "The many-goals, one-demo recipe at smoke size (reach only, k=1): every stage runs and the report says what it trained on."
+    out = tmp_path / "few"
+    r = _bench("--suite", "icl", "--preset", "smoke", "--out", str(out), "--device", "cpu", "--set", "train_goals=4",
+               "--set", "episodes_per_task=1", "--set", 'verbs=["reach"]', "--set", "ks=[1]")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep, md = json.loads((out / "report.json").read_text()), (out / "report.md").read_text()
+    assert rep["dataset"]["episodes"] == 4 and json.loads((out / "data" / "dataset_config.json").read_text())["min_demos"] == 1
+    assert rep["train"]["log"] and set(rep["evaluation"]["verbs"]) == {"reach"}
+    assert "4 goals each, 1 expert demonstrations per (verb, goal) (every training prompt is then its target" in md

@@ -25,9 +25,11 @@ from ..config import (DatasetConfig, ExperimentConfig, ICRTError, LoggingConfig,
 from ..data.format import DatasetError
 from ..client import PolicyClient, read_token
 from ..inference import ICRTPolicy
-from ..data.dataset import MIN_DEMOS
+from ..data.dataset import load_episode
+from ..models.policy import interleave
 from ..sim.metaworld import (DEFAULT_CAMERAS, ICL_VERBS, SUITES, evaluate_closed_loop, evaluate_icl,
-                                generate_metaworld_dataset, get_task, icl_tasks, wilson_interval)
+                                generate_metaworld_dataset, get_task, icl_env_goal, icl_tasks, icl_unseen_prompts,
+                                parse_icl_task, wilson_interval)
 from ..tiny import tiny_vision_encoder
 from ..train import train
 
@@ -37,8 +39,8 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'RECIPE', 'PRESETS', 'ICL_PRESETS', 'CONDITIONS', 'BenchError', 'resolve_preset', 'bench_config',
            'window_length', 'stage_generate', 'stage_train', 'reuse_train', 'SimPolicy', 'stage_evaluate',
            'report_table', 'plot_loss', 'limits_paragraph', 'machine_info', 'param_counts', 'write_report',
-           'plot_kshot', 'plot_goal_scatter', 'icl_checks', 'icl_paragraph', 'write_icl_report', 'bench_metaworld',
-           'parse_sets', 'bench_metaworld_cli']
+           'plot_kshot', 'plot_goal_scatter', 'icl_checks', 'icl_paragraph', 'write_icl_report', 'prompt_state',
+           'ridge_probe', 'goal_probe', 'probe_table', 'bench_metaworld', 'parse_sets', 'bench_metaworld_cli']
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c006
 class BenchError(ICRTError, ValueError):
@@ -101,9 +103,6 @@ def _resolve_icl(p:dict, tasks:Optional[list]):
     for k in ("train_goals", "k_prompt"):
         if int(p[k]) < 1: raise BenchError(f"--{k.replace('_', '-')} {p[k]}: must be at least 1")
     if not p["ks"] or min(p["ks"]) < 1: raise BenchError(f"ks={p['ks']}: prompt sizes must be at least 1")
-    if int(p["episodes_per_task"]) < MIN_DEMOS["train"]:
-        raise BenchError(f"--episodes-per-task {p['episodes_per_task']}: training drops a task with fewer than "
-                         f"{MIN_DEMOS['train']} demonstrations; use at least {MIN_DEMOS['train']}")
     p["verbs"] = list(p.get("verbs") or ICL_VERBS)
     if not p["verbs"] or any(v not in ICL_VERBS for v in p["verbs"]):
         raise BenchError(f"--set verbs={p['verbs']}: use some of {list(ICL_VERBS)}")
@@ -114,16 +113,16 @@ ICL_PRESETS = {  # --suite icl: `seeds` is the number of evaluation scenes per v
     "smoke": dict(suite="icl", train_goals=1, episodes_per_task=4, image_size=32, num_procs=1,
                   encoder=dict(depth=1, embed_dim=32), train_encoder=False, transformer=_TINY,
                   adapter_num_heads=2, num_pred_steps=4, batch_size=2, lr=1e-3, epochs=1, minutes=None,
-                  seeds=1, ks=[1, 2], k_prompt=1, max_steps=40, num_gifs=1, min_len=30, num_workers=0),
+                  seeds=1, ks=[1, 2], k_prompt=1, max_steps=40, num_gifs=1, min_len=30, num_workers=0, probe=True),
     "cpu": dict(suite="icl", train_goals=16, episodes_per_task=4, image_size=32, num_procs=2,
                 encoder=dict(depth=2, embed_dim=96, patch_size=8), train_encoder=True, vision_aug=False,
                 transformer=dict(dim=128, multiple_of=64, n_heads=4, n_layers=4, norm_eps=1e-5, vocab_size=-1),
                 adapter_num_heads=4, num_pred_steps=8, batch_size=4, lr=5e-4, epochs=None, minutes=35.0,
-                seeds=16, ks=[1, 2, 4], k_prompt=1, max_steps=120, num_gifs=1, min_len=30, num_workers=0),
+                seeds=16, ks=[1, 2, 4], k_prompt=1, max_steps=120, num_gifs=1, min_len=30, num_workers=0, probe=True),
     "gpu": dict(suite="icl", train_goals=16, episodes_per_task=25, image_size=96, num_procs=8,
                 encoder="vit_base_patch16_224", train_encoder=True, transformer="custom_transformer",
                 adapter_num_heads=8, num_pred_steps=16, batch_size=8, lr=5e-4, epochs=None, minutes=120.0,
-                seeds=50, ks=[1, 2, 4], k_prompt=1, max_steps=150, num_gifs=2, min_len=30, num_workers=8),
+                seeds=50, ks=[1, 2, 4], k_prompt=1, max_steps=150, num_gifs=2, min_len=30, num_workers=8, probe=True),
 }
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c015
@@ -249,7 +248,7 @@ class SimPolicy:
         steps = sum(len(e["action/cartesian_position"]) for e in episodes) + self.max_steps
         # 2 tokens (state, action) per step; the 4096 default is ~20x slower on a CPU. The old prompt goes: it may be longer
         self.policy.reset(max_len=2 * steps + 16, keep_prompt=False)
-        self.policy.prompt(episodes)
+        if episodes: self.policy.prompt(episodes)  # none (the no-prompt control): the empty context of that reset
     def act(self, observation:dict)->np.ndarray:  # (7,) absolute xyz, Euler XYZ, gripper
         return self.policy.act(observation)
 
@@ -448,7 +447,8 @@ def plot_kshot(ev:dict, path:Path)->Path:
         y = np.array([x["rate"] for x in r]); ci = np.array([x["ci95"] for x in r]).T
         ax.errorbar(ks + 0.05 * (i - len(groups) / 2), 100 * y, yerr=100 * np.abs(ci - y), marker="o", capsize=3,
                     label=v, lw=2.4 if v == "all" else 1.2, color="k" if v == "all" else None)
-    for c, ls, name in (("far_goal", ":", "far-goal control (all)"), ("expert", "--", "scripted expert (all)")):
+    for c, ls, name in (("far_goal", ":", "far-goal control (all)"), ("no_prompt", "-.", "no-prompt control (all)"),
+                        ("expert", "--", "scripted expert (all)")):
         if c in ev["pooled"]: ax.axhline(100 * ev["pooled"][c]["rate"], ls=ls, color="grey", label=name)
     ax.set(xlabel="demonstrations in the prompt (k)", ylabel="success on unseen goals (%)", xticks=ks, ylim=(-3, 103),
            xlim=(ks.min() - 0.5, ks.max() + 0.5),
@@ -518,6 +518,12 @@ def icl_paragraph(ev:dict, facts:dict)->str:
                  + (": closer to the prompt's goal than to the scene's." if f["mean_prompt_error"] < f["mean_error"]
                     else ": closer to the scene's goal than to the prompt's."))
         o, sg = P["other_verb"], P["seen"]
+        if "no_prompt" in P:
+            n = P["no_prompt"]
+            s.append(f"With no prompt at all it succeeded in {_pct(n)} and ended {cm(n['mean_error'])} from the goal: "
+                     + ("the prompt adds to what the scene alone gives (disjoint intervals)." if u["ci95"][0] > n["ci95"][1]
+                        else "it does better without the prompt (disjoint intervals)." if n["ci95"][0] > u["ci95"][1]
+                        else "the intervals overlap, so these rollouts do not show that the prompt helps."))
         s.append(f"With another verb's prompt for the same goal it succeeded in {100 * o['rate']:.0f}%. On training goals "
                  f"(new scenes) it succeeded in {100 * sg['rate']:.0f}%, {100 * (sg['rate'] - u['rate']):+.0f} points from unseen goals.")
     ks = ev["ks"]
@@ -532,6 +538,9 @@ def icl_paragraph(ev:dict, facts:dict)->str:
     return " ".join(s)
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c057
+_FEW = {1: " (every training prompt is then its target demonstration itself)",
+        2: " (a training prompt then holds the goal's other demonstration, and the target too when it spans two)"}
+
 def write_icl_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:dict, times:dict, train_info:dict)->dict:
     "Write out/report.md, out/report.json and the figures of an icl run; return the report dict."
     rows, meta, mach = _read_log(run_dir), json.loads((out / "data" / "metaworld_meta.json").read_text()), machine_info()
@@ -543,12 +552,16 @@ def write_icl_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:di
     gifs = [Path(g) for g in ev["gifs"]]
     md = [f"# ICRT on Meta-World, in-context suite `icl`: `{p['preset']}` preset", "",
           f"Training: {len(p['verbs'])} verb(s) ({', '.join(p['verbs'])}) x {p['train_goals']} goals each, {p['episodes_per_task']} "
-          f"expert demonstrations per (verb, goal): {len(meta['episodes'])} demonstrations at {p['image_size']} px. Evaluation: "
+          f"expert demonstrations per (verb, goal){_FEW.get(int(p['episodes_per_task']), '')}: {len(meta['episodes'])} "
+          f"demonstrations at {p['image_size']} px. Evaluation: "
           f"{p['seeds']} scenes per verb, each a new puck position and an unseen goal; no unseen goal is closer than "
           f"{100 * ev['min_goal_distance_m']:.1f} cm to a training goal of its verb (`min_goal_distance_m`). Prompts are fresh expert demonstrations; "
           f"{p['max_steps']} steps per rollout; the goal error is read {ev['settings']['extra_steps']} steps after success.", "",
           "## Targets", "", *[f"- {'✓' if ok else '✗'} {t}: {m}" for t, ok, m in checks], "", "## Results", "", ev["table"], "",
           paragraph, "", *[f"![{f.stem}]({f.name})" for f in figs], ""]
+    if ev.get("probe"): md += ["## Goal probe", "", "A ridge probe from the transformer's state after a 1-demonstration prompt "
+                               "to the prompted goal site (fitted on the training goals' demonstrations, scored on the unseen "
+                               "goals' prompts; see the notebook `33_bench.metaworld`).", "", probe_table(ev["probe"]), ""]
     if gifs: md += ["Rollouts on unseen goals (left exterior camera, right gripper camera): "
                     + ", ".join(f"[{g.name}]({g.relative_to(out)})" for g in gifs), ""]
     md += [f"Machine: {mach['nproc']} CPU(s), {mach['cpu_model']}; GPU: {mach['gpu'] or 'none'}. Wall time: "
@@ -557,6 +570,80 @@ def write_icl_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:di
     (out / "report.md").write_text("\n".join(md) + "\n")
     return _write_report_json(out, p, mach, times, train_info, run_dir, rows, ev["params"], cfg, meta,
         evaluation=dict(ev, gifs=[str(g.relative_to(out)) for g in gifs]), checks=checks, table=ev["table"], limits=paragraph)
+
+# %% ../../nbs/33_bench.metaworld.ipynb #d3302
+@torch.no_grad()
+def prompt_state(
+    policy:ICRTPolicy,   # a loaded run
+    demos:list,          # one prompt: demonstrations (raw or load_episode dicts)
+)->tuple:                # ((dim,) output at the prompt's last token, (dim,) mean over its tokens), float32
+    "The transformer's output at the last token of a prompt, and its mean over the prompt's tokens."
+    m = policy.model; ref = m.action_mean
+    ins = [policy.inputs(d, f"probe prompt demo {i}") for i, d in enumerate(demos)]
+    cat = lambda k: torch.cat([torch.as_tensor(x[k]) for x in ins]).to(ref.device, ref.dtype)
+    with policy.autocast():
+        s = m.state_tokens(cat("observation")[None], cat("proprio")[None, :, :m.state_dim])      # (1, T, dim)
+        a = m.action_tokens(cat("action")[None, :, :m.action_dim])                               # (1, T, dim)
+        h = m.transformer(interleave(s, a))[0].float()                                          # (2T, dim)
+    return h[-1].cpu().numpy(), h.mean(0).cpu().numpy()
+
+# %% ../../nbs/33_bench.metaworld.ipynb #d3303
+def ridge_probe(
+    X:np.ndarray, Y:np.ndarray,    # (n, d) features and (n, 3) goals to fit on
+    Xt:np.ndarray, Yt:np.ndarray,  # (m, d), (m, 3) held-out features and goals to score on
+    lambdas:tuple=(1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3),  # ridge strengths (times d), chosen by leave-one-out error
+)->dict:                           # mean error and baseline (metres), R^2, the chosen strength, sample counts
+    "A linear (ridge) probe from features to goals, scored on held-out samples against the mean-fit-goal baseline."
+    X, Y, Xt, Yt = (np.asarray(a, np.float64) for a in (X, Y, Xt, Yt))
+    mu, sd = X.mean(0), X.std(0) + 1e-6
+    Z, Zt, ym = (X - mu) / sd, (Xt - mu) / sd, Y.mean(0)
+    ev, U = np.linalg.eigh(Z @ Z.T); ev = np.clip(ev, 0, None)       # the kernel form: n x n, whatever d is
+    UY = U.T @ (Y - ym)
+    def loo(l):  # leave-one-out squared error (the intercept's own leverage ignored)
+        h = np.clip(np.einsum("ij,j,ij->i", U, ev / (ev + l), U), 0, 1 - 1e-9)
+        return float((((Y - ym - U @ (UY * (ev / (ev + l))[:, None])) / (1 - h)[:, None]) ** 2).sum(1).mean())
+    lam = min((l * Z.shape[1] for l in lambdas), key=loo)
+    pred = Zt @ Z.T @ (U @ (UY / (ev + lam)[:, None])) + ym           # (m, 3)
+    err, base = np.linalg.norm(pred - Yt, axis=1), np.linalg.norm(Yt - ym, axis=1)
+    return dict(error=float(err.mean()), baseline=float(base.mean()), r2=float(1 - (err ** 2).sum() / max((base ** 2).sum(), 1e-12)),
+                ridge=float(lam), n_fit=len(X), n_test=len(Xt))
+
+# %% ../../nbs/33_bench.metaworld.ipynb #d3306
+def goal_probe(
+    policy:ICRTPolicy,   # the trained run
+    p:dict,              # resolve_preset output (icl suite)
+    data:Path,           # the run's dataset folder (out/data)
+)->dict:                 # {verb or "all": {"last" / "mean": ridge_probe result}}
+    "Fit the goal probe on the training demonstrations' prompt states, score it on the unseen-goal prompts."
+    meta = json.loads((Path(data) / "metaworld_meta.json").read_text())
+    spec = Path(data) / "dataset_config.json"
+    fit, test = {v: ([], [], []) for v in p["verbs"]}, {v: ([], [], []) for v in p["verbs"]}
+    for name in sorted(meta["episodes"]):
+        verb, g = parse_icl_task(meta["episodes"][name]["task"])
+        if verb in fit:
+            last, mean = prompt_state(policy, [load_episode(spec, name)])
+            for lst, x in zip(fit[verb], (last, mean, icl_env_goal(verb, g))): lst.append(x)
+    up = icl_unseen_prompts(p["seeds"], p["train_goals"], verbs=p["verbs"], k=1, image_size=meta["image_size"],
+                            cameras=meta["cameras"], min_len=p["min_len"])
+    for v, (goals, prompts) in up.items():
+        for g, demos in zip(goals, prompts):
+            last, mean = prompt_state(policy, demos)
+            for lst, x in zip(test[v], (last, mean, g)): lst.append(x)
+    groups = {**{v: (fit[v], test[v]) for v in p["verbs"]},
+              **({"all": tuple([sum((d[v][i] for v in p["verbs"]), []) for i in range(3)] for d in (fit, test))}
+                 if len(p["verbs"]) > 1 else {})}
+    return {v: {f: ridge_probe(np.stack(a[i]), np.stack(a[2]), np.stack(b[i]), np.stack(b[2])) for i, f in enumerate(("last", "mean"))}
+            for v, (a, b) in groups.items()}
+
+def probe_table(probe:dict)->str:
+    "Markdown: the goal probe per verb and feature against the mean-training-goal baseline."
+    rows = ["| verb | probe reads | fit on (training-goal prompts) | scored on (unseen-goal prompts) | probe error, cm "
+            "| mean-training-goal baseline, cm | R² |", "|---|---|---|---|---|---|---|"]
+    for v, fs in probe.items():
+        for f, r in fs.items():
+            rows.append(f"| {v} | {'last prompt token' if f == 'last' else 'mean over the prompt'} | {r['n_fit']} | {r['n_test']} "
+                        f"| {100 * r['error']:.1f} | {100 * r['baseline']:.1f} | {r['r2']:.2f} |")
+    return "\n".join(rows)
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c059
 def _check_out(out:Path):
@@ -589,6 +676,8 @@ def bench_metaworld(
     ds = stage_generate(p, out, skip_generate); times["generate_s"] = time.time() - t; t = time.time()
     run_dir, cfg, info = reuse_train(out) if skip_train else stage_train(p, out, ds, device); times["train_s"] = time.time() - t; t = time.time()
     ev = stage_evaluate(p, out, run_dir, device, server, token); times["evaluate_s"] = time.time() - t; t = time.time()
+    if p.get("suite") == "icl" and p.get("probe"):
+        ev["probe"] = goal_probe(ICRTPolicy.from_run(run_dir, device=device), p, out / "data"); times["probe_s"] = time.time() - t; t = time.time()
     rep = (write_icl_report if p.get("suite") == "icl" else write_report)(out, p, cfg, run_dir, ev, times, info)
     rep["wall_times_s"]["report_s"] = time.time() - t
     (out / "report.json").write_text(json.dumps(rep, indent=1, default=float) + "\n")

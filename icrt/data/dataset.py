@@ -26,9 +26,10 @@ from .image import (AUG_RATIO, AUG_SCALE, BRIGHTNESS, CONTRAST, DEFAULT_DATA_CON
                              preprocess_batch, preprocess_frames, sample_box)
 
 # %% auto #0
-__all__ = ['MIN_LEN', 'MAX_LEN', 'MIN_DEMOS', 'log', 'select_episodes', 'split_episodes', 'group_by_task', 'task_ratios',
-           'rebalance_counts', 'plan_tasks', 'stride_of', 'window_starts', 'EpochPlan', 'build_plan', 'window_pieces',
-           'make_masks', 'SequenceDataset', 'collate_samples', 'load_episode', 'DistributedSubEpochSampler']
+__all__ = ['MIN_LEN', 'MAX_LEN', 'MIN_DEMOS', 'log', 'select_episodes', 'split_episodes', 'group_by_task', 'dataset_min_demos',
+           'task_ratios', 'rebalance_counts', 'fill_block', 'plan_tasks', 'stride_of', 'window_starts', 'EpochPlan',
+           'build_plan', 'window_pieces', 'make_masks', 'SequenceDataset', 'collate_samples', 'load_episode',
+           'DistributedSubEpochSampler']
 
 # %% ../../nbs/06_data.dataset.ipynb #c007
 MIN_LEN, MAX_LEN = EPISODE_LENGTHS               # episode lengths kept, in steps (both ends included)
@@ -79,6 +80,17 @@ def group_by_task(
     if fraction < 1: groups = {t: eps[:min(len(eps), max(int(len(eps) * fraction), min_demos))] for t, eps in groups.items()}
     return groups
 
+# %% ../../nbs/06_data.dataset.ipynb #d0602
+def dataset_min_demos(
+    spec:DatasetSpec,   # a loaded dataset config
+)->int:                 # fewest training episodes a task may have
+    "The dataset config's `min_demos` entry, else the published `MIN_DEMOS['train']` (4)."
+    raw = json.loads(Path(spec.config_path).read_text()).get("min_demos", MIN_DEMOS["train"])
+    if isinstance(raw, bool) or not isinstance(raw, int) or raw < 1:
+        raise DatasetError(f"{spec.config_path}: key 'min_demos': {raw!r} is not a whole number >= 1 (the fewest training "
+                           f"episodes a task may have); fix it or drop the key (default {MIN_DEMOS['train']})")
+    return raw
+
 # %% ../../nbs/06_data.dataset.ipynb #c018
 def task_ratios(
     task_grouping:Optional[dict],  # {"ratios": {group: r}, "tasks": {group: [task, ...]}} or None
@@ -106,12 +118,31 @@ def rebalance_counts(
     return {t: max(1, int(math.floor(med * r[t] + 0.5))) for t in groups}
 
 # %% ../../nbs/06_data.dataset.ipynb #c024
+def fill_block(
+    trajs:list,               # the task's trajectories so far
+    eps:list,                 # the task's episodes
+    lengths:dict,             # {episode: steps}
+    min_steps:int,            # steps the block must reach
+    rng:np.random.Generator,  # the epoch's generator
+)->list:                      # `trajs` extended (a new list)
+    "Append the task's episodes, a fresh permutation at a time, until the block holds `min_steps` steps."
+    out, n = list(trajs), sum(lengths[e] for e in trajs)
+    while n < min_steps:
+        order = [eps[i] for i in rng.permutation(len(eps))]
+        if len(eps) > 1 and out and order[0] == out[-1]: order = order[1:] + order[:1]  # never the same one twice in a row
+        for e in order:
+            if n >= min_steps: break
+            out.append(e); n += lengths[e]
+    return out
+
 def plan_tasks(
     groups:dict,                      # {task: episodes}
     rng:np.random.Generator,          # the epoch's generator
     counts:Optional[dict]=None,       # {task: draws} (rebalance) or None: every episode once, shuffled
     num_repeat_traj:int=1,            # each draw repeats 1..N times
     shuffle_repeat_traj:bool=True,    # swap consecutive trajectories with probability 1/2
+    fill:Optional[dict]=None,         # {task: steps}: draw that task until its block holds them (`fill_block`)
+    lengths:Optional[dict]=None,      # {episode: steps} of the filled tasks' episodes
 )->list:                              # [(task, [episode, ...]), ...] in visiting order
     "The visiting order of one epoch: tasks, and the trajectories of each."
     tasks = sorted(groups)
@@ -125,6 +156,7 @@ def plan_tasks(
         if shuffle_repeat_traj:
             for i, u in enumerate(rng.random(max(len(trajs) - 1, 0))):
                 if u < 0.5: trajs[i], trajs[i + 1] = trajs[i + 1], trajs[i]
+        if fill and t in fill: trajs = fill_block(trajs, eps, lengths, fill[t], rng)
         out.append((t, trajs))
     return out
 
@@ -270,7 +302,7 @@ def _select(self:SequenceDataset, split_file):
         rest = sorted(set(eligible) - set(mine))
         train, val = (mine, rest) if self.split == "train" else (rest, mine)
     self.split_episodes = {"train": train, "val": val}
-    min_demos = MIN_DEMOS[self.split]
+    min_demos = dataset_min_demos(spec) if self.split == "train" else MIN_DEMOS["val"]
     self.groups = group_by_task(train if self.split == "train" else val, spec, cfg.sort_by_lang, min_demos, cfg.dataset_fraction)
     if not self.groups:
         pool = set(train if self.split == "train" else val)
@@ -283,6 +315,8 @@ def _select(self:SequenceDataset, split_file):
     self.lengths = np.array([(spec.epi_len[e] + self.skip - 1) // self.skip for e in self.episodes], np.int64)
     self.counts = (rebalance_counts(self.groups, spec.task_grouping) if cfg.rebalance_tasks and self.split == "train"
                    and self.groups else None)
+    few = self.split == "train" and cfg.task_barrier and not cfg.goal_conditioned  # only there can a short block lose windows
+    self.fill = {t: self.T for t, v in self.groups.items() if len(v) < MIN_DEMOS["train"]} if few else {}
 
 # %% ../../nbs/06_data.dataset.ipynb #c049
 @patch
@@ -316,8 +350,9 @@ def shuffle_dataset(self:SequenceDataset, epoch:int=0):
     "Rebuild the epoch's plan (task order, draws, repeats, swaps, window starts) from (seed, epoch)."
     self.epoch = int(epoch)
     rng = np.random.default_rng([self.seed, self.epoch, 17])
-    order = plan_tasks(self.groups, rng, self.counts, self.cfg.num_repeat_traj,
-                       self.cfg.shuffle_repeat_traj) if self.groups else []
+    lengths = dict(zip(self.episodes, self.lengths.tolist())) if self.fill else None
+    order = plan_tasks(self.groups, rng, self.counts, self.cfg.num_repeat_traj, self.cfg.shuffle_repeat_traj,
+                       self.fill, lengths) if self.groups else []
     self.plan = build_plan(order, self.index, self.lengths, self.T, stride_of(self.cfg.non_overlapping, self.T),
                            self.cfg.task_barrier, self.cfg.goal_conditioned)
 

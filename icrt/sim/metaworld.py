@@ -10,7 +10,7 @@ __all__ = ['logger', 'MT_TASKS', 'GOAL_REGIONS', 'GOAL_HALFWIDTH', 'ICL_VERBS', 
            'icl_tasks', 'get_task', 'mw_action_to_target', 'target_to_mw_action', 'metaworld_space', 'MetaWorldSim',
            'record_demo', 'train_key', 'generate_metaworld_dataset', 'load_raw_episode', 'replay_dataset',
            'wilson_interval', 'save_gif', 'results_table', 'evaluate_closed_loop', 'icl_end_position', 'IclScenes',
-           'icl_scenes', 'evaluate_icl', 'icl_table', 'gen_cli']
+           'icl_scenes', 'evaluate_icl', 'icl_table', 'icl_unseen_prompts', 'gen_cli']
 
 # %% ../../nbs/17_sim.metaworld.ipynb #c003
 import os
@@ -483,11 +483,13 @@ def generate_metaworld_dataset(
             logger.warning(f"task {t!r}: only {len(done[t])} of {episodes_per_task} episodes after {tried[t]} attempts")
     settings = _gen_settings(suite, tasks, train_goals, image_size=image_size, cameras=cameras, seed=seed,
                              extra_steps=extra_steps, min_len=min_len, **({"state_keys": list(state_keys)} if state_keys else {}))
-    return _write_outputs(out_dir, files, done, meta, frames, t0, settings, train_split, space if state_keys else None)
+    from icrt.data.dataset import MIN_DEMOS  # here, not at the top: the generation workers need no torch
+    few = episodes_per_task if episodes_per_task < MIN_DEMOS["train"] else None  # few demos by design: training keeps the tasks
+    return _write_outputs(out_dir, files, done, meta, frames, t0, settings, train_split, space if state_keys else None, few)
 
 # %% ../../nbs/17_sim.metaworld.ipynb #c066
 def _write_outputs(out_dir:Path, files:dict, done:dict, meta:dict, frames:int, t0:float, settings:dict,
-                   train_split:float, space:Optional[RobotSpace]=None)->Path:
+                   train_split:float, space:Optional[RobotSpace]=None, min_demos:Optional[int]=None)->Path:
     "Write the dataset config and metaworld_meta.json of the recorded episodes; return the config."
     tasks = settings["tasks"]
     episodes = [[done[t][a] for a in sorted(done[t])] for t in tasks]
@@ -495,6 +497,7 @@ def _write_outputs(out_dir:Path, files:dict, done:dict, meta:dict, frames:int, t
     cfg = write_dataset_files(out_dir, [files[t] for t in tasks], episodes, epi_len, dict(zip(tasks, episodes)),
                               list(settings["cameras"]), DEFAULT_PROPRIO_KEYS, DEFAULT_ACTION_KEYS, train_split=train_split,
                               robot_space=space)
+    if min_demos is not None: cfg.write_text(json.dumps({**json.loads(cfg.read_text()), "min_demos": int(min_demos)}, indent=1) + "\n")
     secs = time.time() - t0
     info = dict(settings, euler="fixed (0, 0, 0)", action_scale=0.01, gripper="0 open .. 1 closed",
                 frames_per_second=frames / secs, seconds=secs, episodes=meta)
@@ -753,6 +756,7 @@ def _icl_scene(sims:dict, policy, verb:str, j:int, sc:IclScenes, prompts:_IclPro
         out["other_verb"] = run(prompts(other, sc.unseen[j], pk, k_control), g, g)
         fg = sc.far[verb][j]
         out["far_goal"] = run(prompts(verb, fg, (*pk, 2), k_control), g, icl_env_goal(verb, fg))
+        out["no_prompt"] = run([], g, g)  # prompt([]): an empty context
     sim.set_task(icl_task_name(verb, sc.unseen[j]))
     return out
 
@@ -804,7 +808,7 @@ def evaluate_icl(
     image_size:int=96,         # frame size (must match the policy's training data)
     cameras:dict=None,         # {image key: camera}; default DEFAULT_CAMERAS
     expert:bool=True,          # score the scripted expert on the same scenes
-    controls:bool=True,        # seen goals, other verb, far goal
+    controls:bool=True,        # seen goals, other verb, far goal, no prompt
     out_dir=None,              # results.json, results.md and GIFs (None: nothing written)
     num_gifs:int=1,            # GIFs of a success and of a failure per verb (unseen goals, k_control)
     min_len:int=30,            # prompt recording: shortest demo
@@ -832,7 +836,8 @@ def _icl_label(c:str, k_control:int)->str:
     "Human name of an icl condition."
     if c.startswith("unseen_k"): return f"unseen goal, k={c[8:]}"
     return {"seen": f"seen goal, k={k_control}", "other_verb": f"other verb, same goal, k={k_control}",
-            "far_goal": f"same verb, goal ≥ 10 cm away, k={k_control}", "expert": "scripted expert"}[c]
+            "far_goal": f"same verb, goal ≥ 10 cm away, k={k_control}", "no_prompt": "no prompt (the scene alone)",
+            "expert": "scripted expert"}[c]
 
 def icl_table(
     res:dict,   # evaluate_icl's result
@@ -875,6 +880,28 @@ def _icl_results(runs:dict, sc:IclScenes, ks:list, k_control:int, gifs:list, out
         (out_dir / "results.json").write_text(json.dumps(out, indent=1) + "\n")
         (out_dir / "results.md").write_text(out["table"] + "\n")
     return out
+
+# %% ../../nbs/17_sim.metaworld.ipynb #d1702
+def icl_unseen_prompts(
+    scenes:int,                # evaluation scenes per verb, as given to evaluate_icl
+    train_goals:int=16,        # training goals per verb of the policy's data
+    seed:int=0,                # that data's master seed
+    verbs:list=None,           # default all three
+    k:int=1,                   # demonstrations per prompt
+    image_size:int=96, cameras:dict=None, extra_steps:int=10, min_len:int=30,
+)->dict:                       # {verb: ((scenes, 3) goal sites, [[demo] * k per scene])}
+    "The unseen-goal prompts of `evaluate_icl`'s scenes, with their goal sites."
+    _require()
+    verbs = list(verbs or ICL_VERBS)
+    if any(v not in ICL_VERBS for v in verbs) or not verbs: raise SimError(f"verbs={verbs}: use some of {list(ICL_VERBS)}")
+    sc = icl_scenes(scenes, train_goals, seed)
+    sims = {v: MetaWorldSim(icl_task_name(v, sc.unseen[0]), image_size, cameras) for v in verbs}
+    prompts = _IclPrompts(sims, extra_steps, min_len)
+    try:
+        return {v: (np.stack([icl_env_goal(v, u) for u in sc.unseen]),
+                    [prompts(v, u, (PROMPT_STREAM, sc.seed, j), k) for j, u in enumerate(sc.unseen)]) for v in verbs}
+    finally:
+        for s_ in sims.values(): s_.close()
 
 # %% ../../nbs/17_sim.metaworld.ipynb #c112
 def gen_cli(argv:list=None):
