@@ -23,7 +23,7 @@ from .config import ConfigError, ExperimentConfig, ICRTError, load_config
 from .data.format import (DEFAULT_ACTION_KEYS, DEFAULT_IMAGE_KEYS, DEFAULT_PROPRIO_KEYS,
                               dataset_keys)
 from .data.image import DEFAULT_DATA_CONFIG, preprocess_frames, sample_box
-from .models.policy import ICRT
+from .models.policy import ICRT, get_actions
 from .models.vision import is_local_checkpoint
 from .spaces import Part, RobotSpace, from_keys, load_space, published_space
 from .train import RUN_KEYS, RUN_SPACE
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 # %% auto #0
 __all__ = ['log', 'PRECISIONS', 'InferenceError', 'find_checkpoint', 'load_run_config', 'run_keys', 'RunFiles', 'find_run',
-           'preprocess_images', 'model_actions', 'episode_inputs', 'ICRTPolicy']
+           'preprocess_images', 'model_actions', 'episode_inputs', 'ICRTPolicy', 'act_many']
 
 # %% ../nbs/14_inference.ipynb #c006
 class InferenceError(ICRTError, ValueError):
@@ -360,55 +360,113 @@ def prompt(self:ICRTPolicy, episodes:list):
 
 # %% ../nbs/14_inference.ipynb #c061
 @patch
-def step(self:ICRTPolicy,
-          observation:torch.Tensor,          # (N, 3, S, S) normalised images
-          proprio,                           # (S,) state vector (published: xyz, rot6d, gripper)
-          executed:Optional[np.ndarray]=None,# (A,) absolute action vector executed since the last step (default: the policy's own)
-         )->np.ndarray:                      # (D,) absolute action in the robot's format (published: xyz, Euler XYZ, gripper)
-    "One control step on ready tensors."
-    t0, where = time.perf_counter(), f"step {self.t}"
+def _step_inputs(self:ICRTPolicy,
+                 proprio,                             # (S,) state vector
+                 executed:Optional[np.ndarray]=None,  # (A,) absolute action vector executed since the last step, or None
+                )->tuple:                             # ((S,) float64 state vector, (A,) model-space executed action or None)
+    "A step's state vector and executed action, checked, as the model takes them."
+    where = f"step {self.t}"
     proprio = _numbers(proprio, "proprio", where, _vector_rule(self.space.state_dim, "state"))
     prev = None
     if executed is not None and self.t > 0:
         ex = _numbers(executed, "executed", where, _vector_rule(self.space.action_dim, "action"))
         prev = torch.from_numpy(model_actions(ex, self._prev_proprio, self.use_delta, self.space))
-    with self.autocast(): out = self.model.get_action(observation, torch.from_numpy(proprio.astype(np.float32)), prev_action=prev)
+    return proprio, prev
+
+@patch
+def _step_done(self:ICRTPolicy, out:torch.Tensor, proprio:np.ndarray, t0:float)->np.ndarray:  # out: (K, D) or (D,) -> (D,)
+    "Keep a step's chunk and state and time it; the action to execute."
     self.last_chunk = self.space.robot_vector(self.model.last_abs_chunk).cpu().numpy()  # (K, D) latest absolute chunk
     a = (out[0] if out.ndim == 2 else out).cpu().numpy().astype(np.float64)         # (D,)
     self._prev_proprio, self.t = proprio, self.t + 1
     self.step_times.append(time.perf_counter() - t0)
     return a
 
+@patch
+def step(self:ICRTPolicy,
+          observation:torch.Tensor,          # (N, 3, S, S) normalised images
+          proprio,                           # (S,) state vector (published: xyz, rot6d, gripper)
+          executed:Optional[np.ndarray]=None,# (A,) absolute action vector executed since the last step (default: the policy's own)
+         )->np.ndarray:                      # (D,) absolute action in the robot's format (published: xyz, Euler XYZ, gripper)
+    "One control step on ready tensors."
+    t0 = time.perf_counter()
+    proprio, prev = self._step_inputs(proprio, executed)
+    with self.autocast(): out = self.model.get_action(observation, torch.from_numpy(proprio.astype(np.float32)), prev_action=prev)
+    return self._step_done(out, proprio, t0)
+
 # %% ../nbs/14_inference.ipynb #c064
 @patch
-def observation_inputs(self:ICRTPolicy,
-                       observation:dict,   # {camera key: uint8 (H, W, 3), state key: its numbers (pose (6,)|(7,), gripper (1,), ...)}
-                      )->tuple:            # ((N, 3, S, S) float32, (S,) float64 state vector)
-    "Model inputs of one raw observation dict."
+def _observation_arrays(self:ICRTPolicy, observation:dict)->tuple:  # ([(1, H, W, 3) uint8] per camera, (S,) float64 state vector)
+    "One raw observation's frames and state vector, checked key by key (nothing resized yet)."
     need = self.image_keys + self.space.state_keys
     missing = [k for k in need if k not in observation]
     if missing: raise InferenceError(f"act: observation lacks key(s) {missing} (have {sorted(observation)})")
     where = f"act (step {self.t})"
     values = {p.key: _numbers(observation[p.key], p.key, where, p) for p in self.space.state}
-    frames = [_as_frames(observation[k], k)[:1] for k in self.image_keys]
-    return preprocess_images(frames, self.data_config)[0], self.space.state_vector(values, where)
+    return [_as_frames(observation[k], k)[:1] for k in self.image_keys], self.space.state_vector(values, where)
+
+@patch
+def observation_inputs(self:ICRTPolicy,
+                       observation:dict,   # {camera key: uint8 (H, W, 3), state key: its numbers (pose (6,)|(7,), gripper (1,), ...)}
+                      )->tuple:            # ((N, 3, S, S) float32, (S,) float64 state vector)
+    "Model inputs of one raw observation dict."
+    frames, state = self._observation_arrays(observation)
+    return preprocess_images(frames, self.data_config)[0], state
+
+# %% ../nbs/14_inference.ipynb #c073c
+def _preprocess_many(frames:list, data_config:dict)->list:  # per observation: (N, 3, S, S) float32
+    "The frames of several observations ([(1, H, W, 3)] per camera each) preprocessed together: one call per frame size."
+    groups = {}
+    for i, f in enumerate(frames): groups.setdefault(tuple(x.shape for x in f), []).append(i)
+    out = [None] * len(frames)
+    for idx in groups.values():
+        cams = [np.concatenate([frames[i][c] for i in idx]) if len(idx) > 1 else frames[idx[0]][c] for c in range(len(frames[idx[0]]))]
+        for i, x in zip(idx, preprocess_images(cams, data_config)): out[i] = x   # (G, N, 3, S, S) -> G x (N, 3, S, S)
+    return out
+
+# %% ../nbs/14_inference.ipynb #c073d
+def act_many(
+    policies:list,                         # ICRTPolicy objects whose models are distinct forks of one model
+    observations:list,                     # one raw observation dict per policy (see `act`)
+    executed_actions:Optional[list]=None,  # per policy: the absolute action executed since its last call, or None
+)->list:                                   # per policy: its (D,) action, or the exception its `act` raises
+    "`act` of several policies as one step: frames preprocessed together, one batched model call."
+    n = len(policies); executed_actions = executed_actions or [None] * n
+    out, ready, t0 = [None] * n, {}, time.perf_counter()
+    for i, (p, o, e) in enumerate(zip(policies, observations, executed_actions)):
+        try:
+            frames, state = p._observation_arrays(o)
+            ready[i] = (frames, *p._step_inputs(state, p._executed(e)))    # frames, (S,) state, model-space executed or None
+        except Exception as err: out[i] = err                              # checked before anything reaches a context
+    if not ready: return out
+    idx, p0 = list(ready), policies[next(iter(ready))]
+    obs = _preprocess_many([ready[i][0] for i in idx], p0.data_config)   # [(N, 3, S, S)]
+    with p0.autocast():
+        res = get_actions([policies[i].model for i in idx], [o.to(p0.device) for o in obs],
+                          [torch.from_numpy(ready[i][1].astype(np.float32)) for i in idx], [ready[i][2] for i in idx])
+    for i, r in zip(idx, res): out[i] = r if isinstance(r, BaseException) else policies[i]._step_done(r, ready[i][1], t0)
+    return out
 
 # %% ../nbs/14_inference.ipynb #c067
+@patch
+def _executed(self:ICRTPolicy, executed_action)->Optional[np.ndarray]:  # (A,) absolute action vector, or None
+    "An executed action in the robot's format as the action vector, checked."
+    if executed_action is None: return None
+    where = f"act (step {self.t})"
+    rule = _WIDTHS["executed"] if self.space.robot_widths() == (7, 8) else \
+        (self.space.robot_widths(), f"must be the action keys {self.space.action_keys} end to end")
+    e = _numbers(executed_action, "executed_action", where, rule)  # real, finite, float32-sized, the robot's action width
+    return self.space.action_vector(self.space.split_robot(e), where)
+
 @patch
 def act(self:ICRTPolicy,
          observation:dict,                   # {camera key: uint8 (H, W, 3), state key: its numbers (pose (6,)|(7,), gripper (1,))}
          executed_action=None,               # optional absolute action executed since the last call, in the robot's format
         )->np.ndarray:                       # (D,) absolute action in the robot's format (published: xyz, Euler XYZ, gripper)
     "One control step from a raw observation."
-    obs, prop = self.observation_inputs(observation)
-    ex = None
-    if executed_action is not None:
-        where = f"act (step {self.t})"
-        rule = _WIDTHS["executed"] if self.space.robot_widths() == (7, 8) else \
-            (self.space.robot_widths(), f"must be the action keys {self.space.action_keys} end to end")
-        e = _numbers(executed_action, "executed_action", where, rule)  # real, finite, float32-sized, the robot's action width
-        ex = self.space.action_vector(self.space.split_robot(e), where)
-    return self.step(obs.to(self.device), prop, ex)
+    out = act_many([self], [observation], [executed_action])[0]
+    if isinstance(out, BaseException): raise out
+    return out
 
 # %% ../nbs/14_inference.ipynb #c070
 @patch(as_prop=True)

@@ -33,8 +33,7 @@ from .client import PROTOCOL, ProtocolError, pack, read_token, unpack
 from .config import ICRTError
 from .data.dataset import load_episode
 from .data.format import load_dataset_config
-from .inference import ICRTPolicy, InferenceError
-from .models.policy import get_actions
+from .inference import ICRTPolicy, InferenceError, act_many
 
 log = logging.getLogger(__name__)
 
@@ -48,42 +47,51 @@ class ModelWorker:
     "The thread that runs the model: calls in arrival order, control steps that arrive together as one batched call."
     def __init__(self,
                  context=contextlib.nullcontext,  # entered around the model work (the policy's autocast)
-                 wait_ms:float=5.0,               # longest wait for announced steps that are on their way
+                 wait_ms:float=5.0,               # longest wait for the steps that should join a batch
                 ):
         self.context, self.wait_s = context, wait_ms / 1e3
-        self._cv, self._jobs, self._coming, self._stop = threading.Condition(), [], set(), False
+        self._cv, self._jobs, self._coming, self._last, self._stop = threading.Condition(), [], set(), set(), False
         self.batches = collections.Counter()  # {batch size: how many batched steps of that size ran}
         self.thread = threading.Thread(target=self._loop, daemon=True, name="icrt-model"); self.thread.start()
 
     def expect(self, key):
-        "A step of `key` (a model) is on its way: a batch waits for it (up to `wait_ms`)."
+        "A step of `key` (a policy) is on its way: a batch waits for it (up to `wait_ms`)."
         with self._cv: self._coming.add(id(key))
 
     def arrived(self, key):
-        "`key`'s step is queued, or will not come (its request failed before it)."
+        "`key`'s request is done (its step was queued, or it failed before it)."
         with self._cv: self._coming.discard(id(key)); self._cv.notify_all()
+
+    def forget(self, key):
+        "`key` will not step soon (its session closed or its request failed): no batch waits for it."
+        with self._cv: self._coming.discard(id(key)); self._last.discard(id(key)); self._cv.notify_all()
 
 # %% ../nbs/24_serve.ipynb #c004c
 @patch
-def _submit(self:ModelWorker, kind:str, payload:tuple):
-    "Queue a job and wait for its result (its exception is raised here)."
+def _queue(self:ModelWorker, kind:str, payload:tuple)->Future:
+    "Queue a job; its future."
     fut = Future()
     with self._cv:
         if self._stop: raise ICRTError("icrt_serve: the server is shutting down")
         self._jobs.append((kind, payload, fut))
-        if kind == "step": self._coming.discard(id(payload[0]))
+        if kind == "act": self._coming.discard(id(payload[0]))
         self._cv.notify_all()
-    return fut.result()
+    return fut
 
 @patch
 def call(self:ModelWorker, fn, *args, **kw):
-    "Run `fn(*args, **kw)` on the model thread; its result."
-    return self._submit("call", (fn, args, kw))
+    "Run `fn(*args, **kw)` on the model thread; its result (its exception is raised here)."
+    return self._queue("call", (fn, args, kw)).result()
 
 @patch
-def step(self:ModelWorker, model, observation, proprio, prev_action=None):
-    "`model.get_action(...)` on the model thread, batched with the other steps waiting there."
-    return self._submit("step", (model, observation, proprio, prev_action))
+def act_async(self:ModelWorker, policy:ICRTPolicy, observation:dict, executed_action=None)->Future:
+    "`policy.act(...)` on the model thread, batched with the other steps waiting there; a future of the action."
+    return self._queue("act", (policy, observation, executed_action))
+
+@patch
+def act(self:ModelWorker, policy:ICRTPolicy, observation:dict, executed_action=None)->np.ndarray:
+    "`policy.act(...)` on the model thread, batched with the other steps waiting there; the action (or the step's error)."
+    return self.act_async(policy, observation, executed_action).result()
 
 @patch
 def close(self:ModelWorker):
@@ -93,28 +101,35 @@ def close(self:ModelWorker):
 
 # %% ../nbs/24_serve.ipynb #c004d
 @patch
+def _missing(self:ModelWorker)->bool:
+    "Whether a step that should join the next batch is not queued yet (announced, or in the batch before)."
+    queued = {id(p[0]) for k, p, _ in self._jobs if k == "act"}
+    return bool(self._coming - queued or self._last - queued)
+
+@patch
 def _loop(self:ModelWorker):
     while True:
         with self._cv:
             self._cv.wait_for(lambda: self._jobs or self._stop)
             if not self._jobs: return
-            if any(k == "step" for k, _, _ in self._jobs):  # wait (briefly) for the steps on their way
+            if any(k == "act" for k, _, _ in self._jobs):  # wait (briefly) for the steps that should join this batch
                 end = time.monotonic() + self.wait_s
-                while self._coming and not self._stop and (left := end - time.monotonic()) > 0: self._cv.wait(left)
+                while not self._stop and self._missing() and (left := end - time.monotonic()) > 0: self._cv.wait(left)
             jobs, self._jobs = self._jobs, []
+            self._last = {id(p[0]) for k, p, _ in jobs if k == "act"}
         self._run(jobs)
 
 @patch
 def _run(self:ModelWorker, jobs:list):
-    "The calls one by one, then all steps as one `get_actions` call; each job's future gets its result or its error."
+    "The calls one by one, then all steps as one `act_many` call; each job's future gets its result or its error."
     with self.context():
         for _, (fn, a, kw), fut in [j for j in jobs if j[0] == "call"]:
             try: fut.set_result(fn(*a, **kw))
             except BaseException as e: fut.set_exception(e)
-        steps = [(p, fut) for kind, p, fut in jobs if kind == "step"]
+        steps = [(p, fut) for kind, p, fut in jobs if kind == "act"]
         if not steps: return
         self.batches[len(steps)] += 1
-        try: res = get_actions(*zip(*[p for p, _ in steps]))
+        try: res = act_many(*map(list, zip(*[p for p, _ in steps])))
         except Exception as e: res = [e] * len(steps)
         for (_, fut), r in zip(steps, res):
             if isinstance(r, BaseException): fut.set_exception(r)
@@ -133,10 +148,11 @@ class Session:
     "One client's context: a policy on a fork of the served model, and its step latencies."
     def __init__(self, base:ICRTPolicy, sid:int, peer:str, max_len:Optional[int]=None, worker:Optional[ModelWorker]=None):
         model = base.model.fork()
-        if worker is not None:  # this session's model calls run on the model thread; its steps batched with others'
-            model.get_action = functools.partial(worker.step, model)
+        if worker is not None:  # this session's model calls run on the model thread
+            model.get_action = functools.partial(worker.call, type(model).get_action, model)
             model.prompt = functools.partial(worker.call, type(model).prompt, model)
         self.policy = ICRTPolicy(model, base.cfg, base.keys, base.checkpoint, base.precision, max_len=max_len)
+        if worker is not None: self.policy.act = functools.partial(worker.act, self.policy)  # its steps batched with others'
         self.sid, self.peer, self.max_len, self.prompted, self.act_ms = sid, peer, max_len, False, []
         self.prompt_name, self.episode, self.last_seen = None, 0, None  # openpi sessions: prompt, episodes, last request
 
@@ -183,19 +199,28 @@ def _check_keys(obs:dict, need:list, where:str):
 
 # %% ../nbs/24_serve.ipynb #c009
 @patch
-def _act(self:Session, msg:dict)->dict:
+def _act_inputs(self:Session, msg:dict)->tuple:  # (observation, executed action or None)
+    "An act request's observation and executed action, its keys checked."
     if not self.prompted: raise InferenceError("act: no prompt yet: send 'prompt' with the demonstrations first")
     obs = msg.get("observation")
     if not isinstance(obs, dict): raise ProtocolError("act: 'observation' must be a map of camera, pose and gripper arrays")
     _check_keys(obs, self.policy.image_keys + self.policy.keys["proprio_keys"], "act: observation")
-    t0 = time.perf_counter()
-    a = self.policy.act(obs, msg.get("executed_action"))
+    return obs, msg.get("executed_action")
+
+@patch
+def _act_reply(self:Session, a:np.ndarray, t0:float)->dict:
     self.act_ms.append(1e3 * (time.perf_counter() - t0))
     return {"type": "act", "action": a, "chunk": self.policy.last_chunk, "step": self.policy.t}
 
 @patch
+def _act(self:Session, msg:dict)->dict:
+    obs, ex = self._act_inputs(msg)
+    t0 = time.perf_counter()
+    return self._act_reply(self.policy.act(obs, ex), t0)
+
+@patch
 def handle(self:Session, msg:dict)->dict:
-    "Run one prompt / reset / act request (on the worker thread); return its reply."
+    "Run one prompt / reset / act request (on a request thread); return its reply."
     return {"prompt": self._prompt, "reset": self._reset, "act": self._act}[msg["type"]](msg)
 
 # %% ../nbs/24_serve.ipynb #c013
@@ -341,7 +366,7 @@ async def _reply(self:PolicyServer, ws, session, raw):  # (reply, session, done)
     if kind == "close": return {"type": "close", "closed": True}, session, True
     if kind not in ("prompt", "reset", "act"):
         return _error(kind, ProtocolError(f"unknown message 'type' {kind!r} (hello, prompt, reset, act, close)")), session, False
-    try: return await self._run(session, session.handle, msg, announce=kind == "act"), session, False
+    try: return await (self._act(session, msg) if kind == "act" else self._run(session, session.handle, msg)), session, False
     except ICRTError as e: return _error(kind, e), session, False
     except Exception as e:
         log.exception("session %d: %s failed", session.sid, kind)
@@ -350,11 +375,22 @@ async def _reply(self:PolicyServer, ws, session, raw):  # (reply, session, done)
 @patch
 async def _run(self:PolicyServer, session:Session, fn, *args, announce:bool=False):
     "Run `fn(*args)` on a request thread; `announce`: it makes a control step, which a batch should wait for."
-    model = session.policy.model
-    if announce: self.worker.expect(model)
+    key = session.policy
+    if announce: self.worker.expect(key)
     try: return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+    except BaseException:
+        if announce: self.worker.forget(key)
+        raise
     finally:
-        if announce: self.worker.arrived(model)
+        if announce: self.worker.arrived(key)
+
+@patch
+async def _act(self:PolicyServer, s:Session, msg:dict)->dict:
+    "An act request: its keys checked on the event loop, its step queued on the model thread (no request thread)."
+    try: obs, ex = s._act_inputs(msg)
+    except BaseException: self.worker.forget(s.policy); raise
+    t0 = time.perf_counter()
+    return s._act_reply(await asyncio.wrap_future(self.worker.act_async(s.policy, obs, ex)), t0)
 
 # %% ../nbs/24_serve.ipynb #c018
 @patch
@@ -377,6 +413,7 @@ async def handler(self:PolicyServer, ws):
 @patch
 def _closed(self:PolicyServer, session:Session):
     self.sessions.pop(session.sid, None)
+    self.worker.forget(session.policy)
     log.info("session %d from %s: end after %d steps, act p50 %.1f ms p99 %.1f ms (%d open)", session.sid, session.peer,
              len(session.act_ms), _pct(session.act_ms, 50), _pct(session.act_ms, 99), len(self.sessions))
 

@@ -14,7 +14,7 @@ from icrt.config import parse_args
 from icrt.data.dataset import SequenceDataset, load_episode, window_pieces
 from icrt.data.format import load_dataset_config, read_frames, read_lowdim
 from icrt.geometry import euler_to_matrix, matrix_to_quat
-from icrt.inference import ICRTPolicy, InferenceError
+from icrt.inference import ICRTPolicy, InferenceError, act_many
 from conftest import FAST
 from icrt.tiny import recipe_flags, scale_down
 from icrt.checkpoint import load_checkpoint
@@ -95,6 +95,39 @@ def test_act_matches_step_on_loader_inputs_and_returns_finite_actions(policy, as
     np.testing.assert_allclose(acts, np.stack(ref), atol=1e-4)
     assert policy.control_rate > 1.0, policy.control_rate   # steps/s of a tiny model on one CPU thread
     print(f"tiny policy: {policy.control_rate:.1f} control steps/s on CPU")
+
+
+def test_act_many_sessions_equal_their_lone_runs(policy, assets):
+    "8 policies on forks of one model stepped together (act_many: what icrt_serve does with 8 sessions) each equal their lone run."
+    spec = load_dataset_config(assets.dataset_json)
+    eps = [e for v in sorted(spec.verb_to_episode) for e in spec.verb_to_episode[v]]
+    jobs, steps = [(eps[i % len(eps)], raw_episode(spec, eps[(i + 1) % len(eps)])) for i in range(8)], 12
+    T = lambda ep: len(ep[spec.action_keys[0]])
+    obs_of = lambda ep, t: {k: ep[k][t % T(ep)] for k in spec.image_keys + spec.proprio_keys}
+    ex_of = lambda ep, t: np.concatenate([ep[k][(t - 1) % T(ep)] for k in spec.action_keys]) if t % 3 == 2 else None
+    lone = []
+    for demo, ep in jobs:
+        policy.reset(); policy.prompt([load_episode(spec, demo)]); a, c = [], []
+        for t in range(steps): a.append(policy.act(obs_of(ep, t), ex_of(ep, t))); c.append(policy.model.last_chunk.clone())
+        lone.append((np.stack(a), torch.stack(c)))
+    forks = [ICRTPolicy(policy.model.fork(), policy.cfg, policy.keys) for _ in jobs]
+    for f, (demo, _) in zip(forks, jobs): f.prompt([load_episode(spec, demo)])
+    got = [([], []) for _ in jobs]
+    for t in range(steps):
+        out = act_many(forks, [obs_of(ep, t) for _, ep in jobs], [ex_of(ep, t) for _, ep in jobs])
+        for i, (f, a) in enumerate(zip(forks, out)):
+            assert not isinstance(a, BaseException), a
+            got[i][0].append(a); got[i][1].append(f.model.last_chunk.clone())
+    for i, ((a, c), (ga, gc)) in enumerate(zip(lone, got)):
+        # a batched matrix product sums in another order than a one-row one: the network's outputs (the chunk, model
+        # space) agree to float32 rounding (~5e-7); the conversion to Euler angles can scale that by 1/|rot6d column| and
+        # 1/cos(pitch), large for a random-ish model's chunks, hence 1e-4 on the executed actions
+        torch.testing.assert_close(torch.stack(gc), c, rtol=0, atol=1e-5, msg=f"session {i}: chunk")
+        np.testing.assert_allclose(np.stack(ga), a, rtol=0, atol=1e-4, err_msg=f"session {i}: actions")
+    demo, ep = jobs[0]  # one policy alone: act (act_many of one) is bit for bit the model's own step on the same tensors
+    policy.reset(); policy.prompt([load_episode(spec, demo)]); a = [policy.act(obs_of(ep, t)) for t in range(steps)]
+    policy.reset(); policy.prompt([load_episode(spec, demo)]); b = [policy.step(*policy.observation_inputs(obs_of(ep, t))) for t in range(steps)]
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 def test_executed_actions_change_the_context(policy, assets):
