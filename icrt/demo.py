@@ -21,15 +21,19 @@ from matplotlib.figure import Figure
 
 from .config import ConfigError, ICRTError, parse_args
 from .data.format import DatasetError
-from .data.synthetic import make_synthetic_dataset
-from .eval import evaluate_run, report_markdown
+from .data.arm import Arm
+from .data.synthetic import episode_world, load_world, make_synthetic_dataset, world_arm
+from .eval import evaluate_run, headline_metric, report_markdown
+from .sim.core import ExpertPolicy, rollout
+from .sim.synthetic import SyntheticSim
 from .tiny import tiny_vision_encoder
 from .train import train
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'DEMO', 'demo_flags', 'epochs_for', 'DemoError', 'gap_summary', 'gap_figure', 'run_demo', 'demo_cli']
+__all__ = ['log', 'DEMO', 'SPACES', 'demo_flags', 'epochs_for', 'DemoError', 'gap_summary', 'gap_figure', 'run_demo',
+           'closed_loop_success', 'success_markdown', 'success_figure', 'demo_cli']
 
 # %% ../nbs/19_demo.ipynb #c006
 DEMO = dict(
@@ -81,32 +85,34 @@ def _ratio(same, wrong)->float: return wrong / same if same > 0 else math.inf
 def gap_summary(
     report:dict,         # an `evaluate_run` report
     target:float=2.0,    # required wrong/same ratio
-)->dict:                 # same_mm, wrong_mm, ratio (teacher-forced), closed_loop (or None), target, ok, line
+)->dict:                 # same_<unit>, wrong_<unit>, ratio (teacher-forced), closed_loop (or None), target, ok, line
     "The in-context gap of a report, and the demo's one-line verdict."
     g = report.get("in_context_gap") or {}
-    same, wrong = ((g.get(k) or {}).get("trans_mm") for k in ("same", "wrong"))
+    m = headline_metric(g.get("same") or {"trans_mm_median": None})   # trans_mm; joint_rad for a joint-space run
+    u, nd = m.rsplit("_", 1)[-1], 1 if m == "trans_mm" else 3
+    same, wrong = ((g.get(k) or {}).get(m) for k in ("same", "wrong"))
     if same is None or wrong is None:
         raise DemoError("the evaluation measured no in-context gap (it needs held-out episodes of at least two tasks)")
     ratio, c, cl = _ratio(same, wrong), g.get("closed_loop"), None
-    line = f"in-context gap: teacher-forced {same:.1f} mm (same-task prompt) vs {wrong:.1f} mm (wrong-task) = ratio {ratio:.2f}"
+    line = f"in-context gap: teacher-forced {same:.{nd}f} {u} (same-task prompt) vs {wrong:.{nd}f} {u} (wrong-task) = ratio {ratio:.2f}"
     if c:
-        cl = dict(same_mm=c["same"]["trans_mm"], wrong_mm=c["wrong"]["trans_mm"], ratio=_ratio(c["same"]["trans_mm"], c["wrong"]["trans_mm"]),
-                  success_same=c["success"]["same"], success_wrong=c["success"]["wrong"])
-        line += (f"; closed loop {cl['same_mm']:.1f} mm vs {cl['wrong_mm']:.1f} mm = ratio {cl['ratio']:.2f}, task success "
+        cl = {f"same_{u}": c["same"][m], f"wrong_{u}": c["wrong"][m], "ratio": _ratio(c["same"][m], c["wrong"][m]),
+              "success_same": c["success"]["same"], "success_wrong": c["success"]["wrong"]}
+        line += (f"; closed loop {cl[f'same_{u}']:.{nd}f} {u} vs {cl[f'wrong_{u}']:.{nd}f} {u} = ratio {cl['ratio']:.2f}, task success "
                  f"{100 * cl['success_same']:.0f}% vs {100 * cl['success_wrong']:.0f}%")
     ok = ratio >= target and (cl is None or cl["ratio"] >= target)
     line += f" (target >= {target:g} in each): {'TARGET MET' if ok else 'TARGET NOT MET'}"
-    return dict(same_mm=same, wrong_mm=wrong, ratio=ratio, closed_loop=cl, target=target, ok=ok, line=line)
+    return {f"same_{u}": same, f"wrong_{u}": wrong, "ratio": ratio, "closed_loop": cl, "target": target, "ok": ok, "line": line}
 
 # %% ../nbs/19_demo.ipynb #c017
-def _per_task(report:dict, same_key:str="teacher_forced", wrong_key:str="wrong_prompt")->dict:
-    "{task: (same mm, wrong mm)}, step-weighted over the report's episodes that have both."
+def _per_task(report:dict, same_key:str="teacher_forced", wrong_key:str="wrong_prompt", metric:str="trans_mm")->dict:
+    "{task: (same, wrong)} of `metric` (mm by default), step-weighted over the report's episodes that have both."
     acc = {}
     for e in report.get("episodes", []):
         s, w = e.get(same_key), e.get(wrong_key)
-        if not s or not w or s.get("trans_mm") is None or w.get("trans_mm") is None: continue
+        if not s or not w or s.get(metric) is None or w.get(metric) is None: continue
         a = acc.setdefault(e["task"], [0.0, 0.0, 0])
-        a[0] += s["trans_mm"] * s["steps"]; a[1] += w["trans_mm"] * w["steps"]; a[2] += s["steps"]
+        a[0] += s[metric] * s["steps"]; a[1] += w[metric] * w["steps"]; a[2] += s["steps"]
     return {t: (a[0] / a[2], a[1] / a[2]) for t, a in sorted(acc.items()) if a[2]}
 
 # %% ../nbs/19_demo.ipynb #c019
@@ -114,29 +120,35 @@ def gap_figure(
     report:dict,   # an `evaluate_run` report
     title:str="",
 )->Figure:
-    "Bars of the translation error per task, same-task vs wrong-task prompt: teacher-forced, and closed loop if measured."
+    "Bars of the action error per task, same-task vs wrong-task prompt: teacher-forced, and closed loop if measured."
     s = gap_summary(report, target=0); c = s["closed_loop"]
-    panels = [("teacher-forced", _per_task(report), s)]
-    if c: panels.append(("closed loop", _per_task(report, "closed_loop", "wrong_prompt_closed_loop"), c))
+    m = headline_metric(report["in_context_gap"]["same"]); u = m.rsplit("_", 1)[-1]
+    panels = [("teacher-forced", _per_task(report, metric=m), s)]
+    if c: panels.append(("closed loop", _per_task(report, "closed_loop", "wrong_prompt_closed_loop", m), c))
     fig = Figure(figsize=(7 * len(panels), 3.2), layout="constrained"); axs = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (mode, per, tot) in zip(axs, panels):
         names = list(per) + ["all"]; x = range(len(names))
-        ax.bar([i - 0.2 for i in x], [v[0] for v in per.values()] + [tot["same_mm"]], 0.4, label="same-task prompt")
-        ax.bar([i + 0.2 for i in x], [v[1] for v in per.values()] + [tot["wrong_mm"]], 0.4, label="wrong-task prompt")
-        ax.set_xticks(list(x), names, fontsize=8); ax.set_ylabel("action error (mm)")
+        ax.bar([i - 0.2 for i in x], [v[0] for v in per.values()] + [tot[f"same_{u}"]], 0.4, label="same-task prompt")
+        ax.bar([i + 0.2 for i in x], [v[1] for v in per.values()] + [tot[f"wrong_{u}"]], 0.4, label="wrong-task prompt")
+        ax.set_xticks(list(x), names, fontsize=8); ax.set_ylabel("action error (mm)" if u == "mm" else f"mean joint error ({u})")
         ax.set_title(f"{title + ': ' if title else ''}held-out episodes, {mode}: ratio {tot['ratio']:.2f}", fontsize=9)
         ax.legend(fontsize=8)
     return fig
 
 # %% ../nbs/19_demo.ipynb #c022
-def _data(out:Path, seed:int, episodes_per_task:int, image_layout:str="flat")->Path:
-    "The demo's synthetic dataset in `out/data` (made once, kept for later runs)."
+SPACES = {"pose": None, "joints": Arm}  # --space: the free gripper's pose (published layout), or a 5-joint arm's joints
+
+def _data(out:Path, seed:int, episodes_per_task:int, image_layout:str="flat", arm:Optional[Arm]=None)->Path:
+    "The demo's synthetic dataset in `out/data` (made once, kept for later runs; with `arm`, recorded in joint space)."
     dj = out/"data"/"dataset_config.json"
-    if dj.is_file(): return dj
+    if dj.is_file():
+        if (world_arm(load_world(dj) or {}) is not None) != (arm is not None):
+            raise DemoError(f"--out '{out}': its data/ was made for --space {'pose' if arm else 'joints'}; give another --out")
+        return dj
     return make_synthetic_dataset(out/"data", num_tasks=DEMO["num_tasks"], episodes_per_task=episodes_per_task,
                                   height=DEMO["height"], width=DEMO["width"], seed=seed, min_len=DEMO["min_len"],
                                   max_len=DEMO["max_len"], train_split=DEMO["train_split"], progress=False,
-                                  jitter=DEMO["jitter"], image_layout=image_layout)
+                                  jitter=DEMO["jitter"], image_layout=image_layout, arm=arm)
 
 # %% ../nbs/19_demo.ipynb #c023
 def _check_out(out:Path):
@@ -155,22 +167,24 @@ def run_demo(
     target:float=2.0,              # wrong/same error ratio that counts as in-context learning
     threads:int=1,                 # torch CPU threads while the demo runs
     image_layout:str="flat",       # how the synthetic frames are stored: flat (raw) or jpeg (compressed)
+    space:str="pose",              # pose: the gripper's pose (published layout); joints: a 5-joint arm's joint positions
 )->dict:                           # demo_summary.json's content
     "Make the data, train a small ICRT on the CPU, evaluate it and report the in-context gap."
+    if space not in SPACES: raise DemoError(f"--space {space!r}: use pose (the gripper's pose) or joints (a 5-joint arm's joints)")
     out = Path(out).expanduser(); _check_out(out); epochs = epochs_for(minutes)
     eps = episodes_per_task or DEMO["episodes_per_task"]
     if eps < 6: raise DemoError(f"--episodes-per-task {eps}: need at least 6 (4 for training and some held out per task)")
     if threads < 1: raise DemoError(f"--threads must be >= 1, got {threads}")
     before = torch.get_num_threads(); torch.set_num_threads(threads)
     if image_layout not in ("flat", "jpeg"): raise DemoError(f"--image-layout {image_layout!r}: use flat or jpeg")
-    try: return _run(out, epochs, minutes, seed, eps, eval_episodes, target, threads, image_layout)
+    try: return _run(out, epochs, minutes, seed, eps, eval_episodes, target, threads, image_layout, space)
     finally: torch.set_num_threads(before)
 
 # %% ../nbs/19_demo.ipynb #c028
-def _run(out, epochs, minutes, seed, eps, eval_episodes, target, threads, image_layout="flat")->dict:
+def _run(out, epochs, minutes, seed, eps, eval_episodes, target, threads, image_layout="flat", space="pose")->dict:
     "The body of `run_demo`."
     out.mkdir(parents=True, exist_ok=True); t0 = time.time()
-    dj = _data(out, seed, eps, image_layout)
+    dj = _data(out, seed, eps, image_layout, SPACES[space] and SPACES[space]())
     enc = out/"encoder.pth"
     if not enc.is_file(): tiny_vision_encoder(enc, img_size=DEMO["img_size"], seed=seed)
     flags = demo_flags(dj, enc, out, epochs, seed)
@@ -183,8 +197,49 @@ def _run(out, epochs, minutes, seed, eps, eval_episodes, target, threads, image_
     summary = {**{k: v for k, v in s.items() if k != "line"}, "summary": s["line"], "epochs": epochs, "minutes": minutes,
                "seed": seed, "threads": threads, "image_layout": image_layout, "cpus": os.cpu_count(), "episodes_evaluated": rep["num_episodes"], "run_dir": str(run), "report": str(out/"eval"/"report.json"),
                "seconds": {"data": round(t1 - t0, 1), "train": round(t2 - t1, 1), "eval": round(t3 - t2, 1), "total": round(t3 - t0, 1)}}
+    if space != "pose":  # success counts with their intervals, beside the scripted expert's in the same worlds
+        succ = closed_loop_success(rep, dj)
+        success_figure(succ, f"--space {space}").savefig(out/"eval"/"figures"/"success.png", dpi=100)
+        summary |= {"space": space, "success": succ, "seconds": {**summary["seconds"], "total": round(time.time() - t0, 1)}}
     (out/"demo_summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+# %% ../nbs/19_demo.ipynb #jf49ef24
+def closed_loop_success(
+    report:dict,                # an `evaluate_run` report of a synthetic dataset (with closed-loop rollouts)
+    dataset_json:Union[str, Path],  # that dataset's config (its synthetic_world.json rebuilds the worlds)
+)->dict:                        # {policy: successes, n, rate, ci95 (95% Wilson)}
+    "Closed-loop success counts with a same-task prompt, a wrong-task prompt, and of the scripted expert, over the same episodes."
+    from icrt.sim.metaworld import wilson_interval  # a formula; Meta-World itself is not needed
+    eps = [e for e in report["episodes"] if e.get("closed_loop") and e.get("wrong_prompt_closed_loop")]
+    if not eps: raise DemoError("the evaluation ran no closed-loop rollouts with both prompts (synthetic data of at least two tasks)")
+    world = load_world(dataset_json); arm = world_arm(world); expert = []
+    for e in eps:
+        task, scene, ep = episode_world(world, e["episode"])
+        sim = SyntheticSim(scene, task, expert=ep, arm=arm)
+        expert.append(rollout(sim, ExpertPolicy(sim), max_steps=e["length"], min_len=e["length"])["success"])
+    counts = {"same-task prompt": sum(bool(e["closed_loop"]["success"]) for e in eps),
+              "wrong-task prompt": sum(bool(e["wrong_prompt_closed_loop"]["success"]) for e in eps), "scripted expert": sum(expert)}
+    return {k: {"successes": int(s), "n": len(eps), "rate": s / len(eps), "ci95": list(wilson_interval(int(s), len(eps)))}
+            for k, s in counts.items()}
+
+def success_markdown(succ:dict)->str:
+    "A table of `closed_loop_success`."
+    return "\n".join(["| closed loop | successes | rate | 95% Wilson interval |", "|---|---|---|---|"] +
+                      [f"| {k} | {v['successes']}/{v['n']} | {v['rate']:.2f} | {v['ci95'][0]:.2f}–{v['ci95'][1]:.2f} |"
+                       for k, v in succ.items()]) + "\n"
+
+def success_figure(succ:dict, title:str="")->Figure:
+    "Bars of the closed-loop success rates with their 95% Wilson intervals."
+    fig = Figure(figsize=(5, 3), layout="constrained"); ax = fig.subplots()
+    r = [v["rate"] for v in succ.values()]
+    err = [[max(0.0, x - v["ci95"][0]) for x, v in zip(r, succ.values())],   # >= 0: an interval's end is a rounding off the rate
+           [max(0.0, v["ci95"][1] - x) for x, v in zip(r, succ.values())]]
+    ax.bar(range(len(r)), r, yerr=err, capsize=4, color=["C0", "C1", "C2"][:len(r)])
+    ax.set_xticks(range(len(r)), [f"{k}\n{v['successes']}/{v['n']}" for k, v in succ.items()], fontsize=8)
+    ax.set_ylim(0, 1.05); ax.set_ylabel("task success (95% Wilson)")
+    ax.set_title(f"{title + ': ' if title else ''}held-out episodes, closed loop", fontsize=9)
+    return fig
 
 # %% ../nbs/19_demo.ipynb #c030
 def demo_cli(argv:Optional[list]=None):
@@ -198,17 +253,21 @@ def demo_cli(argv:Optional[list]=None):
                     help=f"synthetic episodes per task (default {DEMO['episodes_per_task']}; fewer for a quick look)")
     ap.add_argument("--eval-episodes", type=int, default=None, help="held-out episodes to evaluate (default: all)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: robust on a busy machine)")
+    ap.add_argument("--space", default="pose", help="pose (default): the gripper's pose, the published layout; "
+                    "joints: a 5-joint arm driven in joint positions (icrt.data.arm)")
     ap.add_argument("--image-layout", choices=["flat", "jpeg"], default="flat",
                     help="store the synthetic frames raw (flat, default) or JPEG-compressed (jpeg)")
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    try: s = run_demo(a.out, a.minutes, a.seed, a.episodes_per_task, a.eval_episodes, threads=a.threads, image_layout=a.image_layout)
+    try: s = run_demo(a.out, a.minutes, a.seed, a.episodes_per_task, a.eval_episodes, threads=a.threads, image_layout=a.image_layout,
+                     space=a.space)
     except (ICRTError, DatasetError) as e:  # every user error of the library (InferenceError, EvalError, ... included)
         sys.stderr.write(f"icrt_demo: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}\n"); sys.exit(1)
     sys.stdout.write((Path(s["report"]).with_suffix(".md")).read_text())
     print(f"\noutputs in {Path(a.out)}: run {s['run_dir']}, report {s['report']}, figures {Path(s['report']).parent/'figures'}")
     print(f"time: data {s['seconds']['data']:.0f} s, training {s['seconds']['train']:.0f} s ({s['epochs']} epochs), "
           f"evaluation {s['seconds']['eval']:.0f} s")
+    if "success" in s: print("\n" + success_markdown(s["success"]))
     print(s["summary"])
 
 # %% ../nbs/19_demo.ipynb #c038

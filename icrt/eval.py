@@ -23,21 +23,22 @@ from matplotlib.figure import Figure
 from .config import ICRTError
 from .data.dataset import MIN_LEN, MAX_LEN, load_episode, select_episodes
 from .data.format import DatasetError, load_dataset_config
-from .data.synthetic import episode_world, load_world
+from .data.synthetic import episode_world, load_world, world_arm
 from .sim.core import rollout
 from .sim.synthetic import SyntheticSim
 from .geometry import chunk_actions, euler_to_matrix, pose_vector, rot6d_to_matrix, to_pose7
 from .inference import ICRTPolicy, find_run
-from .spaces import load_space
+from .spaces import EULER_OR_QUAT, RobotSpace, from_keys, load_space
 from .train import RUN_SPACE
 from .client import PolicyClient, read_token
 
 log = logging.getLogger(__name__)
 
 # %% auto #0
-__all__ = ['log', 'DIM_NAMES', 'EvalError', 'action_errors', 'summarize', 'concat_errors', 'task_episodes', 'heldout_episodes',
-           'choose_prompts', 'teacher_forced', 'open_loop', 'closed_loop', 'trajectory_figure', 'chunk_error_figure',
-           'evaluate_episode', 'evaluate_run', 'report_markdown', 'eval_cli', 'EpisodeBrowser']
+__all__ = ['log', 'DIM_NAMES', 'EvalError', 'action_errors', 'pose_layout', 'space_errors', 'summarize', 'concat_errors',
+           'task_episodes', 'heldout_episodes', 'choose_prompts', 'teacher_forced', 'open_loop', 'closed_loop',
+           'trajectory_figure', 'chunk_error_figure', 'evaluate_episode', 'evaluate_run', 'headline_metric',
+           'report_markdown', 'eval_cli', 'EpisodeBrowser']
 
 # %% ../nbs/18_eval.ipynb #c006
 class EvalError(ICRTError, ValueError):
@@ -45,10 +46,12 @@ class EvalError(ICRTError, ValueError):
 
 # %% ../nbs/18_eval.ipynb #c007
 def action_errors(
-    pred:np.ndarray,   # (..., 7) predicted absolute xyz, Euler XYZ, gripper
-    true:np.ndarray,   # (..., 10) recorded absolute xyz, rot6d, gripper
+    pred:np.ndarray,   # (..., 7) predicted absolute xyz, Euler XYZ, gripper (another space: its robot-format vector)
+    true:np.ndarray,   # (..., 10) recorded absolute xyz, rot6d, gripper (another space: its network action vector)
+    space:Optional[RobotSpace]=None,  # the run's robot space (default: the published layout); see `space_errors`
 )->dict:               # trans_mm (...,), rot_deg (...,), grip_ok (...,) bool
     "Translation error (mm), geodesic rotation error (degrees) and gripper agreement of predicted actions."
+    if space is not None and not pose_layout(space): return space_errors(space, pred, true)
     pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
     trans = np.linalg.norm(pred[..., :3] - true[..., :3], axis=-1) * 1000
     Rp, Rt = euler_to_matrix(pred[..., 3:6]), rot6d_to_matrix(true[..., 3:9])
@@ -56,23 +59,69 @@ def action_errors(
     rot = np.degrees(np.arccos(np.clip(cos, -1, 1)))
     return {"trans_mm": trans, "rot_deg": rot, "grip_ok": (pred[..., 6] > 0.5) == (true[..., 9] > 0.5)}
 
+# %% ../nbs/18_eval.ipynb #jec3be95
+_MM = {"m": 1000.0, "cm": 10.0, "mm": 1.0}  # a pose's position unit -> millimetres
+
+def pose_layout(space:RobotSpace)->bool:
+    "Whether a space acts like the published layout: one end-effector pose (metres, Euler XYZ out) and one 0-1 gripper."
+    a = space.action
+    return (len(a) == 2 and a[0].kind == "pose" and a[0].rotation in ("euler_xyz", EULER_OR_QUAT) and a[0].unit == "m"
+            and a[1].kind == "gripper" and a[1].dim == 1 and a[1].unit == "0-1")
+
+def space_errors(
+    space:RobotSpace,  # the run's robot space
+    pred:np.ndarray,   # (..., robot width) predicted absolute actions in the robot's format (`ICRTPolicy.act`)
+    true:np.ndarray,   # (..., action_dim) recorded absolute network action vectors
+)->dict:               # {metric: (...,)}, joint_<unit>_each (..., joints)
+    "Per-step errors of any robot space, part by part in the robot's units."
+    pred = np.asarray(space.action_vector(space.split_robot(np.asarray(pred, np.float64))), np.float64)
+    true, groups = np.asarray(true, np.float64), {}
+    for p, s in zip(space.action, space.slices("action").values()):
+        a, b = pred[..., s], true[..., s]
+        if p.kind == "pose":
+            t = "trans_mm" if p.unit in _MM else f"trans_{p.unit}"
+            groups.setdefault(t, []).append(np.linalg.norm(a[..., :3] - b[..., :3], axis=-1, keepdims=True) * _MM.get(p.unit, 1.0))
+            R = np.einsum("...ji,...jk->...ik", rot6d_to_matrix(a[..., 3:9]), rot6d_to_matrix(b[..., 3:9]))
+            cos = (np.trace(R, axis1=-2, axis2=-1) - 1) / 2
+            groups.setdefault("rot_deg", []).append(np.degrees(np.arccos(np.clip(cos, -1, 1)))[..., None])
+        elif p.kind == "gripper" and p.unit == "0-1": groups.setdefault("grip_ok", []).append((a > 0.5) == (b > 0.5))
+        else: groups.setdefault(f"{'joint' if p.kind == 'joints' else p.kind}_{p.unit or 'units'}", []).append(np.abs(a - b))
+    out = {}
+    for k, v in groups.items():
+        v = np.concatenate(v, -1)                                      # (..., numbers of that metric)
+        out[k] = v.all(-1) if k == "grip_ok" else v.mean(-1)
+        if k.startswith("joint_"): out[f"{k}_each"] = v
+    return out
+
 # %% ../nbs/18_eval.ipynb #c011
 def _f(x)->Optional[float]:
     "A plain float, or None for NaN/inf (valid JSON)."
     x = float(x); return x if math.isfinite(x) else None
 
 # %% ../nbs/18_eval.ipynb #c013
+def _steps(k:str, v)->np.ndarray:
+    "A metric's per-step values flattened over steps: (N,), or (N, joints) for a `_each` metric."
+    v = np.asarray(v); return v.reshape(-1, v.shape[-1]) if k.endswith("_each") else v.reshape(-1)
+
 def summarize(errs:dict)->dict:
-    "Mean/median translation and rotation error and gripper accuracy of `action_errors` output (any shape)."
-    t, r, g = (np.asarray(errs[k]).reshape(-1) for k in ("trans_mm", "rot_deg", "grip_ok"))
-    if not len(t): return {"steps": 0, "trans_mm": None, "trans_mm_median": None, "rot_deg": None, "rot_deg_median": None, "gripper_acc": None}
-    return {"steps": int(len(t)), "trans_mm": _f(t.mean()), "trans_mm_median": _f(np.median(t)), "rot_deg": _f(r.mean()),
-            "rot_deg_median": _f(np.median(r)), "gripper_acc": _f(g.mean())}
+    "Mean/median of every metric of `action_errors` output (any shape), gripper accuracy, mean per joint."
+    flat = {k: _steps(k, v) for k, v in errs.items()}
+    n = len(next(iter(flat.values()))) if flat else 0
+    out = {"steps": int(n)}
+    for k, v in flat.items():
+        if k == "grip_ok": out["gripper_acc"] = _f(v.mean()) if n else None
+        elif k.endswith("_each"): out[k] = [_f(x) for x in v.mean(0)] if n else None
+        else: out[k], out[f"{k}_median"] = (_f(v.mean()), _f(np.median(v))) if n else (None, None)
+    return out
 
 # %% ../nbs/18_eval.ipynb #c015
-def concat_errors(errs:list)->dict:
+def concat_errors(
+    errs:list,                                      # per-episode `action_errors` dicts
+    keys:tuple=("trans_mm", "rot_deg", "grip_ok"),  # the metrics when `errs` is empty
+)->dict:
     "Join per-episode `action_errors` dicts step-wise."
-    return {k: np.concatenate([np.asarray(e[k]).reshape(-1) for e in errs]) if errs else np.zeros(0) for k in ("trans_mm", "rot_deg", "grip_ok")}
+    if not errs: return {k: np.zeros((0, 1) if k.endswith("_each") else 0) for k in keys}
+    return {k: np.concatenate([_steps(k, e[k]) for e in errs]) for k in errs[0]}
 
 # %% ../nbs/18_eval.ipynb #c018
 def task_episodes(spec)->list:
@@ -150,7 +199,7 @@ def teacher_forced(
     policy:ICRTPolicy,
     x:dict,         # episode_inputs of the evaluated episode
     prompts:list,   # episode_inputs of the prompts
-)->tuple:           # first actions (T, 7), chunks (T, K, 7): absolute xyz, Euler XYZ, gripper
+)->tuple:           # first actions (T, D), chunks (T, K, D) in the robot's format (published: xyz, Euler XYZ, gripper)
     "Predict along a recorded episode, feeding the recorded executed actions."
     policy.reset(); policy.prompt(prompts)
     abs_act, firsts, chunks = x["abs_action"].numpy(), [], []
@@ -165,7 +214,7 @@ def open_loop(
     policy:ICRTPolicy,
     x:dict,         # episode_inputs of the evaluated episode
     prompts:list,   # episode_inputs of the prompts
-)->np.ndarray:      # (T, 7) executed actions
+)->np.ndarray:      # (T, D) executed actions (the robot's format)
     "Run the policy along the recorded observations with execution horizon K and its own actions as context."
     policy.reset(action_exec_horizon=policy.num_pred_steps); policy.prompt(prompts)
     out = [policy.step(x["observation"][t].to(policy.device), x["proprio"][t].numpy()) for t in range(len(x["abs_action"]))]
@@ -178,7 +227,7 @@ def closed_loop(
     sim,                   # a simulator of the step protocol (`icrt.sim.core`), e.g. `SyntheticSim`
     prompts:list,          # episode_inputs of the prompts
     steps:int,             # control steps to run (all of them: success does not stop the rollout)
-)->tuple:                  # ((steps, 7) executed actions, success at any step: bool)
+)->tuple:                  # ((steps, D) executed actions, success at any step: bool)
     "Run the policy in a simulator, its own actions moving the world: nothing recorded is fed back."
     policy.reset(); policy.prompt(prompts)
     r = rollout(sim, policy, max_steps=steps, min_len=steps)
@@ -204,8 +253,10 @@ def trajectory_figure(
     preds:dict,           # {label: (T, 7) predictions}
     title:str="",
     cursor:Optional[int]=None,  # draw a vertical line at this step
+    space:Optional[RobotSpace]=None,  # the run's robot space (default: the published layout)
 )->Figure:
     "Recorded vs predicted actions, one panel per dimension (angles drawn on the recorded angle's branch)."
+    if space is not None and not pose_layout(space): return _columns_figure(space, true10, preds, title, cursor)
     fig = Figure(figsize=(11, 7), layout="constrained")
     axs = fig.subplots(4, 2, sharex=True).reshape(-1)
     raw = to_pose7(np.asarray(true10, np.float64)); tr = _unwrap(raw)
@@ -221,35 +272,59 @@ def trajectory_figure(
     fig.suptitle(title, fontsize=10)
     return fig
 
+# %% ../nbs/18_eval.ipynb #j910412c
+def _columns_figure(space:RobotSpace, true:np.ndarray, preds:dict, title:str="", cursor:Optional[int]=None)->Figure:
+    "Recorded (network vectors) vs predicted (robot format) actions of any robot space, one panel per robot column."
+    cols = space.robot_columns(); tr = np.asarray(space.robot_vector(np.asarray(true, np.float64)))
+    rows = (len(cols) + 2) // 2
+    fig = Figure(figsize=(11, 1.75 * rows), layout="constrained")
+    axs = fig.subplots(rows, 2, sharex=True).reshape(-1)
+    styles = ["-", "--", ":", "-."]
+    for i, ax in enumerate(axs[:len(cols)]):
+        ax.plot(tr[:, i], "k-", lw=2, label="recorded")
+        for j, (label, p) in enumerate(preds.items()): ax.plot(np.asarray(p)[:, i], styles[j % 4], lw=1.2, label=label)
+        ax.set_ylabel(cols[i], fontsize=8); ax.tick_params(labelsize=7)
+        if cursor is not None: ax.axvline(cursor, color="r", lw=1)
+    for ax in axs[len(cols):]: ax.axis("off")
+    axs[-1].legend(*axs[0].get_legend_handles_labels(), loc="center", fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    return fig
+
 # %% ../nbs/18_eval.ipynb #c044
+_AXIS = {"trans_mm": "translation error (mm)", "rot_deg": "rotation error (deg)"}
+
+def _axis_label(metric:str)->str:
+    "`trans_mm` -> translation error (mm); `joint_rad` -> joint error (rad)."
+    return _AXIS.get(metric) or "{} error ({})".format(*metric.split("_", 1))
+
 def chunk_error_figure(
-    offsets:dict,   # {label: {"trans_mm": [K], "rot_deg": [K]}}
+    offsets:dict,   # {label: {"trans_mm": [K], "rot_deg": [K], ...}}: one panel per metric but the gripper's
 )->Figure:
     "Mean error against the offset inside the action chunk."
-    fig = Figure(figsize=(8, 3), layout="constrained")
-    ax1, ax2 = fig.subplots(1, 2)
+    metrics = [m for m in next(iter(offsets.values())) if m != "gripper_acc"]
+    fig = Figure(figsize=(4 * len(metrics), 3), layout="constrained")
+    axs = fig.subplots(1, len(metrics), squeeze=False)[0]
     for label, o in offsets.items():
-        ax1.plot([v if v is not None else np.nan for v in o["trans_mm"]], "o-", label=label)
-        ax2.plot([v if v is not None else np.nan for v in o["rot_deg"]], "o-", label=label)
-    ax1.set(xlabel="offset in chunk", ylabel="translation error (mm)"); ax2.set(xlabel="offset in chunk", ylabel="rotation error (deg)")
-    for ax in (ax1, ax2): ax.set_xticks(range(len(next(iter(offsets.values()))["trans_mm"])))
-    ax1.legend(fontsize=8)
+        for ax, m in zip(axs, metrics): ax.plot([v if v is not None else np.nan for v in o[m]], "o-", label=label)
+    for ax, m in zip(axs, metrics): ax.set(xlabel="offset in chunk", ylabel=_axis_label(m)); ax.set_xticks(range(len(next(iter(offsets.values()))[m])))
+    axs[0].legend(fontsize=8)
     return fig
 
 # %% ../nbs/18_eval.ipynb #c047
-def _chunk_offsets(chunks:np.ndarray, true10:np.ndarray)->dict:
+def _headline(errs:dict)->dict:
+    "The metrics that get a mean per chunk offset: all but the per-joint ones, the gripper as a 0/1 float (`gripper_acc`)."
+    return {("gripper_acc" if k == "grip_ok" else k): np.asarray(v, np.float64) for k, v in errs.items() if not k.endswith("_each")}
+
+def _chunk_offsets(chunks:np.ndarray, true10:np.ndarray, space:Optional[RobotSpace]=None)->tuple:
     "Errors per chunk offset: chunk t, entry k against the recorded action of step t+k (last step repeated)."
-    e = action_errors(chunks, chunk_actions(true10, chunks.shape[1]))     # each (T, K)
-    return {"trans_mm": [_f(v) for v in e["trans_mm"].mean(0)], "rot_deg": [_f(v) for v in e["rot_deg"].mean(0)],
-            "gripper_acc": [_f(v) for v in e["grip_ok"].mean(0)]}, e
+    e = action_errors(chunks, chunk_actions(true10, chunks.shape[1]), space)     # each (T, K)
+    return {k: [_f(v) for v in a.mean(0)] for k, a in _headline(e).items()}, e
 
 # %% ../nbs/18_eval.ipynb #c049
 def _open_loop_offsets(errs:dict, K:int)->dict:
     "Errors of open-loop steps grouped by their offset inside the executed chunk (t mod K)."
-    T = len(errs["trans_mm"]); off = np.arange(T) % K
-    m = lambda a, k: _f(a[off == k].mean()) if (off == k).any() else None
-    return {"trans_mm": [m(errs["trans_mm"], k) for k in range(K)], "rot_deg": [m(errs["rot_deg"], k) for k in range(K)],
-            "gripper_acc": [m(errs["grip_ok"].astype(float), k) for k in range(K)]}
+    T = len(errs["grip_ok" if "grip_ok" in errs else next(iter(errs))]); off = np.arange(T) % K
+    return {k: [_f(a[off == j].mean()) if (off == j).any() else None for j in range(K)] for k, a in _headline(errs).items()}
 
 # %% ../nbs/18_eval.ipynb #c051
 class _Inputs:
@@ -272,11 +347,11 @@ def evaluate_episode(
     task, same = choose_prompts(spec, name, num_prompts, rng, True, pool)
     if not same: return {"episode": name, "task": task, "skipped": f"no other episode of task '{task}' to prompt with"}
     wtask, wrong = choose_prompts(spec, name, num_prompts, rng, False, pool)
-    x = inputs(name); true10 = x["abs_action"].numpy().astype(np.float64)
+    x = inputs(name); true10 = x["abs_action"].numpy().astype(np.float64); space = policy.space
     pr = [inputs(p) for p in same]
     first, chunks = teacher_forced(policy, x, pr); rate_steps = list(policy.step_times)
-    tf = action_errors(first, true10); tf_off, _ = _chunk_offsets(chunks, true10)
-    ol_pred = open_loop(policy, x, pr); ol = action_errors(ol_pred, true10)
+    tf = action_errors(first, true10, space); tf_off, _ = _chunk_offsets(chunks, true10, space)
+    ol_pred = open_loop(policy, x, pr); ol = action_errors(ol_pred, true10, space)
     rec = {"episode": name, "task": task, "length": len(true10), "prompts": same, "wrong_task": wtask, "wrong_prompts": wrong,
            "teacher_forced": summarize(tf), "teacher_forced_chunk": tf_off, "open_loop": summarize(ol),
            "open_loop_chunk": _open_loop_offsets(ol, policy.num_pred_steps), "wrong_prompt": None,
@@ -285,15 +360,15 @@ def evaluate_episode(
     wp = [inputs(p) for p in wrong]
     if wrong:
         wfirst, _ = teacher_forced(policy, x, wp)
-        rec["_errors"]["wrong_prompt"] = we = action_errors(wfirst, true10)
+        rec["_errors"]["wrong_prompt"] = we = action_errors(wfirst, true10, space)
         rec["wrong_prompt"] = summarize(we); rec["_arrays"]["wrong_prompt"] = wfirst
-        rec["_errors"]["wrong_prompt_open_loop"] = wol = action_errors(open_loop(policy, x, wp), true10)
+        rec["_errors"]["wrong_prompt_open_loop"] = wol = action_errors(open_loop(policy, x, wp), true10, space)
         rec["wrong_prompt_open_loop"] = summarize(wol)
     if world is not None and name in world["episodes"]:
         task_, scene, _ = episode_world(world, name)
         for key, ps in [("closed_loop", pr)] + ([("wrong_prompt_closed_loop", wp)] if wrong else []):
-            acts, ok = closed_loop(closed_policy or policy, SyntheticSim(scene, task_), ps, len(true10))
-            rec["_errors"][key] = e = action_errors(acts, true10)
+            acts, ok = closed_loop(closed_policy or policy, SyntheticSim(scene, task_, arm=world_arm(world)), ps, len(true10))
+            rec["_errors"][key] = e = action_errors(acts, true10, space)
             rec[key] = {**summarize(e), "success": ok}; rec["_arrays"][key] = acts
     return rec
 
@@ -305,6 +380,15 @@ def _check_keys(spec, keys:dict, dataset_json):
             raise EvalError(f"{dataset_json}: {k} {list(getattr(spec, k))} differ from the run's {list(keys[k])}; "
                             "evaluate on data recorded with the same cameras and keys")
 
+def _check_space(spec, space:RobotSpace, dataset_json, run_dir:Path):
+    "The evaluated dataset's robot space must be the run's, part for part (kinds, widths, units, deltas; column names aside)."
+    fields = ("key", "kind", "dim", "rotation", "unit", "relative_to")
+    diff = next((f"{side} part '{a.key}' has {f} {getattr(a, f)!r}, the run {getattr(b, f)!r}" for side in ("state", "action")
+                 for a, b in zip(getattr(spec.space, side), getattr(space, side)) for f in fields if getattr(a, f) != getattr(b, f)),
+                None if len(spec.space.state) == len(space.state) and len(spec.space.action) == len(space.action) else "its parts differ")
+    if diff: raise EvalError(f"{dataset_json}: key 'robot_space' ('{spec.space.name}') differs from the run's ({run_dir/RUN_SPACE}): "
+                             f"{diff}; evaluate on data of the run's robot space")
+
 # %% ../nbs/18_eval.ipynb #c057
 def _ratio(a, b)->Optional[float]:
     if a is None or b is None: return None
@@ -312,10 +396,10 @@ def _ratio(a, b)->Optional[float]:
     return a / b
 
 def _gap(same:dict, wrong:dict)->dict:
-    "Ratios wrong-prompt / same-task-prompt of the teacher-forced errors (gripper: of the error rates)."
+    "Ratios wrong-prompt / same-task-prompt of each mean error (gripper: of the error rates)."
     err = lambda s: None if s["gripper_acc"] is None else 1 - s["gripper_acc"]
-    r = {"trans_mm": _ratio(wrong["trans_mm"], same["trans_mm"]), "rot_deg": _ratio(wrong["rot_deg"], same["rot_deg"]),
-         "gripper_err": _ratio(err(wrong), err(same))}
+    r = {("gripper_err" if k == "gripper_acc" else k): _ratio(err(wrong), err(same)) if k == "gripper_acc" else _ratio(wrong[k], v)
+         for k, v in same.items() if k != "steps" and not k.endswith(("_median", "_each"))}
     return {k: (_f(v) if v is not None and math.isfinite(v) else (None if v is None else "inf")) for k, v in r.items()}
 
 # %% ../nbs/18_eval.ipynb #c059
@@ -329,7 +413,7 @@ def _mean_lists(lists:list, weights:list)->list:
 
 def _offsets(recs:list, key:str)->dict:
     w = [r["length"] for r in recs]
-    return {m: _mean_lists([r[key][m] for r in recs], w) for m in ("trans_mm", "rot_deg", "gripper_acc")}
+    return {m: _mean_lists([r[key][m] for r in recs], w) for m in recs[0][key]}
 
 # %% ../nbs/18_eval.ipynb #c061
 def _out_folder(out:Path)->Path:
@@ -365,10 +449,8 @@ def evaluate_run(
     if not dj.is_file():
         raise EvalError(f"dataset config '{dj}' does not exist" + ("" if dataset_json else " (the run's; pass --dataset-json)"))
     spec = load_dataset_config(dj); _check_keys(spec, run.keys, dj)
-    if (run_dir/RUN_SPACE).is_file() and load_space(run_dir/RUN_SPACE).rot6d_slices() != [slice(3, 9)]:
-        raise EvalError(f"icrt_eval measures end-effector errors (mm, degrees), and the robot space of '{run_dir}' is "
-                        f"'{load_space(run_dir/RUN_SPACE).name}': its errors in joint units are not built yet; run it in "
-                        "closed loop with ICRTPolicy and icrt.sim.core.rollout (a joint-space synthetic run: SyntheticSim(arm=Arm()))")
+    _check_space(spec, load_space(run_dir/RUN_SPACE) if (run_dir/RUN_SPACE).is_file() else
+                 from_keys(run.keys["proprio_keys"], run.keys["action_keys"]), dj, run_dir)  # older runs: the published layout
     try: world = load_world(dj) if closed_loop else None
     except ValueError as e: raise EvalError(f"{e} (or pass --no-closed-loop)") from None
     if server and world is None: raise EvalError(f"--server {server}: only the closed-loop rollouts use it, and there are none (synthetic datasets only)")
@@ -404,33 +486,54 @@ _DEFS = {
              "accuracy of open/closed at threshold 0.5",
 }
 
+def _units(space:RobotSpace)->str:
+    "The `units` definition of a report in another robot space."
+    return (f"per part of the robot space '{space.name}': a pose's translation in mm (trans_mm) and geodesic rotation in degrees "
+            "(rot_deg); joints: mean absolute error over the joints in their unit (joint_<unit>), per joint in joint_<unit>_each "
+            "(columns: joint_columns); a 0-1 gripper: accuracy of open/closed at threshold 0.5; anything else: mean absolute "
+            "error in its unit (<kind>_<unit>)")
+
+def _joint_columns(space:RobotSpace)->dict:
+    "{joint_<unit>_each: the names of its columns}, in the order `space_errors` lays the joints out."
+    cols, out, i = space.robot_columns(), {}, 0
+    for p in space.action:
+        if p.kind == "joints": out.setdefault(f"joint_{p.unit or 'units'}_each", []).extend(cols[i:i + p.dim])
+        i += p.dim
+    return out
+
+def headline_metric(summary:dict)->str:
+    "The error a report leads with: translation (mm) when the space has a pose, else the joints' mean error, else the first."
+    names = [k for k, v in summary.items() if k not in ("steps", "gripper_acc") and not k.endswith(("_median", "_each")) and not isinstance(v, dict)]
+    return next((k for k in names if k.startswith("trans_")), next((k for k in names if k.startswith("joint_")), names[0] if names else "gripper_acc"))
+
 def _evaluate(policy, spec, names, out, meta, warnings, seed, num_prompts, max_figures, world=None, closed_policy=None)->dict:
     "Evaluate episodes `names`, write the figures and reports."
     rng, inputs, pool = np.random.default_rng(seed), _Inputs(policy, spec), task_episodes(spec)
-    recs, t0 = [], time.time()
+    recs, t0, space = [], time.time(), policy.space
     for i, name in enumerate(names):
         r = evaluate_episode(policy, spec, name, rng, num_prompts, inputs, pool, world, closed_policy)
         if "skipped" in r:
             msg = f"episode '{name}' skipped: {r['skipped']}"; log.warning(msg); warnings.append(msg); continue
-        log.info(f"[{i + 1}/{len(names)}] {name}: teacher-forced {r['teacher_forced']['trans_mm']:.1f} mm, open-loop "
-                 f"{r['open_loop']['trans_mm']:.1f} mm")
+        m = headline_metric(r["teacher_forced"])
+        log.info(f"[{i + 1}/{len(names)}] {name}: teacher-forced {_fmt(r['teacher_forced'][m], _nd(m))} {m.split('_')[-1]}, open-loop "
+                 f"{_fmt(r['open_loop'][m], _nd(m))} {m.split('_')[-1]}")
         recs.append(r)
     if not recs: raise EvalError(f"no episode could be evaluated ({'; '.join(warnings)})")
-    figs = _write_figures(recs, out, max_figures, policy.num_pred_steps)
-    rep = _report(recs, meta, warnings, figs, time.time() - t0, policy.num_pred_steps)
+    figs = _write_figures(recs, out, max_figures, policy.num_pred_steps, space)
+    rep = _report(recs, meta, warnings, figs, time.time() - t0, policy.num_pred_steps, space)
     (out/"report.json").write_text(json.dumps(rep, indent=1))
     (out/"report.md").write_text(report_markdown(rep))
     return rep
 
 # %% ../nbs/18_eval.ipynb #c065
-def _write_figures(recs, out:Path, max_figures:int, K:int)->dict:
+def _write_figures(recs, out:Path, max_figures:int, K:int, space:Optional[RobotSpace]=None)->dict:
     "Trajectory figures of the first episodes and the chunk-offset figure; {name: path}."
     figs = {}
     for r in recs[:max_figures]:
         a = r["_arrays"]
         preds = {k.replace("_", "-"): a[k] for k in ("teacher_forced", "open_loop", "closed_loop", "wrong_prompt") if k in a}
         p = out/"figures"/f"{r['episode']}.png"
-        trajectory_figure(a["true"], preds, f"{r['episode']} ({r['task']}), prompts: {', '.join(r['prompts'])}").savefig(p, dpi=80)
+        trajectory_figure(a["true"], preds, f"{r['episode']} ({r['task']}), prompts: {', '.join(r['prompts'])}", space=space).savefig(p, dpi=80)
         figs[r["episode"]] = str(p)
     p = out/"figures"/"chunk_errors.png"
     chunk_error_figure({"teacher-forced": _offsets(recs, "teacher_forced_chunk"), "open-loop": _offsets(recs, "open_loop_chunk")}).savefig(p, dpi=80)
@@ -438,17 +541,18 @@ def _write_figures(recs, out:Path, max_figures:int, K:int)->dict:
     return figs
 
 # %% ../nbs/18_eval.ipynb #c066
-def _compare(recs:list, same:str, wrong:str)->dict:
+def _compare(recs:list, same:str, wrong:str, keys:tuple=("trans_mm", "rot_deg", "grip_ok"))->dict:
     "Errors pooled over `recs` with a same-task prompt (`_errors[same]`) and a wrong one (`_errors[wrong]`), and their ratios."
-    s, w = (summarize(concat_errors([r["_errors"][k] for r in recs])) for k in (same, wrong))
+    s, w = (summarize(concat_errors([r["_errors"][k] for r in recs], keys)) for k in (same, wrong))
     return {"same": s, "wrong": w, "ratio": _gap(s, w)}
 
 # %% ../nbs/18_eval.ipynb #c067
-def _report(recs, meta, warnings, figs, seconds, K)->dict:
+def _report(recs, meta, warnings, figs, seconds, K, space:Optional[RobotSpace]=None)->dict:
     "The JSON report: settings, overall and per-episode numbers, figure paths."
-    errs = lambda k: concat_errors([r["_errors"][k] for r in recs if k in r["_errors"]])
+    keys = tuple(recs[0]["_errors"]["teacher_forced"])
+    errs = lambda k: concat_errors([r["_errors"][k] for r in recs if k in r["_errors"]], keys)
     gap_recs = [r for r in recs if "wrong_prompt" in r["_errors"]]
-    tf = _compare(gap_recs, "teacher_forced", "wrong_prompt")
+    tf = _compare(gap_recs, "teacher_forced", "wrong_prompt", keys)
     cl_recs = [r for r in gap_recs if "wrong_prompt_closed_loop" in r["_errors"]]
     cl = None if not cl_recs else {
         "episodes": len(cl_recs), **_compare(cl_recs, "closed_loop", "wrong_prompt_closed_loop"),
@@ -465,18 +569,54 @@ def _report(recs, meta, warnings, figs, seconds, K)->dict:
            "control_rate_hz": _f(len(times) / sum(times)) if times else None, "eval_seconds": round(seconds, 2),
            "figures": figs, "warnings": warnings,
            "episodes": [{k: v for k, v in r.items() if not k.startswith("_")} | {"figure": figs.get(r["episode"])} for r in recs]}
+    if space is not None and not pose_layout(space):  # what the names of the metrics refer to
+        rep |= {"robot_space": space.to_dict(), "definitions": {**_DEFS, "units": _units(space)}, "joint_columns": _joint_columns(space)}
     if not gap_recs: rep["warnings"] = warnings + ["in-context gap not measured: the dataset has a single task"]
     return rep
 
 # %% ../nbs/18_eval.ipynb #c069
 def _fmt(v, nd=1)->str: return "–" if v is None else (v if isinstance(v, str) else f"{v:.{nd}f}")
 
+def _nd(metric:str)->int: return 1 if metric.endswith(("_mm", "_deg")) else 3  # decimals: 0.1 mm or degree, 1 mrad
+
+_SHORT = {"trans_mm": ("trans.", "translation"), "rot_deg": ("rot.", "rotation"), "gripper_err": ("", "gripper error")}
+
+def _metrics(s:dict)->list:
+    "The metrics of a summary with a mean and median column (not the gripper's, not the per-joint lists)."
+    return [k for k in s if f"{k}_median" in s]
+
+def _table(s:dict)->tuple:
+    "(header lines, row function) of a mode table for summaries shaped like `s`."
+    ms, unit = _metrics(s), lambda m: m.rsplit("_", 1)[-1]
+    short = lambda m: _SHORT.get(m, (m.rsplit("_", 1)[0].replace("_", " "),))[0]
+    head = "| mode | steps | " + "".join(f"{short(m)} mean ({unit(m)}) | {short(m)} median ({unit(m)}) | " for m in ms) + \
+           ("gripper acc. |" if "gripper_acc" in s else "")
+    row = lambda n, r: (f"| {n} | {r['steps']} | " + "".join(f"{_fmt(r[m], _nd(m))} | {_fmt(r[f'{m}_median'], _nd(m))} | " for m in ms) +
+                        (f"{_fmt(r['gripper_acc'], 3)} |" if "gripper_acc" in s else "")).rstrip()
+    return [head.rstrip(), "|---" * (head.count("|") - 1) + "|"], row
+
+def _ratios(r:dict)->str:
+    "translation ×a, rotation ×b, gripper error ×c (joints ×a ... in another space)."
+    name = lambda k: _SHORT[k][1] if k in _SHORT else "joints" if k.startswith("joint_") else k
+    return ", ".join(f"{name(k)} ×{_fmt(v, 2)}" for k, v in r.items())
+
+def _joint_table(rep:dict)->list:
+    "Per-joint mean errors of every mode (reports in a joint space)."
+    L = []
+    for k, names in (rep.get("joint_columns") or {}).items():
+        modes = [("teacher-forced", rep["teacher_forced"]), ("open-loop (horizon K)", rep["open_loop"])]
+        g = rep["in_context_gap"]
+        if g["ratio"] is not None: modes += [("teacher-forced, other-task prompt", g["wrong"])]
+        if g.get("closed_loop"): modes += [("closed-loop, same-task prompt", g["closed_loop"]["same"]),
+                                           ("closed-loop, other-task prompt", g["closed_loop"]["wrong"])]
+        L += ["", f"Mean absolute error per joint ({k.split('_')[1]}):", "", "| mode | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+        L += [f"| {n} | " + " | ".join(_fmt(v, 3) for v in (s.get(k) or [None] * len(names))) + " |" for n, s in modes if s]
+    return L
+
 def report_markdown(rep:dict)->str:
     "A short markdown summary of an evaluation report."
     tf, ol, g = rep["teacher_forced"], rep["open_loop"], rep["in_context_gap"]
-    HEAD = ["| mode | steps | trans. mean (mm) | trans. median (mm) | rot. mean (deg) | rot. median (deg) | gripper acc. |",
-            "|---|---|---|---|---|---|---|"]
-    row = lambda n, s: f"| {n} | {s['steps']} | {_fmt(s['trans_mm'])} | {_fmt(s['trans_mm_median'])} | {_fmt(s['rot_deg'])} | {_fmt(s['rot_deg_median'])} | {_fmt(s['gripper_acc'], 3)} |"
+    HEAD, row = _table(tf)
     L = [f"# ICRT offline evaluation", "",
          f"Run `{rep['run_dir']}`, checkpoint `{Path(rep['checkpoint']).name}`, dataset `{rep['dataset_json']}` "
          f"(split {rep['split']}), {rep['num_episodes']} episode(s), {rep['num_prompts']} prompt(s) each, K = {rep['num_pred_steps']}, "
@@ -484,19 +624,17 @@ def report_markdown(rep:dict)->str:
          *HEAD, row("teacher-forced", tf), row("open-loop (horizon K)", ol)]
     if g["ratio"] is not None:
         L += [row("teacher-forced, same-task prompt", g["same"]), row("teacher-forced, other-task prompt", g["wrong"]), "",
-              f"In-context gap (other-task / same-task): translation ×{_fmt(g['ratio']['trans_mm'], 2)}, rotation "
-              f"×{_fmt(g['ratio']['rot_deg'], 2)}, gripper error ×{_fmt(g['ratio']['gripper_err'], 2)}."]
+              f"In-context gap (other-task / same-task): {_ratios(g['ratio'])}."]
         o = g["open_loop"]
         L += ["", *HEAD, row("open-loop, same-task prompt", o["same"]), row("open-loop, other-task prompt", o["wrong"]), "",
-              f"Open-loop in-context gap (other-task / same-task): translation ×{_fmt(o['ratio']['trans_mm'], 2)}, rotation "
-              f"×{_fmt(o['ratio']['rot_deg'], 2)}, gripper error ×{_fmt(o['ratio']['gripper_err'], 2)}."]
+              f"Open-loop in-context gap (other-task / same-task): {_ratios(o['ratio'])}."]
         c = g.get("closed_loop")
         if c:
             L += ["", *HEAD, row("closed-loop, same-task prompt", c["same"]), row("closed-loop, other-task prompt", c["wrong"]), "",
-                  f"Closed-loop in-context gap (other-task / same-task): translation ×{_fmt(c['ratio']['trans_mm'], 2)}, rotation "
-                  f"×{_fmt(c['ratio']['rot_deg'], 2)}, gripper error ×{_fmt(c['ratio']['gripper_err'], 2)}. Task success: "
+                  f"Closed-loop in-context gap (other-task / same-task): {_ratios(c['ratio'])}. Task success: "
                   f"{_fmt(100 * c['success']['same'], 0)}% with a same-task prompt, {_fmt(100 * c['success']['wrong'], 0)}% "
                   f"with an other-task prompt ({c['episodes']} episodes)."]
+    L += _joint_table(rep)
     L += ["", "Definitions: " + "; ".join(f"**{k}** — {v}" for k, v in rep["definitions"].items()) + ".", "",
           "Figures: " + ", ".join(f"[{k}]({Path(v).relative_to(Path(v).parent.parent)})" for k, v in rep["figures"].items())]
     if rep["warnings"]: L += ["", "Warnings:"] + [f"- {w}" for w in rep["warnings"]]

@@ -78,7 +78,6 @@ def test_served_actions_have_the_runs_own_shape(joint_run, tmp_path):
     assert a.shape == (3, WIDTH[robot]) and np.isfinite(a).all()
 
 
-@pytest.mark.xfail(strict=False, reason="icrt_eval joint metrics: helper B")
 def test_icrt_eval_measures_a_converted_joint_run(joint_run, tmp_path):
     "icrt_eval on the converted run: per-part errors in the joints' own units."
     from icrt.eval import evaluate_run

@@ -68,6 +68,35 @@ def test_demo_bad_minutes(tmp_path):
     assert p.returncode == 1 and "--minutes must be > 0" in p.stderr and "Traceback" not in p.stderr
 
 
+def test_demo_bad_space(tmp_path):
+    p = demo("--out", tmp_path / "x", "--space", "joint")
+    assert p.returncode == 1 and p.stderr.strip().splitlines() == [
+        "icrt_demo: error: --space 'joint': use pose (the gripper's pose) or joints (a 5-joint arm's joints)"], p.stderr
+    assert not (tmp_path / "x").exists()
+
+
+def test_quick_joint_space_demo_measures_the_gap_in_radians_and_counts_successes(tmp_path):
+    "`--space joints`: the arm's world, a policy of joints, errors in rad, success counts with Wilson intervals and the expert's."
+    out = tmp_path / "joints"
+    p = demo("--out", out, "--space", "joints", *QUICK[:-1], "2")
+    assert p.returncode == 0, p.stderr[-3000:]
+    s = json.loads((out / "demo_summary.json").read_text())
+    rep = json.loads((out / "eval" / "report.json").read_text())
+    assert json.loads((out / "run" / "robot_space.json").read_text())["name"] == "synthetic_arm"
+    assert "trans_mm" not in rep["teacher_forced"] and s["space"] == "joints"
+    assert s["same_rad"] == pytest.approx(rep["in_context_gap"]["same"]["joint_rad"])
+    assert s["closed_loop"]["wrong_rad"] == pytest.approx(rep["in_context_gap"]["closed_loop"]["wrong"]["joint_rad"])
+    succ, n = s["success"], s["episodes_evaluated"]
+    assert list(succ) == ["same-task prompt", "wrong-task prompt", "scripted expert"] and all(v["n"] == n == 2 for v in succ.values())
+    assert succ["same-task prompt"]["rate"] == pytest.approx(rep["in_context_gap"]["closed_loop"]["success"]["same"])
+    assert all(v["ci95"][0] <= v["rate"] <= v["ci95"][1] for v in succ.values())
+    assert succ["scripted expert"]["successes"] == n   # the arm's expert can do every task it is scored on
+    for f in ["in_context_gap.png", "success.png", "chunk_errors.png"]: assert (out / "eval" / "figures" / f).is_file(), f
+    assert "| scripted expert | 2/2 |" in p.stdout
+    last = p.stdout.strip().splitlines()[-1]
+    assert last.startswith("in-context gap: teacher-forced ") and " rad (same-task prompt)" in last, last
+
+
 @pytest.mark.parametrize("err", ["InferenceError", "EvalError", "CheckpointError"])
 def test_demo_reports_every_library_error_in_one_line(monkeypatch, capsys, tmp_path, err):
     "icrt_demo catches ICRTError: errors of inference and evaluation are one line too."

@@ -93,9 +93,46 @@ def test_a_run_of_another_space_is_refused_as_pretrained_path_or_resume(joint_ru
     assert not (tmp_path / "log_name").exists()   # refused before anything was written
 
 
-def test_icrt_eval_refuses_a_joint_space_run_in_one_line(joint_run, tmp_path):
+def test_icrt_eval_scores_a_joint_space_run_in_the_joints_unit(joint_run, tmp_path):
+    """icrt_eval on a joint-space run: errors in radians per joint and on average, equal to a hand computation on the raw
+    recorded joints (teacher-forced and closed loop), so an error computed on normalised values would fail."""
+    from icrt.eval import closed_loop, evaluate_run, teacher_forced
+    run, spec = joint_run
+    rep = evaluate_run(run, out=tmp_path / "eval", episodes=2, seed=1)
+    assert rep["num_episodes"] == 2 and "trans_mm" not in rep["teacher_forced"] and rep["robot_space"]["name"] == "synthetic_arm"
+    assert rep["joint_columns"] == {"joint_rad_each": [f"joint_position[{i}]" for i in range(5)]}
+    e = rep["episodes"][0]
+    p = ICRTPolicy.from_run(run)
+    ep, prompts = raw_episode(spec, e["episode"]), [raw_episode(spec, n) for n in e["prompts"]]
+    first, _ = teacher_forced(p, p.inputs(ep), [p.inputs(d) for d in prompts])     # (T, 6): 5 joints (rad) + gripper
+    err = np.abs(first[:, :5] - ep[JOINT_KEYS[1]])                                  # (T, 5) against the recorded joints
+    tf = e["teacher_forced"]
+    assert tf["steps"] == len(err) and tf["joint_rad"] == pytest.approx(err.mean(), rel=1e-4)
+    assert tf["joint_rad_median"] == pytest.approx(np.median(err.mean(1)), rel=1e-4)
+    np.testing.assert_allclose(tf["joint_rad_each"], err.mean(0), rtol=1e-4)
+    assert tf["gripper_acc"] == pytest.approx(np.mean((first[:, 5] > 0.5) == (ep["action/gripper_position"][:, 0] > 0.5)))
+    task, scene, expert = episode_world(load_world(spec.config_path), e["episode"])   # closed loop in the arm's world
+    acts, ok = closed_loop(p, SyntheticSim(scene, task, arm=Arm()), [p.inputs(d) for d in prompts], len(err))
+    cl = e["closed_loop"]
+    assert cl["joint_rad"] == pytest.approx(np.abs(acts[:, :5] - expert[JOINT_KEYS[1]]).mean(), rel=1e-4) and cl["success"] == ok
+    g = rep["in_context_gap"]
+    assert g["ratio"]["joint_rad"] == pytest.approx(g["wrong"]["joint_rad"] / g["same"]["joint_rad"], rel=1e-6)
+    assert g["closed_loop"]["episodes"] == 2 and set(g["closed_loop"]["success"]) == {"same", "wrong"}
+    md = (tmp_path / "eval" / "report.md").read_text()
+    assert "| mode | steps | joint mean (rad) | joint median (rad) | gripper acc. |" in md and "Mean absolute error per joint (rad)" in md
+    assert (tmp_path / "eval" / "figures" / f"{e['episode']}.png").is_file()
+
+
+def test_icrt_eval_refuses_data_of_another_robot_space_in_one_line(joint_run, tmp_path):
+    "A dataset config whose robot_space has the run's keys but other units is refused before anything is written."
+    import json
     from icrt.eval import EvalError, evaluate_run
-    run, _ = joint_run
-    with pytest.raises(EvalError, match="icrt_eval measures end-effector errors .* 'synthetic_arm': its errors in joint units are not built yet"):
-        evaluate_run(run, out=tmp_path / "eval")
+    run, spec = joint_run
+    cfg = json.loads(spec.config_path.read_text())
+    for part in cfg["robot_space"]["state"] + cfg["robot_space"]["action"]:
+        if part["kind"] == "joints": part["unit"] = "deg"
+    bad = spec.config_path.parent / "degrees.json"; bad.write_text(json.dumps(cfg))
+    with pytest.raises(EvalError) as e: evaluate_run(run, bad, out=tmp_path / "eval")
+    msg = str(e.value)
+    assert "\n" not in msg and str(bad) in msg and "key 'robot_space'" in msg and "has unit 'deg', the run 'rad'" in msg, msg
     assert not (tmp_path / "eval").exists()
