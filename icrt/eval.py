@@ -463,7 +463,10 @@ def evaluate_run(
     policy = ICRTPolicy.from_run(run, device=device)
     meta = dict(run_dir=str(run_dir), checkpoint=str(policy.checkpoint), dataset_json=str(dj), split=split,
                 num_prompts=num_prompts, seed=seed, device=str(policy.device), server=server)
-    client = PolicyClient(server, token) if server else None
+    if server:  # the server must serve this very checkpoint: its hello names the checkpoint's sha256
+        from .serve import run_identity
+        client = PolicyClient(server, token, checkpoint=run_identity(policy, run_dir)["checkpoint_sha256"])
+    else: client = None
     try: return _evaluate(policy, spec, names, out, meta, warnings, seed, num_prompts, max_figures, world, client)
     finally: client is not None and client.close()
 

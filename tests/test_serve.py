@@ -191,6 +191,20 @@ def test_icrt_eval_closed_loop_through_the_server(server, run_dir, tmp_path):
     assert sa == [e.get("closed_loop", {}).get("success") for e in b["episodes"]] and None not in sa
 
 
+def test_icrt_eval_refuses_a_server_of_another_checkpoint(server, run_dir, tmp_path):
+    "icrt_eval --server names the evaluated checkpoint's sha256 in its hello: a server of another checkpoint is refused."
+    import shutil
+    import torch
+    from icrt.eval import evaluate_run
+    other = tmp_path / run_dir.name; shutil.copytree(run_dir, other)
+    ck = sorted(other.glob("checkpoint-*.pth"))[-1]
+    state = torch.load(ck, map_location="cpu", weights_only=True)
+    k = next(k for k, v in state["model"].items() if torch.is_floating_point(v))
+    state["model"][k] = state["model"][k] + 1e-3; torch.save(state, ck)   # the same run, other weights
+    with pytest.raises(ServerError, match="not checkpoint"):
+        evaluate_run(other, episodes=1, out=tmp_path / "eval", max_figures=0, server=server["url"], token=TOKEN)
+
+
 def test_hello_names_the_run_and_a_mismatch_is_refused(server, run_dir):
     "A client may say which run (folder name or path) or checkpoint (sha256 prefix) it expects; another is one clear refusal."
     with PolicyClient(server["url"], token=TOKEN) as c: sha = c.metadata["checkpoint_sha256"]
