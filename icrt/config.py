@@ -125,6 +125,7 @@ class PolicyConfig:
     scratch_llama_config: Optional[str] = None  # transformer params JSON (path or bundled name): train from scratch
     num_train_diffusion_steps: Optional[int] = None  # diffusion head: training noise steps (default 100)
     num_inference_diffusion_steps: Optional[int] = None  # diffusion head: sampling steps at inference (default 10)
+    normalize_proprio: bool = False  # scale the proprio vector by the training split's mean/std before its MLP (an addition: the published code feeds it raw)
     published_layout: bool = False  # the published code's module layout (icrt.published imports its runs; see 10_models.policy)
 
 # %% ../nbs/00_config.ipynb #c022

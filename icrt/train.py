@@ -514,6 +514,7 @@ def train(cfg:ExperimentConfig)->Path:
     model = build_model(cfg, d.device, vision_encoder=enc, space=space)
     stats = _action_stats(train_ds, stats, cfg)
     if stats is not None: model.set_action_stats(stats)
+    if cfg.model_cfg.policy_cfg.normalize_proprio and resume is None: model.set_proprio_stats(train_ds.proprio_statistics())  # resume: the checkpoint's
     f = _prepare_fit(cfg, d, model, train_ds, val_ds, resume)
     if d.is_main: _write_run_files(cfg, run_dir, train_ds, val_ds, stats, space)
     if not cfg.train:

@@ -136,3 +136,25 @@ def test_icrt_eval_refuses_data_of_another_robot_space_in_one_line(joint_run, tm
     msg = str(e.value)
     assert "\n" not in msg and str(bad) in msg and "key 'robot_space'" in msg and "has unit 'deg', the run 'rad'" in msg, msg
     assert not (tmp_path / "eval").exists()
+
+
+def test_normalize_proprio_scales_the_joints_by_the_training_split(joint_run, assets, tmp_path):
+    """--model-cfg.policy-cfg.normalize-proprio: the checkpoint carries the training split's state mean/std; the deployed policy
+    reads raw joints through them; a run without the flag keeps the published checkpoint keys."""
+    from icrt.data.dataset import SequenceDataset
+    _, spec = joint_run
+    flags = scale_down(recipe_flags("train"), assets, tmp_path / "runs", FAST + ["--model-cfg.policy-cfg.normalize-proprio"])
+    flags[flags.index("--dataset-cfg.dataset-json") + 1] = str(spec.config_path)
+    run = train(parse_args(flags))
+    p = ICRTPolicy.from_run(run)
+    cfg = parse_args(flags)
+    ds = SequenceDataset(cfg.dataset_cfg, cfg.shared_cfg, split="train")                 # the split the trainer used
+    st = ds.proprio_statistics()
+    np.testing.assert_allclose(p.model.proprio_mean.numpy(), st["mean"], rtol=1e-5)
+    np.testing.assert_allclose(p.model.proprio_std.numpy(), st["std"], rtol=1e-5)
+    assert not np.allclose(st["std"], 1)                                   # joints really were scaled
+    assert "proprio_mean" not in ICRTPolicy.from_run(joint_run[0]).model.state_dict()   # without the flag: the published keys
+    eps = sorted(spec.epi_len)
+    p.prompt([raw_episode(spec, eps[0])]); ep = raw_episode(spec, eps[1])
+    a = np.stack([p.act(_observation(spec, ep, t)) for t in range(3)])
+    assert a.shape == (3, 6) and np.isfinite(a).all()

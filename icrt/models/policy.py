@@ -125,6 +125,8 @@ class ICRT(nn.Module):
         self.end_head = None if pc.pred_action_only else nn.Linear(dim, self.num_pred_steps)
         for k in STAT_KEYS: self.register_buffer(f"action_{k}", torch.zeros(self.action_dim))
         self.set_action_stats(None)  # the identity until the caller sets statistics (see set_action_stats)
+        if pc.normalize_proprio:     # buffers only when asked: published and older checkpoints keep their exact keys
+            self.register_buffer("proprio_mean", torch.zeros(self.state_dim)); self.register_buffer("proprio_std", torch.ones(self.state_dim))
         self._set_phase(pc)
 
 # %% ../../nbs/10_models.policy.ipynb #c020
@@ -194,6 +196,19 @@ def set_action_stats(self:ICRT, stats:Optional[dict]):
 def has_action_stats(self:ICRT)->bool:
     return not (bool((self.action_mean == 0).all()) and bool((self.action_std == 1).all()))
 
+# %% ../../nbs/10_models.policy.ipynb #p1002
+@patch
+def set_proprio_stats(self:ICRT, stats:dict):
+    "Use `stats` (mean and std of the proprio vector over the training split) to scale the proprio input."
+    if not self.policy_cfg.normalize_proprio:
+        raise ConfigError("proprio statistics need --model-cfg.policy-cfg.normalize-proprio (this model feeds its proprio raw)")
+    S = self.state_dim
+    for k in ("mean", "std"):
+        v = torch.as_tensor(stats.get(k, []), dtype=torch.float32).reshape(-1)
+        if v.numel() != S or not torch.isfinite(v).all():
+            raise ConfigError(f"proprio statistics: '{k}' must be {S} finite numbers (the state's width), got {v.numel()}")
+        getattr(self, f"proprio_{k}").copy_(v.clamp_min(1e-6) if k == "std" else v)
+
 # %% ../../nbs/10_models.policy.ipynb #c038
 @patch
 def normalize_action(self:ICRT, a:Tensor)->Tensor:  # (..., A) -> (..., A)
@@ -227,6 +242,7 @@ def pool_state(self:ICRT,
     B, T, N = v.shape[:3]
     v = self.vision_norm(v).flatten(0, 1)                                        # (B*T, N, L, D)
     if self.camera_emb is not None: v = v + self.camera_emb
+    if self.policy_cfg.normalize_proprio: proprio = (proprio - self.proprio_mean) / self.proprio_std
     extra = [] if self.proprio_mlp is None else [self.proprio_mlp(proprio.reshape(B * T, 1, self.state_dim))]  # (B*T, 1, D)
     if self.cam_dim is not None: s = torch.cat([ad([v[:, i]] + extra) for i, ad in enumerate(self.adapters)], dim=-1)
     elif self.policy_cfg.published_layout: s = self.adapters[0]([v.flatten(1, 2)] + extra)  # all cameras' tokens, one group
@@ -327,8 +343,8 @@ def forward(self:ICRT, batch:dict)->tuple:  # (loss, {name: float})
 # %% ../../nbs/10_models.policy.ipynb #c076
 @patch
 def trainable_state_dict(self:ICRT)->dict:
-    "Trainable parameters, buffers of trainable modules and the action statistics."
-    keep = {f"action_{k}" for k in STAT_KEYS}
+    "Trainable parameters, buffers of trainable modules and the action (and proprio) statistics."
+    keep = {f"action_{k}" for k in STAT_KEYS} | {"proprio_mean", "proprio_std"}
     for name, mod in self.named_modules():
         if any(p.requires_grad for p in mod.parameters(recurse=False)):
             pre = f"{name}." if name else ""
