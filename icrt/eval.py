@@ -28,7 +28,7 @@ from .sim.core import rollout
 from .sim.synthetic import SyntheticSim
 from .geometry import chunk_actions, euler_to_matrix, pose_vector, rot6d_to_matrix, to_pose7
 from .inference import ICRTPolicy, find_run
-from .spaces import EULER_OR_QUAT, RobotSpace, from_keys, load_space
+from .spaces import EULER_OR_QUAT, RobotSpace, _geodesic_deg, from_keys, load_space
 from .train import RUN_SPACE
 from .client import PolicyClient, read_token
 
@@ -81,9 +81,7 @@ def space_errors(
         if p.kind == "pose":
             t = "trans_mm" if p.unit in _MM else f"trans_{p.unit}"
             groups.setdefault(t, []).append(np.linalg.norm(a[..., :3] - b[..., :3], axis=-1, keepdims=True) * _MM.get(p.unit, 1.0))
-            R = np.einsum("...ji,...jk->...ik", rot6d_to_matrix(a[..., 3:9]), rot6d_to_matrix(b[..., 3:9]))
-            cos = (np.trace(R, axis1=-2, axis2=-1) - 1) / 2
-            groups.setdefault("rot_deg", []).append(np.degrees(np.arccos(np.clip(cos, -1, 1)))[..., None])
+            groups.setdefault("rot_deg", []).append(_geodesic_deg(a[..., 3:9], b[..., 3:9])[..., None])
         elif p.kind == "gripper" and p.unit == "0-1": groups.setdefault("grip_ok", []).append((a > 0.5) == (b > 0.5))
         else: groups.setdefault(f"{'joint' if p.kind == 'joints' else p.kind}_{p.unit or 'units'}", []).append(np.abs(a - b))
     out = {}
