@@ -1,5 +1,5 @@
 "The manual's generated parts agree with the notebooks (fast: reads files, runs nothing)."
-import importlib.util, re
+import importlib.util, posixpath, re
 from pathlib import Path
 
 import pytest
@@ -54,3 +54,18 @@ def test_described_rows_name_real_tests():
         for nb in re.findall(r"\bnb (\d\w*[\w.]*)", where):
             if not (REPO/"nbs"/f"{nb}.ipynb").is_file(): missing.append(f"nb {nb}")
     assert not missing, f"docs/reliability.md names tests or notebooks that do not exist: {sorted(set(missing))}"
+
+def test_report_pages_link_to_files_that_exist():
+    bad = []
+    for md in (REPO/"reports").rglob("*.md"):
+        for target in re.findall(r"\]\(([^)#\s]+)[^)]*\)", md.read_text(encoding="utf-8")):
+            if not re.match(r"^[a-z]+:", target) and not (md.parent/target).exists(): bad.append(f"{md.relative_to(REPO)} -> {target}")
+    assert not bad, f"report pages link to files that do not exist: {bad}"
+
+def test_copied_report_pages_link_to_the_notebook_pages(tmp_path):
+    "A report copied into the site points its `../../nbs/X.ipynb` links at X's page (the CI browser check caught this once)."
+    md = next(p for p in (REPO/"reports").rglob("*.md") if ".ipynb" in p.read_text(encoding="utf-8"))
+    docs._site_link(posixpath.relpath(md, REPO/"nbs"), tmp_path)
+    staged = tmp_path/md.relative_to(REPO)
+    targets = [t for t in re.findall(r"\]\(([^)#\s]+)[^)]*\)", staged.read_text(encoding="utf-8")) if t.endswith(".ipynb")]
+    assert targets and all((staged.parent/t).resolve().parent == tmp_path.resolve() for t in targets), targets

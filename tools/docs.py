@@ -315,11 +315,23 @@ def _site_link(target:str, stage:Path)->str:
     dest = stage/(rel.relative_to(rel.parts[0]) if rel.parts[0] in ("nbs", "docs") else rel)   # the site's own pages
     if rel.parts[0] in COPY_WHOLE and not (stage/rel.parts[0]).exists():     # a report's page links its own files
         shutil.copytree(REPO/rel.parts[0], stage/rel.parts[0])
+        for md in (stage/rel.parts[0]).rglob("*.md"): _relink_copied(md, stage)
     if src_path.is_file() and not dest.exists():
         dest.parent.mkdir(parents=True, exist_ok=True); shutil.copy2(src_path, dest)
     out = dest.relative_to(stage).as_posix()
     if out.endswith(".md"): out = (out[:-9] + "index.html") if out.endswith("README.md") else out[:-3] + ".html"
     return out + frag
+
+def _relink_copied(md:Path, stage:Path):
+    "Point a copied page's links to notebooks (`../../nbs/X.ipynb` in the repo) at the notebook's page in the site."
+    here = md.parent
+    def fix(t):
+        path, _, frag = t.partition("#")
+        if not path.endswith(".ipynb"): return t
+        target = (REPO/here.relative_to(stage)/path).resolve()
+        if target.parent != NBS or not target.exists(): return t          # left for the browser check to report
+        return posixpath.relpath((stage/target.name).as_posix(), here.as_posix()) + (f"#{frag}" if frag else "")
+    md.write_text(_relink(md.read_text(encoding="utf-8"), fix), encoding="utf-8")
 
 def stage_notebook(nb:dict, stage:Path)->dict:
     "A notebook as the site shows it: no `#| hide` cells, no directive lines, `#| echo: false` code hidden."
