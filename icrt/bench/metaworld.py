@@ -75,13 +75,16 @@ def resolve_preset(
     suite:Optional[str]=None,     # a suite of `icrt.sim.metaworld.SUITES` (override)
     **overrides,                  # any other preset entry; None values are ignored
 )->dict:                          # the preset with `tasks` resolved and checked
-    "The preset `preset` with overrides applied; raises a one-line ValueError on a bad name."
+    "The preset `preset` with overrides applied (`epochs` trains that many epochs instead of a time budget); raises a one-line ValueError on a bad name."
     table = ICL_PRESETS if suite == "icl" else PRESETS
     if preset not in table: raise BenchError(f"--preset {preset!r}: choose one of {', '.join(table)}")
     known = set(table[preset]) | set(RECIPE) | {"vision_encoder", "train_goals", "state_keys"} | ({"verbs"} if suite == "icl" else set())
     bad = sorted(k for k, v in overrides.items() if v is not None and k not in known)
     if bad: raise BenchError(f"--set {bad[0]}: not a preset entry; use one of {', '.join(sorted(known - {'vision_encoder'}))}")
     p = dict(table[preset], preset=preset, **{k: v for k, v in overrides.items() if v is not None})
+    if overrides.get("epochs") is not None:   # a number of epochs replaces the preset's time budget
+        if overrides.get("minutes") is not None: raise BenchError("--minutes and --set epochs: give one (a time budget or a number of epochs)")
+        p["minutes"] = None
     if suite == "icl": _resolve_icl(p, tasks)
     elif "train_goals" in p: raise BenchError("--train-goals: only the icl suite has training goals; add --suite icl")
     elif tasks: p["tasks"] = list(tasks)
