@@ -40,7 +40,8 @@ __all__ = ['log', 'RECIPE', 'PRESETS', 'ICL_PRESETS', 'CONDITIONS', 'BenchError'
            'window_length', 'stage_generate', 'stage_train', 'reuse_train', 'SimPolicy', 'stage_evaluate',
            'report_table', 'plot_loss', 'limits_paragraph', 'machine_info', 'param_counts', 'write_report',
            'plot_kshot', 'plot_goal_scatter', 'icl_checks', 'icl_paragraph', 'write_icl_report', 'prompt_state',
-           'ridge_probe', 'goal_probe', 'probe_table', 'bench_metaworld', 'parse_sets', 'bench_metaworld_cli']
+           'ridge_probe', 'goal_probe', 'probe_table', 'puck_probe', 'puck_probe_table', 'bench_metaworld',
+           'parse_sets', 'bench_metaworld_cli']
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c006
 class BenchError(ICRTError, ValueError):
@@ -565,6 +566,9 @@ def write_icl_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:di
     if ev.get("probe"): md += ["## Goal probe", "", "A ridge probe from the transformer's state after a 1-demonstration prompt "
                                "to the prompted goal site (fitted on the training goals' demonstrations, scored on the unseen "
                                "goals' prompts; see the notebook `33_bench.metaworld`).", "", probe_table(ev["probe"]), ""]
+    if ev.get("puck_probe"): md += ["## Puck probe", "", "A ridge probe from the first step's features to the puck's start position "
+                                    "(x, y), fitted on half of the training demonstrations and scored on the other half (see the "
+                                    "notebook `33_bench.metaworld`).", "", puck_probe_table(ev["puck_probe"]), ""]
     if gifs: md += ["Rollouts on unseen goals (left exterior camera, right gripper camera): "
                     + ", ".join(f"[{g.name}]({g.relative_to(out)})" for g in gifs), ""]
     md += [f"Machine: {mach['nproc']} CPU(s), {mach['cpu_model']}; GPU: {mach['gpu'] or 'none'}. Wall time: "
@@ -648,6 +652,37 @@ def probe_table(probe:dict)->str:
                         f"| {100 * r['error']:.1f} | {100 * r['baseline']:.1f} | {r['r2']:.2f} |")
     return "\n".join(rows)
 
+# %% ../../nbs/33_bench.metaworld.ipynb #d3311
+@torch.no_grad()
+def puck_probe(
+    policy:ICRTPolicy,   # the trained run
+    data:Path,           # the run's dataset folder (out/data)
+)->dict:                 # {"vision" / "state": ridge_probe result (metres)}: the puck's start (x, y) from the first step
+    "Fit a probe from the first step's vision tokens and state token to the puck's start position; score it on held-out demonstrations."
+    meta = json.loads((Path(data) / "metaworld_meta.json").read_text())
+    spec, m = Path(data) / "dataset_config.json", policy.model
+    ref, feats, pos = m.action_mean, {"vision": [], "state": []}, []
+    for name in sorted(meta["episodes"]):
+        x = policy.inputs(load_episode(spec, name), f"puck probe {name}")
+        obs = torch.as_tensor(x["observation"][:1])[None].to(ref.device, ref.dtype)             # (1, 1, N, 3, S, S)
+        prop = torch.as_tensor(x["proprio"][:1])[None, :, :m.state_dim].to(ref.device, ref.dtype)
+        with policy.autocast():
+            v = m.vision_features(obs)                                                      # (1, 1, N, L, D)
+            s = m.pool_state(v, prop)                                                        # (1, 1, dim)
+        feats["vision"].append(v.float().flatten().cpu().numpy()); feats["state"].append(s.float().flatten().cpu().numpy())
+        pos.append(np.asarray(meta["episodes"][name]["rand_vec"][:2], np.float64))
+    if len(pos) < 4: raise BenchError(f"{data}: {len(pos)} demonstration(s); the puck probe needs at least 4")
+    Y = np.stack(pos)
+    return {f: ridge_probe(np.stack(X[0::2]), Y[0::2], np.stack(X[1::2]), Y[1::2]) for f, X in feats.items()}
+
+def puck_probe_table(probe:dict)->str:
+    "Markdown: the puck probe per feature against the mean-position baseline."
+    rows = ["| probe reads (first step) | fit on | scored on | probe error, cm | mean-position baseline, cm | R² |", "|---|---|---|---|---|---|"]
+    for f, r in probe.items():
+        rows.append(f"| {'vision tokens' if f == 'vision' else 'state token'} | {r['n_fit']} | {r['n_test']} "
+                    f"| {100 * r['error']:.1f} | {100 * r['baseline']:.1f} | {r['r2']:.2f} |")
+    return "\n".join(rows)
+
 # %% ../../nbs/33_bench.metaworld.ipynb #c059
 def _check_out(out:Path):
     "The output folder must be a folder (or creatable)."
@@ -680,7 +715,9 @@ def bench_metaworld(
     run_dir, cfg, info = reuse_train(out) if skip_train else stage_train(p, out, ds, device); times["train_s"] = time.time() - t; t = time.time()
     ev = stage_evaluate(p, out, run_dir, device, server, token); times["evaluate_s"] = time.time() - t; t = time.time()
     if p.get("suite") == "icl" and p.get("probe"):
-        ev["probe"] = goal_probe(ICRTPolicy.from_run(run_dir, device=device), p, out / "data"); times["probe_s"] = time.time() - t; t = time.time()
+        pol = ICRTPolicy.from_run(run_dir, device=device)
+        ev["probe"], ev["puck_probe"] = goal_probe(pol, p, out / "data"), puck_probe(pol, out / "data")
+        times["probe_s"] = time.time() - t; t = time.time()
     rep = (write_icl_report if p.get("suite") == "icl" else write_report)(out, p, cfg, run_dir, ev, times, info)
     rep["wall_times_s"]["report_s"] = time.time() - t
     (out / "report.json").write_text(json.dumps(rep, indent=1, default=float) + "\n")
