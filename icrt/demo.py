@@ -23,7 +23,7 @@ from .config import ConfigError, ICRTError, parse_args
 from .data.format import DatasetError
 from .data.arm import Arm
 from .data.synthetic import episode_world, load_world, make_synthetic_dataset, world_arm
-from .eval import evaluate_run, headline_metric, report_markdown
+from .eval import evaluate_run, headline_metric
 from .sim.core import ExpertPolicy, rollout
 from .sim.synthetic import SyntheticSim
 from .tiny import tiny_vision_encoder
