@@ -13,11 +13,13 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from ..config import (DatasetConfig, ExperimentConfig, ICRTError, LoggingConfig, ModelConfig, OptimizerConfig,
                          PolicyConfig, SharedConfig, TrainerConfig, VisionEncoderConfig, config_to_dict, load_config,
@@ -25,13 +27,13 @@ from ..config import (DatasetConfig, ExperimentConfig, ICRTError, LoggingConfig,
 from ..data.format import DatasetError
 from ..client import PolicyClient, read_token
 from ..inference import ICRTPolicy
-from ..data.dataset import load_episode
+from ..data.dataset import SequenceDataset, load_episode
 from ..models.policy import interleave
 from ..sim.metaworld import (DEFAULT_CAMERAS, ICL_VERBS, SUITES, evaluate_closed_loop, evaluate_icl,
                                 generate_metaworld_dataset, get_task, icl_env_goal, icl_tasks, icl_unseen_prompts,
                                 parse_icl_task, wilson_interval)
 from ..tiny import tiny_vision_encoder
-from ..train import train
+from ..train import Dist, evaluate, train
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +42,8 @@ __all__ = ['log', 'RECIPE', 'PRESETS', 'ICL_PRESETS', 'CONDITIONS', 'BenchError'
            'window_length', 'stage_generate', 'stage_train', 'reuse_train', 'SimPolicy', 'stage_evaluate',
            'report_table', 'plot_loss', 'limits_paragraph', 'machine_info', 'param_counts', 'write_report',
            'plot_kshot', 'plot_goal_scatter', 'icl_checks', 'icl_paragraph', 'write_icl_report', 'prompt_state',
-           'ridge_probe', 'goal_probe', 'probe_table', 'puck_probe', 'puck_probe_table', 'bench_metaworld',
-           'parse_sets', 'bench_metaworld_cli']
+           'ridge_probe', 'goal_probe', 'probe_table', 'puck_probe', 'puck_probe_table', 'heldout_demos',
+           'action_reliance', 'bench_metaworld', 'parse_sets', 'bench_metaworld_cli']
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c006
 class BenchError(ICRTError, ValueError):
@@ -682,6 +684,53 @@ def puck_probe_table(probe:dict)->str:
         rows.append(f"| {'vision tokens' if f == 'vision' else 'state token'} | {r['n_fit']} | {r['n_test']} "
                     f"| {100 * r['error']:.1f} | {100 * r['baseline']:.1f} | {r['r2']:.2f} |")
     return "\n".join(rows)
+
+# %% ../../nbs/33_bench.metaworld.ipynb #d3321
+def heldout_demos(
+    data:Path,                 # a run's dataset folder (DIR/data)
+    dest:Path,                 # folder for the new dataset (created)
+    episodes_per_task:int=2,   # demonstrations per task (a training window pairs two)
+    seed:int=1,                # master seed of the initial states (the training data's is 0)
+    num_procs:int=1,           # worker processes
+)->Path:                       # the new dataset config
+    "Fresh scripted-expert demonstrations of a run's training tasks in new scenes, recorded like its training data."
+    f = Path(data) / "metaworld_meta.json"
+    if not f.is_file(): raise BenchError(f"'{f}' is missing: give a benchmark run's dataset folder (DIR/data)")
+    m = json.loads(f.read_text())
+    if int(seed) == int(m.get("seed", 0)): raise BenchError(f"seed={seed} is the training data's own seed; choose another for new scenes")
+    return generate_metaworld_dataset(dest, tasks=m["tasks"], episodes_per_task=episodes_per_task, image_size=m["image_size"],
+                                      seed=seed, num_procs=num_procs, extra_steps=m.get("extra_steps", 10), min_len=m.get("min_len", 30),
+                                      cameras=m["cameras"], train_goals=m.get("train_goals", 16), state_keys=tuple(m.get("state_keys") or ()))
+
+
+# %% ../../nbs/33_bench.metaworld.ipynb #d3323
+@torch.no_grad()
+def action_reliance(
+    policy:ICRTPolicy,             # the trained run
+    dataset_json,                  # a dataset config (or its folder) of the run's tasks: DIR/data, or heldout_demos's
+    noise:tuple=(0.0, 0.5, 1.0),   # std of Gaussian noise on the normalised executed-action inputs
+    reps:int=3,                    # passes over the windows, each pairing prompts and targets anew
+    seed:int=0,                    # of the noise
+)->dict:                           # {noise: mean action loss}
+    "The training loss in eval mode, without augmentation, on a dataset's windows, with the action inputs corrupted by each noise level."
+    spec = Path(dataset_json); spec = spec / "dataset_config.json" if spec.is_dir() else spec
+    if not spec.is_file(): raise BenchError(f"'{spec}' is missing: give a dataset config (DIR/data/dataset_config.json)")
+    cfg, m, out = policy.cfg, policy.model, {}
+    ds = SequenceDataset(replace(cfg.dataset_cfg, dataset_json=str(spec), vision_aug=False), cfg.shared_cfg,
+                         data_config=policy.data_config)
+    tokens = m.action_tokens
+    try:
+        for z in noise:
+            m.action_tokens = lambda a, n, z=float(z): tokens(a, z)   # this instance only: the executed actions, corrupted
+            torch.manual_seed(seed); losses = []
+            for r in range(reps):
+                ds.shuffle_dataset(r)
+                dl = DataLoader(ds, batch_size=cfg.shared_cfg.batch_size, collate_fn=getattr(ds, "collate_fn", None))
+                losses.append(evaluate(m, dl, cfg, Dist(device=policy.device), policy.data_config)["action_loss"])
+            out[float(z)] = float(np.mean(losses))
+    finally: del m.action_tokens   # the class's method again
+    return out
+
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c059
 def _check_out(out:Path):
