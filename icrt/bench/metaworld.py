@@ -81,7 +81,7 @@ def resolve_preset(
     "The preset `preset` with overrides applied (`epochs` trains that many epochs instead of a time budget); raises a one-line ValueError on a bad name."
     table = ICL_PRESETS if suite == "icl" else PRESETS
     if preset not in table: raise BenchError(f"--preset {preset!r}: choose one of {', '.join(table)}")
-    known = set(table[preset]) | set(RECIPE) | {"vision_encoder", "train_goals", "state_keys"} | ({"verbs"} if suite == "icl" else set())
+    known = set(table[preset]) | set(RECIPE) | {"vision_encoder", "train_goals", "state_keys", "cameras"} | ({"verbs"} if suite == "icl" else set())
     bad = sorted(k for k, v in overrides.items() if v is not None and k not in known)
     if bad: raise BenchError(f"--set {bad[0]}: not a preset entry; use one of {', '.join(sorted(known - {'vision_encoder'}))}")
     p = dict(table[preset], preset=preset, **{k: v for k, v in overrides.items() if v is not None})
@@ -200,6 +200,8 @@ def stage_generate(p:dict, out:Path, skip:bool=False)->Path:
         if missing: raise BenchError(f"--skip-generate: the dataset in '{data}' has no episodes of {missing}; drop --skip-generate")
         if meta["image_size"] != p["image_size"]:
             raise BenchError(f"--skip-generate: the dataset in '{data}' is {meta['image_size']} px, the preset wants {p['image_size']}")
+        if p.get("cameras") and meta["cameras"] != p["cameras"]:
+            raise BenchError(f"--skip-generate: the dataset in '{data}' has cameras {meta['cameras']}, --set cameras asks for {p['cameras']}; drop --skip-generate")
         if p.get("suite") == "icl" and meta.get("train_goals") != p["train_goals"]:
             raise BenchError(f"--skip-generate: the dataset in '{data}' has {meta.get('train_goals')} training goals per verb, "
                              f"the preset wants {p['train_goals']}; drop --skip-generate")
@@ -208,7 +210,8 @@ def stage_generate(p:dict, out:Path, skip:bool=False)->Path:
     return generate_metaworld_dataset(data, suite=p.get("suite") or "mt", tasks=p["tasks"],
                                       episodes_per_task=p["episodes_per_task"], image_size=p["image_size"], seed=0,
                                       num_procs=min(p["num_procs"], os.cpu_count() or 1), min_len=p["min_len"],
-                                      train_goals=p.get("train_goals", 16), state_keys=tuple(p.get("state_keys") or ()))
+                                      train_goals=p.get("train_goals", 16), state_keys=tuple(p.get("state_keys") or ()),
+                                      cameras=p.get("cameras"))
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c025
 def stage_train(p:dict, out:Path, dataset_json:Path, device:str="auto")->tuple:

@@ -5,12 +5,12 @@
 # %% auto #0
 __all__ = ['logger', 'MT_TASKS', 'GOAL_REGIONS', 'GOAL_HALFWIDTH', 'ICL_VERBS', 'ICL_GOAL_LOW', 'ICL_GOAL_HIGH', 'ICL_TABLE_Z',
            'ICL_MIN_GOAL_DISTANCE', 'ICL_FAR_GOAL_DISTANCE', 'GOAL_TRAIN_STREAM', 'GOAL_EVAL_STREAM', 'GOAL_FAR_STREAM',
-           'SUITES', 'FIXED_EULER', 'DEFAULT_CAMERAS', 'STATE_KEYS', 'TRAIN_STREAM', 'EVAL_STREAM', 'PROMPT_STREAM',
-           'SimTask', 'icl_env_goal', 'icl_task_name', 'parse_icl_task', 'icl_distance', 'icl_goals', 'icl_train_goals',
-           'icl_tasks', 'get_task', 'mw_action_to_target', 'target_to_mw_action', 'metaworld_space', 'MetaWorldSim',
-           'record_demo', 'train_key', 'generate_metaworld_dataset', 'load_raw_episode', 'replay_dataset',
-           'wilson_interval', 'save_gif', 'results_table', 'evaluate_closed_loop', 'icl_end_position', 'IclScenes',
-           'icl_scenes', 'evaluate_icl', 'icl_table', 'icl_unseen_prompts', 'gen_cli']
+           'SUITES', 'FIXED_EULER', 'DEFAULT_CAMERAS', 'CAMERA_VIEWS', 'STATE_KEYS', 'TRAIN_STREAM', 'EVAL_STREAM',
+           'PROMPT_STREAM', 'SimTask', 'icl_env_goal', 'icl_task_name', 'parse_icl_task', 'icl_distance', 'icl_goals',
+           'icl_train_goals', 'icl_tasks', 'get_task', 'mw_action_to_target', 'target_to_mw_action', 'metaworld_space',
+           'MetaWorldSim', 'record_demo', 'train_key', 'generate_metaworld_dataset', 'load_raw_episode',
+           'replay_dataset', 'wilson_interval', 'save_gif', 'results_table', 'evaluate_closed_loop', 'icl_end_position',
+           'IclScenes', 'icl_scenes', 'evaluate_icl', 'icl_table', 'icl_unseen_prompts', 'gen_cli']
 
 # %% ../../nbs/17_sim.metaworld.ipynb #c003
 import os
@@ -208,6 +208,8 @@ def target_to_mw_action(
 
 # %% ../../nbs/17_sim.metaworld.ipynb #c027
 DEFAULT_CAMERAS = {"observation/exterior_image_1_left": "corner2", "observation/wrist_image_left": "gripperPOV"}
+CAMERA_VIEWS = {  # views Meta-World does not define: the camera each re-aims, its position and look-at point (m), vertical field of view (deg)
+    "workspace": dict(base="topview", pos=(0.0, 1.15, 0.35), target=(0.0, 0.75, 0.12), fovy=45.0)}
 STATE_KEYS = {"object_position": "observation/object_position", "goal_position": "observation/goal_position"}  # optional state
 
 def metaworld_space(state_keys=())->RobotSpace:
@@ -218,12 +220,21 @@ def metaworld_space(state_keys=())->RobotSpace:
     extra = tuple(Part(STATE_KEYS[k], "other", 3, unit="m") for k in dict.fromkeys(state_keys))
     return RobotSpace(base.state + extra, base.action, "metaworld" + "".join(f"+{k}" for k in dict.fromkeys(state_keys)))
 
+def _aim(model, view:dict):
+    "Point the view's base camera from `pos` at `target` (image up = world up once `observe` turns the frame)."
+    pos, target = np.asarray(view["pos"], float), np.asarray(view["target"], float)
+    z = (pos - target) / np.linalg.norm(pos - target)                 # a MuJoCo camera looks along its -z
+    x = np.cross((0.0, 0.0, -1.0), z); x /= np.linalg.norm(x); y = np.cross(z, x)
+    i = model.camera(view["base"]).id
+    model.cam_pos[i], model.cam_fovy[i] = pos, view["fovy"]
+    mujoco.mju_mat2Quat(model.cam_quat[i], np.stack([x, y, z], 1).reshape(-1))
+
 class MetaWorldSim:
     "One Meta-World task with its cameras: sample initial states, reset, observe, step with absolute targets."
     def __init__(self,
         task,                     # task name or SimTask
         image_size:int=96,        # square frame size (pixels)
-        cameras:dict=None,        # {image key: Meta-World camera}; default DEFAULT_CAMERAS
+        cameras:dict=None,        # {image key: Meta-World camera or CAMERA_VIEWS name}; default DEFAULT_CAMERAS
         antialias:bool=False,     # 4x multi-sampling (about 2x slower on the CPU)
     ):
         _require()
@@ -234,7 +245,13 @@ class MetaWorldSim:
         self.env = cls()
         names = [self.env.model.camera(i).name for i in range(self.env.model.ncam)]
         for k, cam in self.cameras.items():
-            if cam not in names: raise SimError(f"camera {cam!r} for {k!r} not in {self.task.env_name}; cameras: {names}")
+            if cam not in names and cam not in CAMERA_VIEWS:
+                raise SimError(f"camera {cam!r} for {k!r} not in {self.task.env_name}; cameras: {names + list(CAMERA_VIEWS)}")
+        for v in dict.fromkeys(c for c in self.cameras.values() if c in CAMERA_VIEWS):
+            base = CAMERA_VIEWS[v]["base"]
+            if base in self.cameras.values(): raise SimError(f"cameras {v!r} and {base!r}: the view {v!r} re-aims {base!r}; use one of them")
+            _aim(self.env.model, CAMERA_VIEWS[v])
+        self.render_cameras = {k: CAMERA_VIEWS[c]["base"] if c in CAMERA_VIEWS else c for k, c in self.cameras.items()}  # MuJoCo's names
         if self.task.hide_goal: self.env.model.site_rgba[self.env.model.site("goal").id, 3] = 0.0
         if not antialias: self.env.model.vis.quality.offsamples = 0
         try: self.renderer = mujoco.Renderer(self.env.model, self.image_size, self.image_size)
@@ -307,7 +324,7 @@ def sample_initial_state(self:MetaWorldSim,
 def observe(self:MetaWorldSim)->dict:
     "Current frames {image key: (H, W, 3) uint8}, the hand's pose (6,) and gripper (1,), and the STATE_KEYS (3,) each."
     obs = {}
-    for key, cam in self.cameras.items():
+    for key, cam in self.render_cameras.items():
         self.renderer.update_scene(self.env.data, camera=cam)
         obs[key] = np.ascontiguousarray(self.renderer.render()[::-1, ::-1])  # Meta-World cameras are upside down
     obs[DEFAULT_PROPRIO_KEYS[0]] = np.concatenate([self.mw_obs[:3], FIXED_EULER])
@@ -346,6 +363,20 @@ def expert_action(self:MetaWorldSim)->np.ndarray:  # (7,)
     "The scripted expert's absolute target for the current state."
     a = self.policy.get_action(self.mw_obs)
     return mw_action_to_target(a, self.mw_obs[:3], self.action_scale)
+
+# %% ../../nbs/17_sim.metaworld.ipynb #c17v1
+@patch
+def object_pixels(self:MetaWorldSim)->dict:  # {image key: pixels}
+    "How many pixels of each camera's current frame show the object: the frame against one with the object transparent."
+    m = self.env.model
+    try: bid = m.body("obj").id
+    except KeyError: raise SimError(f"{self.task.env_name} has no body 'obj' to count") from None
+    geoms = np.flatnonzero(m.geom_bodyid == bid); rgba = m.geom_rgba[geoms].copy()
+    with_obj = self.observe(); m.geom_rgba[geoms, 3] = 0.0
+    try: without = self.observe()
+    finally: m.geom_rgba[geoms] = rgba
+    return {k: int((np.abs(with_obj[k].astype(np.int16) - without[k]).sum(-1) > 30).sum()) for k in self.cameras}
+
 
 # %% ../../nbs/17_sim.metaworld.ipynb #c052
 def record_demo(
