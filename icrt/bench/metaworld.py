@@ -731,7 +731,7 @@ def action_reliance(
                 dl = DataLoader(ds, batch_size=cfg.shared_cfg.batch_size, collate_fn=getattr(ds, "collate_fn", None))
                 losses.append(evaluate(m, dl, cfg, Dist(device=policy.device), policy.data_config)["action_loss"])
             out[float(z)] = float(np.mean(losses))
-    finally: del m.action_tokens   # the class's method again
+    finally: m.__dict__.pop("action_tokens", None)   # the class's method again (also when no noise level ran)
     return out
 
 
