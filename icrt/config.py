@@ -126,6 +126,7 @@ class PolicyConfig:
     num_train_diffusion_steps: Optional[int] = None  # diffusion head: training noise steps (default 100)
     num_inference_diffusion_steps: Optional[int] = None  # diffusion head: sampling steps at inference (default 10)
     normalize_proprio: bool = False  # scale the proprio vector by the training split's mean/std before its MLP (an addition: the published code feeds it raw)
+    flatten_pool: bool = False  # add a linear map of each camera's flattened vision tokens to its pooled token, so where things are survives pooling (an addition)
     published_layout: bool = False  # the published code's module layout (icrt.published imports its runs; see 10_models.policy)
 
 # %% ../nbs/00_config.ipynb #c022

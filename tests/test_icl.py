@@ -5,6 +5,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("MUJOCO_GL", "osmesa")  # CPU rendering; must precede the first `import mujoco`
 pytest.importorskip("metaworld")
@@ -166,12 +167,15 @@ def test_two_demos_per_goal_train_every_goal(tmp_path):
 
 
 def test_bench_icl_one_demo_per_goal(tmp_path):
-    "The many-goals, one-demo recipe at smoke size (reach only, k=1): every stage runs and the report says what it trained on."
+    "The many-goals, one-demo recipe at smoke size (reach only, k=1), with flatten_pool: every stage runs and the report says what it trained on."
     out = tmp_path / "few"
     r = _bench("--suite", "icl", "--preset", "smoke", "--out", str(out), "--device", "cpu", "--set", "train_goals=4",
-               "--set", "episodes_per_task=1", "--set", 'verbs=["reach"]', "--set", "ks=[1]")
+               "--set", "episodes_per_task=1", "--set", 'verbs=["reach"]', "--set", "ks=[1]", "--set", "flatten_pool=true")
     assert r.returncode == 0, r.stderr[-2000:]
     rep, md = json.loads((out / "report.json").read_text()), (out / "report.md").read_text()
     assert rep["dataset"]["episodes"] == 4 and json.loads((out / "data" / "dataset_config.json").read_text())["min_demos"] == 1
     assert rep["train"]["log"] and set(rep["evaluation"]["verbs"]) == {"reach"}
     assert "4 goals each, 1 expert demonstrations per (verb, goal) (every training prompt is then its target" in md
+    assert rep["preset"]["flatten_pool"] is True
+    ckpt = next((out / "train").rglob("checkpoint*.pth"))
+    assert any(k.startswith("flat_proj.") for k in torch.load(ckpt, weights_only=True)["model"])  # the run trained with it

@@ -52,7 +52,7 @@ class BenchError(ICRTError, ValueError):
 # %% ../../nbs/33_bench.metaworld.ipynb #c007
 RECIPE = dict(  # training-recipe entries a preset may set, with the values of the presets that set none
     proprio_noise=0.0, normalize_proprio=False, vision_aug=True, num_weighted_steps=30, step_weight=1.0, action_token_noise=0.0,
-    decoder_pred_head="mlp")
+    decoder_pred_head="mlp", flatten_pool=False)
 
 PRESETS = {
     "smoke": dict(tasks=["reach-goal-0", "reach-goal-3"], episodes_per_task=5, image_size=32, num_procs=1,
@@ -163,7 +163,8 @@ def bench_config(
         ModelConfig(VisionEncoderConfig(enc, vision_nonpretrained=nonpre, vision_unfreeze_all=train_enc),
                     PolicyConfig(scratch_llama_config=tr, adapter_num_heads=p["adapter_num_heads"], no_prompt_loss=True,
                                  decoder_pred_head=r["decoder_pred_head"], step_weight=r["step_weight"],
-                                 action_token_noise=r["action_token_noise"], normalize_proprio=r["normalize_proprio"])),
+                                 action_token_noise=r["action_token_noise"], normalize_proprio=r["normalize_proprio"],
+                                 flatten_pool=r["flatten_pool"])),
         OptimizerConfig(lr=p["lr"], warmup_epochs=round(max(0.2, 0.05 * epochs), 2)),
         TrainerConfig(epochs=int(epochs), accum_iter=1, num_workers=p["num_workers"]),
         SharedConfig(batch_size=p["batch_size"], seq_length=int(seq_length), num_pred_steps=p["num_pred_steps"],

@@ -129,6 +129,15 @@ class ICRT(nn.Module):
             self.register_buffer("proprio_mean", torch.zeros(self.state_dim)); self.register_buffer("proprio_std", torch.ones(self.state_dim))
         self._set_phase(pc)
 
+# %% ../../nbs/10_models.policy.ipynb #f1001
+def _flat_proj(vision:nn.Module, N:int, D:int, out:int)->nn.ModuleList:
+    "`flatten_pool`: one linear map per camera from its L x D vision tokens, flattened, to `out` numbers."
+    L = getattr(vision, "num_tokens", None)
+    if not L: raise ConfigError("--model-cfg.policy-cfg.flatten-pool needs a vision encoder with a fixed token count "
+                                "(its num_tokens); this one does not state it: turn flatten_pool off")
+    return nn.ModuleList(nn.Linear(L * D, out) for _ in range(N))
+
+
 # %% ../../nbs/10_models.policy.ipynb #c020
 @patch
 def _build_tokenisers(self:ICRT, pc, D:int, dim:int):
@@ -149,6 +158,7 @@ def _build_tokenisers(self:ICRT, pc, D:int, dim:int):
         self.cam_dim = None
         self.adapters = nn.ModuleList([AttentionPool(D, dim, pc.adapter_num_heads, pc.adapter_mlp_ratio,
                                                      num_kv=(1 if pub else N) + extra if pc.multikv_attn_pool else 1, published=pub)])
+    self.flat_proj = _flat_proj(self.vision, N, D, self.cam_dim or dim) if pc.flatten_pool else None
     self.action_mlp = mlp(A, hid(A, dim), dim)
     self.camera_emb = nn.Parameter(torch.randn(N, 1, D) * 0.02) if pc.camera_pos_emb else None
     self.modality_emb = nn.Parameter(torch.randn(2, dim) * 0.02) if pc.modality_pos_emb else None
@@ -167,7 +177,7 @@ def _set_phase(self:ICRT, pc):
     set_trainable(self.transformer, pc.phase)
     if pc.published_layout and pc.phase == "pretrain" and not pc.scratch_llama_config:
         self.transformer.requires_grad_(False)  # the published pretrain phase keeps a loaded Llama frozen
-    for m in [self.vision_norm, self.proprio_mlp, self.adapters, self.action_mlp, self.head, self.end_head]:
+    for m in [self.vision_norm, self.proprio_mlp, self.adapters, self.flat_proj, self.action_mlp, self.head, self.end_head]:
         if m is not None: m.requires_grad_(True)
     for p in [self.camera_emb, self.modality_emb]:
         if p is not None: p.requires_grad_(True)
@@ -238,7 +248,7 @@ def pool_state(self:ICRT,
                v:Tensor,        # (B, T, N, L, D) vision tokens
                proprio:Tensor,  # (B, T, S) current state vector
               )->Tensor:        # (B, T, dim)
-    "State tokens from vision tokens and proprio: LayerNorm, attention pooling per camera, concatenation, padding."
+    "State tokens from vision tokens and proprio: LayerNorm, attention pooling per camera (plus `flat_proj`), concatenation, padding."
     B, T, N = v.shape[:3]
     v = self.vision_norm(v).flatten(0, 1)                                        # (B*T, N, L, D)
     if self.camera_emb is not None: v = v + self.camera_emb
@@ -247,6 +257,9 @@ def pool_state(self:ICRT,
     if self.cam_dim is not None: s = torch.cat([ad([v[:, i]] + extra) for i, ad in enumerate(self.adapters)], dim=-1)
     elif self.policy_cfg.published_layout: s = self.adapters[0]([v.flatten(1, 2)] + extra)  # all cameras' tokens, one group
     else: s = self.adapters[0]([v[:, i] for i in range(N)] + extra)
+    if self.flat_proj is not None:  # every token in its place: each camera's own slice (one adapter: their sum)
+        f = [p(v[:, i].flatten(1)) for i, p in enumerate(self.flat_proj)]
+        s = s + (torch.cat(f, dim=-1) if self.cam_dim is not None else sum(f))
     s = F.pad(s, (0, self.dim - s.shape[-1]))                                   # (B*T, dim)
     if self.modality_emb is not None: s = s + self.modality_emb[0]
     return s.view(B, T, self.dim)
