@@ -618,7 +618,7 @@ def report_markdown(rep:dict)->str:
     "A short markdown summary of an evaluation report."
     tf, ol, g = rep["teacher_forced"], rep["open_loop"], rep["in_context_gap"]
     HEAD, row = _table(tf)
-    L = [f"# ICRT offline evaluation", "",
+    L = ["# ICRT offline evaluation", "",
          f"Run `{rep['run_dir']}`, checkpoint `{Path(rep['checkpoint']).name}`, dataset `{rep['dataset_json']}` "
          f"(split {rep['split']}), {rep['num_episodes']} episode(s), {rep['num_prompts']} prompt(s) each, K = {rep['num_pred_steps']}, "
          f"device {rep['device']}: {_fmt(rep['control_rate_hz'])} control steps/s.", "",

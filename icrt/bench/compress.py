@@ -8,7 +8,6 @@ __all__ = ['MODES', 'DROID_SUBSET_STEPS', 'evict', 'io_counters', 'disk_read_gbp
            'bench_sources', 'run_compression_bench', 'format_compression', 'format_learning']
 
 # %% ../../nbs/35_bench.compress.ipynb #c003
-import argparse
 import json
 import os
 import time
