@@ -297,22 +297,9 @@ def preset(name:str)->RobotSpace:
 
 # %% ../nbs/01a_spaces.ipynb #c026
 def _geodesic_deg(a6:np.ndarray, b6:np.ndarray)->np.ndarray:
+    "The angle in degrees between the rotations of two (..., 6) rot6d arrays."
     Ra, Rb = rot6d_to_matrix(a6), rot6d_to_matrix(b6)
     return np.degrees(np.arccos(np.clip((np.einsum("...ij,...ij->...", Ra, Rb) - 1) / 2, -1, 1)))
-
-@patch_to(RobotSpace)
-def action_errors(self, pred:np.ndarray, true:np.ndarray)->dict:  # {name: (...,) per step}
-    "Per-step errors of absolute action vectors, part by part, in the robot's units (names say the unit)."
-    pred, true = np.asarray(pred, np.float64), np.asarray(true, np.float64)
-    out = {}
-    for p, s in zip(self.action, self.slices("action").values()):
-        a, b = pred[..., s], true[..., s]
-        if p.kind == "pose":
-            out[f"{p.key}:trans_mm"] = np.linalg.norm(a[..., :3] - b[..., :3], axis=-1) * 1000
-            out[f"{p.key}:rot_deg"] = _geodesic_deg(a[..., 3:9], b[..., 3:9])
-        elif p.kind == "gripper" and p.unit == "0-1": out[f"{p.key}:ok"] = ((a > 0.5) == (b > 0.5)).all(-1)
-        else: out[f"{p.key}:abs_{p.unit or 'units'}"] = np.abs(a - b).mean(-1)
-    return out
 
 # %% ../nbs/01a_spaces.ipynb #c029
 _PART_FIELDS = {"key", "kind", "dim", "rotation", "unit", "names", "relative_to"}

@@ -22,7 +22,7 @@ from fastcore.basics import patch
 from ..config import ConfigError, DatasetConfig, SharedConfig, atomic_write_text
 from .format import (EPISODE_LENGTHS, DatasetError, DatasetSpec, load_dataset_config, read_encoded, read_frames,
                               read_lowdim)
-from .image import (AUG_RATIO, AUG_SCALE, BRIGHTNESS, CONTRAST, DEFAULT_DATA_CONFIG, _input_hw, is_wrist,
+from .image import (BRIGHTNESS, CONTRAST, DEFAULT_DATA_CONFIG, _input_hw, is_wrist,
                              preprocess_batch, preprocess_frames, sample_box)
 
 # %% auto #0
