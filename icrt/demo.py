@@ -24,7 +24,7 @@ from .data.format import DatasetError
 from .data.arm import Arm
 from .data.synthetic import episode_world, load_world, make_synthetic_dataset, world_arm
 from .eval import evaluate_run, headline_metric
-from .sim.core import ExpertPolicy, rollout
+from .sim.core import ExpertPolicy, rollout, wilson_interval
 from .sim.synthetic import SyntheticSim
 from .tiny import tiny_vision_encoder
 from .train import train
@@ -210,7 +210,6 @@ def closed_loop_success(
     dataset_json:Union[str, Path],  # that dataset's config (its synthetic_world.json rebuilds the worlds)
 )->dict:                        # {policy: successes, n, rate, ci95 (95% Wilson)}
     "Closed-loop success counts with a same-task prompt, a wrong-task prompt, and of the scripted expert, over the same episodes."
-    from icrt.sim.metaworld import wilson_interval  # a formula; Meta-World itself is not needed
     eps = [e for e in report["episodes"] if e.get("closed_loop") and e.get("wrong_prompt_closed_loop")]
     if not eps: raise DemoError("the evaluation ran no closed-loop rollouts with both prompts (synthetic data of at least two tasks)")
     world = load_world(dataset_json); arm = world_arm(world); expert = []

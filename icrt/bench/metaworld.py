@@ -31,7 +31,8 @@ from ..data.dataset import SequenceDataset, load_episode
 from ..models.policy import interleave
 from ..sim.metaworld import (DEFAULT_CAMERAS, ICL_VERBS, SUITES, evaluate_closed_loop, evaluate_icl,
                                 generate_metaworld_dataset, get_task, icl_env_goal, icl_tasks, icl_unseen_prompts,
-                                parse_icl_task, wilson_interval)
+                                parse_icl_task)
+from ..sim.core import wilson_interval
 from ..tiny import tiny_vision_encoder
 from ..train import Dist, evaluate, train
 

@@ -5,6 +5,7 @@
 # %% ../../nbs/15_sim.core.ipynb #c003
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import numpy as np
@@ -13,7 +14,7 @@ from ..config import ICRTError
 from ..spaces import RobotSpace, published_space
 
 # %% auto #0
-__all__ = ['SimError', 'ReplayPolicy', 'ExpertPolicy', 'rollout']
+__all__ = ['SimError', 'ReplayPolicy', 'ExpertPolicy', 'rollout', 'wilson_interval']
 
 # %% ../../nbs/15_sim.core.ipynb #c006
 class SimError(ICRTError, ValueError):
@@ -80,3 +81,15 @@ def rollout(
     acts = np.stack(targets) if targets else np.zeros((0, sum(p.dim for p in space.action)))
     return dict(success=success_step is not None, success_step=success_step, length=len(targets), actions=acts,
                 episode=_to_episode(seen, acts, space) if record and targets else None)
+
+# %% ../../nbs/15_sim.core.ipynb #c1503
+def wilson_interval(
+    successes:int,   # number of successes
+    n:int,           # number of trials
+    z:float=1.96,    # normal quantile (1.96: 95%)
+)->tuple:            # (low, high); (0, 1) when n == 0
+    "Wilson score confidence interval of a success rate."
+    if n == 0: return (0.0, 1.0)
+    p, z2 = successes / n, z * z
+    centre, half = p + z2 / (2 * n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
+    return (max(0.0, (centre - half) / (1 + z2 / n)), min(1.0, (centre + half) / (1 + z2 / n)))

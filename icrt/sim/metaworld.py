@@ -9,8 +9,8 @@ __all__ = ['logger', 'MT_TASKS', 'GOAL_REGIONS', 'GOAL_HALFWIDTH', 'ICL_VERBS', 
            'PROMPT_STREAM', 'SimTask', 'icl_env_goal', 'icl_task_name', 'parse_icl_task', 'icl_distance', 'icl_goals',
            'icl_train_goals', 'icl_tasks', 'get_task', 'mw_action_to_target', 'target_to_mw_action', 'metaworld_space',
            'MetaWorldSim', 'record_demo', 'train_key', 'generate_metaworld_dataset', 'load_raw_episode',
-           'replay_dataset', 'wilson_interval', 'save_gif', 'results_table', 'evaluate_closed_loop', 'icl_end_position',
-           'IclScenes', 'icl_scenes', 'evaluate_icl', 'icl_table', 'icl_unseen_prompts', 'gen_cli']
+           'replay_dataset', 'save_gif', 'results_table', 'evaluate_closed_loop', 'icl_end_position', 'IclScenes',
+           'icl_scenes', 'evaluate_icl', 'icl_table', 'icl_unseen_prompts', 'gen_cli']
 
 # %% ../../nbs/17_sim.metaworld.ipynb #c003
 import os
@@ -46,7 +46,7 @@ from ..config import ICRTError
 from ..spaces import Part, RobotSpace, from_keys
 from ..data.format import (DEFAULT_ACTION_KEYS, DEFAULT_IMAGE_KEYS, DEFAULT_PROPRIO_KEYS, EpisodeWriter,
                               load_dataset_config, read_frames, read_lowdim, write_dataset_files)
-from .core import ExpertPolicy, ReplayPolicy, SimError, rollout
+from .core import ExpertPolicy, ReplayPolicy, SimError, rollout, wilson_interval
 
 try:
     import mujoco
@@ -572,18 +572,6 @@ def replay_dataset(
                         success_step=r["success_step"]))
     for s in sims.values(): s.close()
     return out
-
-# %% ../../nbs/17_sim.metaworld.ipynb #c075
-def wilson_interval(
-    successes:int,   # number of successes
-    n:int,           # number of trials
-    z:float=1.96,    # normal quantile (1.96: 95%)
-)->tuple:            # (low, high); (0, 1) when n == 0
-    "Wilson score confidence interval of a success rate."
-    if n == 0: return (0.0, 1.0)
-    p, z2 = successes / n, z * z
-    centre, half = p + z2 / (2 * n), z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n))
-    return (max(0.0, (centre - half) / (1 + z2 / n)), min(1.0, (centre + half) / (1 + z2 / n)))
 
 # %% ../../nbs/17_sim.metaworld.ipynb #c078
 def _rate(rs:list)->dict:
