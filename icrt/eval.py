@@ -675,17 +675,19 @@ class EpisodeBrowser:
     "An ipywidgets viewer of one episode: camera frames, a step slider, actions and predictions with a cursor."
     def __init__(self,
                  episode:dict,                  # load_episode output, or raw {key: (T, ...)}
-                 predictions=None,              # (T, 7) absolute xyz/Euler/gripper, or {label: (T, 7)}
+                 predictions=None,              # (T, robot width) absolute actions in the robot's format, or {label: that}
                  image_keys:Optional[list]=None,   # cameras to show (default: all of the episode's)
-                 action_keys:Optional[list]=None,  # raw episodes only (default: action/cartesian_position, action/gripper_position)
+                 action_keys:Optional[list]=None,  # raw episodes of the published layout only (default: its two action keys)
+                 space:Optional[RobotSpace]=None,  # the episode's robot space (default: the published layout)
                 ):
         import ipywidgets as W
         from icrt.data.format import DEFAULT_ACTION_KEYS
+        self.space = space
         if "frames" in episode: self.frames, act = episode["frames"], np.asarray(episode["actions"])
         else:
-            ak = action_keys or list(DEFAULT_ACTION_KEYS)
             self.frames = {k: v for k, v in episode.items() if np.asarray(v).ndim == 4}
-            act = pose_vector(*[episode[k] for k in ak])
+            if space is not None: act = np.asarray(space.action_vector({k: episode[k] for k in space.action_keys if k in episode}))
+            else: act = pose_vector(*[episode[k] for k in action_keys or list(DEFAULT_ACTION_KEYS)])
         if image_keys is not None: self.frames = {k: self.frames[k] for k in image_keys}
         self.actions = act
         preds = predictions if isinstance(predictions, dict) or predictions is None else {"prediction": predictions}
@@ -712,7 +714,7 @@ def show(self:EpisodeBrowser, t:int):
     for k, im in self.images.items():
         b = io.BytesIO(); PILImage.fromarray(np.asarray(self.frames[k][t])).save(b, format="png"); im.value = b.getvalue()
     b = io.BytesIO()
-    trajectory_figure(self.actions, self.predictions, f"step {t}", cursor=t).savefig(b, format="png", dpi=60)
+    trajectory_figure(self.actions, self.predictions, f"step {t}", cursor=t, space=self.space).savefig(b, format="png", dpi=60)
     self.plot.value = b.getvalue()
     if self.slider.value != t: self.slider.value = t
     self.step = t
