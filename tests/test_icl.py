@@ -15,7 +15,7 @@ from icrt.sim.metaworld import (EVAL_STREAM, ICL_FAR_GOAL_DISTANCE, ICL_MIN_GOAL
                                 evaluate_icl, get_task, icl_distance, icl_env_goal, icl_scenes, icl_task_name, icl_tasks,
                                 icl_train_goals, parse_icl_task, train_key)
 from test_bench_metaworld import _run as _bench  # icrt_bench_metaworld in a subprocess, one torch thread
-from icrt.bench.metaworld import window_length
+from icrt.bench.metaworld import goal_following, window_length
 from icrt.config import DatasetConfig, SharedConfig
 from icrt.data.dataset import SequenceDataset
 from icrt.sim.metaworld import generate_metaworld_dataset
@@ -83,14 +83,16 @@ def test_evaluator_tells_a_prompt_follower_from_the_goal():
             if self.inner is None:
                 return np.r_[observation["observation/cartesian_position"], observation["observation/gripper_position"]]
             return self.inner.act(observation)
-    res = evaluate_icl(FollowPrompt, scenes=2, train_goals=4, ks=(1, 2), verbs=["reach"], image_size=24, max_steps=90,
+    res = evaluate_icl(FollowPrompt, scenes=3, train_goals=4, ks=(1, 2), verbs=["reach"], image_size=24, max_steps=90,
                        expert=True)
     r = res["verbs"]["reach"]
     assert r["unseen_k1"]["rate"] == 1.0 and r["unseen_k2"]["rate"] == 1.0 and r["expert"]["rate"] == 1.0
     assert r["far_goal"]["rate"] == 0.0 and r["other_verb"]["rate"] == 0.0  # a push demo does not lift the hand to the goal
-    assert r["no_prompt"]["rate"] == 0.0 and r["no_prompt"]["n"] == 2  # nothing to follow: the hand stays at its start
+    assert r["no_prompt"]["rate"] == 0.0 and r["no_prompt"]["n"] == 3  # nothing to follow: the hand stays at its start
     assert r["no_prompt"]["mean_error"] > 2 * r["unseen_k1"]["mean_error"]
-    assert "| reach | no prompt (the scene alone) | 0/2 | 0% [0, " in res["table"]
+    assert "| reach | no prompt (the scene alone) | 0/3 | 0% [0, " in res["table"]
+    for c in ("unseen_k1", "far_goal"):  # it goes where the prompt says, right or wrong (stopping 10 steps after success)
+        assert goal_following(r[c]["runs"])["slope"] > 0.5, (c, goal_following(r[c]["runs"]))
     assert r["far_goal"]["mean_prompt_error"] < 0.05 < ICL_FAR_GOAL_DISTANCE - 0.02 < r["far_goal"]["mean_error"]
     assert r["unseen_k1"]["mean_error"] < 0.5 * res["baselines"]["reach"]["mean_training_goal"]
     for run in r["unseen_k1"]["runs"]:  # the error is the distance from where the hand ended to the goal
@@ -125,6 +127,7 @@ def test_bench_icl_smoke_end_to_end(tmp_path):
     for f in ("kshot.png", "goal_scatter.png", "loss_curve.png"): assert (out / f).stat().st_size > 1000 and f in md
     assert ev["gifs"] and all((out / g).is_file() for g in ev["gifs"])
     assert "## Targets" in md and "min_goal_distance_m" in md and len(rep["checks"]) >= 3
+    assert "## Goal following" in md and set(ev["following"]["push"]) == {"unseen_k1", "unseen_k2", "far_goal"}
     assert "| all | unseen goal, k=1 |" in r.stdout
     assert "| all | no prompt (the scene alone) |" in r.stdout and "With no prompt at all it succeeded in" in md
     pr = ev["probe"]["reach"]["last"]  # the goal probe: 4 training prompts of one goal, so it can only be the baseline

@@ -42,9 +42,10 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'RECIPE', 'PRESETS', 'ICL_PRESETS', 'CONDITIONS', 'BenchError', 'resolve_preset', 'bench_config',
            'window_length', 'stage_generate', 'stage_train', 'reuse_train', 'SimPolicy', 'stage_evaluate',
            'report_table', 'plot_loss', 'limits_paragraph', 'machine_info', 'param_counts', 'write_report',
-           'plot_kshot', 'plot_goal_scatter', 'icl_checks', 'icl_paragraph', 'write_icl_report', 'prompt_state',
-           'ridge_probe', 'goal_probe', 'probe_table', 'puck_probe', 'puck_probe_table', 'heldout_demos',
-           'action_reliance', 'bench_metaworld', 'parse_sets', 'bench_metaworld_cli']
+           'plot_kshot', 'plot_goal_scatter', 'goal_following', 'following_table', 'icl_checks', 'icl_paragraph',
+           'write_icl_report', 'prompt_state', 'ridge_probe', 'goal_probe', 'probe_table', 'puck_probe',
+           'puck_probe_table', 'heldout_demos', 'action_reliance', 'bench_metaworld', 'parse_sets',
+           'bench_metaworld_cli']
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c006
 class BenchError(ICRTError, ValueError):
@@ -482,6 +483,32 @@ def plot_goal_scatter(ev:dict, path:Path)->Path:
     fig.tight_layout(); fig.savefig(path, dpi=100); plt.close(fig)
     return Path(path)
 
+# %% ../../nbs/33_bench.metaworld.ipynb #c3314
+def goal_following(
+    runs:list,                   # rollouts of one condition: dicts with "end" and `goal_key` (x, y, z in m)
+    goal_key:str="prompt_goal",  # the goal the prompt showed
+    coords:tuple=(0, 1),         # the coordinates compared (the table plane)
+)->dict:                         # {"slope", "ci95": [lo, hi], "n"}; None where the goals do not vary (valid JSON)
+    "Least-squares slope of where rollouts ended on where their prompt put the goal: 1 follows the prompt, 0 ignores it."
+    g = np.array([r[goal_key] for r in runs], np.float64).reshape(len(runs), -1)[:, list(coords)]
+    e = np.array([r["end"] for r in runs], np.float64).reshape(len(runs), -1)[:, list(coords)]
+    keep = g.std(0) > 1e-6 if len(runs) else np.zeros(0, bool)
+    if len(runs) < 3 or not keep.any(): return dict(slope=None, ci95=None, n=len(runs))
+    x = (g[:, keep] - g[:, keep].mean(0)).reshape(-1); y = (e[:, keep] - e[:, keep].mean(0)).reshape(-1)
+    b = float(x @ y / (x @ x))
+    se = float(np.sqrt(((y - b * x) ** 2).sum() / max(y.size - int(keep.sum()) - 1, 1) / (x @ x)))
+    return dict(slope=b, ci95=[b - 1.96 * se, b + 1.96 * se], n=len(runs))
+
+def following_table(ev:dict)->str:
+    "Markdown: the goal-following slope per verb, for each prompt size and the far-goal control."
+    conds = [f"unseen_k{k}" for k in ev["ks"]] + ["far_goal"]
+    rows = ["| verb | " + " | ".join(f"unseen goal, k={c[8:]}" if c != "far_goal" else "goal ≥ 10 cm away (its prompted goal)"
+                                      for c in conds) + " |", "|---" * (len(conds) + 1) + "|"]
+    for v, cs in ev["verbs"].items():
+        cell = lambda f: "–" if f["slope"] is None else f"{f['slope']:.2f} [{f['ci95'][0]:.2f}, {f['ci95'][1]:.2f}]"
+        rows.append(f"| {v} | " + " | ".join(cell(goal_following(cs[c]["runs"])) if c in cs else "not run" for c in conds) + " |")
+    return "\n".join(rows)
+
 # %% ../../nbs/33_bench.metaworld.ipynb #c055
 def _pct(x:dict)->str:
     lo, hi = x["ci95"]
@@ -522,6 +549,10 @@ def icl_paragraph(ev:dict, facts:dict)->str:
              f"always going to the mean training goal" + (f" and {cm(b['wrong_prompt'])} for following another scene's prompt"
              if b["wrong_prompt"] is not None else "") + (f" (expert: {cm(P['expert']['mean_error'])})" if "expert" in P else "")
              + f", so {verdict}.")
+    fol = {v: goal_following(c[kc]["runs"])["slope"] for v, c in ev["verbs"].items()}
+    if any(x is not None for x in fol.values()):  # needs 3+ scenes
+        s.append("Where the rollouts ended moved with the prompted goal by a slope of " + ", ".join(
+            f"{v} {'–' if x is None else f'{x:.2f}'}" for v, x in fol.items()) + " (1: it goes where the prompt says; 0: it ignores the prompt).")
     if "far_goal" in P:
         f = P["far_goal"]
         s.append(f"Prompted with a goal at least 10 cm away it succeeded in {100 * f['rate']:.0f}% and ended {cm(f['mean_prompt_error'])} "
@@ -569,7 +600,10 @@ def write_icl_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:di
           f"{100 * ev['min_goal_distance_m']:.1f} cm to a training goal of its verb (`min_goal_distance_m`). Prompts are fresh expert demonstrations; "
           f"{p['max_steps']} steps per rollout; the goal error is read {ev['settings']['extra_steps']} steps after success.", "",
           "## Targets", "", *[f"- {'✓' if ok else '✗'} {t}: {m}" for t, ok, m in checks], "", "## Results", "", ev["table"], "",
-          paragraph, "", *[f"![{f.stem}]({f.name})" for f in figs], ""]
+          paragraph, "", *[f"![{f.stem}]({f.name})" for f in figs], "",
+          "## Goal following", "", "The slope of where the rollouts ended on where the prompt put the goal (1: goes where the "
+          "prompt says; 0: ignores it), with a rough 95% interval (`goal_following` in the notebook `33_bench.metaworld`).", "",
+          following_table(ev), ""]
     if ev.get("probe"): md += ["## Goal probe", "", "A ridge probe from the transformer's state after a 1-demonstration prompt "
                                "to the prompted goal site (fitted on the training goals' demonstrations, scored on the unseen "
                                "goals' prompts; see the notebook `33_bench.metaworld`).", "", probe_table(ev["probe"]), ""]
@@ -583,7 +617,10 @@ def write_icl_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:di
            f"Training run: `{run_dir.relative_to(out)}`. Configuration and every rollout: report.json."]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return _write_report_json(out, p, mach, times, train_info, run_dir, rows, ev["params"], cfg, meta,
-        evaluation=dict(ev, gifs=[str(g.relative_to(out)) for g in gifs]), checks=checks, table=ev["table"], limits=paragraph)
+        evaluation=dict(ev, gifs=[str(g.relative_to(out)) for g in gifs],
+                        following={v: {c: goal_following(r["runs"]) for c, r in cs.items() if c.startswith("unseen") or c == "far_goal"}
+                                   for v, cs in ev["verbs"].items()}),
+        checks=checks, table=ev["table"], limits=paragraph)
 
 # %% ../../nbs/33_bench.metaworld.ipynb #d3302
 @torch.no_grad()
