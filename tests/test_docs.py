@@ -24,6 +24,12 @@ def test_the_map_lists_every_notebook_once():
     assert [g for g, _ in docs.nav_groups()] == ["Data", "Models", "Training", "Deploy", "Simulation and evaluation", "Benchmarks"]
     assert sorted(listed) == sorted(p.name for p in docs.notebooks()), "add the notebook to the map in nbs/index.ipynb"
 
+def test_cell_ids_are_unique():
+    "The bad-input tables and the README's figures name notebook cells by id: two cells with one id would be confused."
+    for p in docs.notebooks():
+        ids = [c.get("id") for c in docs.load_nb(p)["cells"]]
+        assert len(ids) == len(set(ids)), f"{p.name}: cell ids used twice: {sorted({i for i in ids if ids.count(i) > 1})}"
+
 def test_readme_says_nothing_a_notebook_says():
     assert docs.shared_runs() == {}, "the README repeats the notebooks' prose: `python tools/docs.py dupes`"
 

@@ -42,9 +42,9 @@ log = logging.getLogger(__name__)
 __all__ = ['log', 'RECIPE', 'PRESETS', 'ICL_PRESETS', 'CONDITIONS', 'BenchError', 'resolve_preset', 'bench_config',
            'window_length', 'stage_generate', 'stage_train', 'reuse_train', 'SimPolicy', 'stage_evaluate',
            'report_table', 'plot_loss', 'limits_paragraph', 'machine_info', 'param_counts', 'write_report',
-           'plot_kshot', 'plot_goal_scatter', 'goal_following', 'following_table', 'icl_checks', 'icl_paragraph',
-           'write_icl_report', 'prompt_state', 'ridge_probe', 'goal_probe', 'probe_table', 'puck_probe',
-           'puck_probe_table', 'heldout_demos', 'action_reliance', 'bench_metaworld', 'parse_sets',
+           'plot_kshot', 'plot_goal_scatter', 'goal_following', 'goal_following_all', 'following_table', 'icl_checks',
+           'icl_paragraph', 'write_icl_report', 'prompt_state', 'ridge_probe', 'goal_probe', 'probe_table',
+           'puck_probe', 'puck_probe_table', 'heldout_demos', 'action_reliance', 'bench_metaworld', 'parse_sets',
            'bench_metaworld_cli']
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c006
@@ -499,15 +499,22 @@ def goal_following(
     se = float(np.sqrt(((y - b * x) ** 2).sum() / max(y.size - int(keep.sum()) - 1, 1) / (x @ x)))
     return dict(slope=b, ci95=[b - 1.96 * se, b + 1.96 * se], n=len(runs))
 
-def following_table(ev:dict)->str:
-    "Markdown: the goal-following slope per verb, for each prompt size and the far-goal control."
+# %% ../../nbs/33_bench.metaworld.ipynb #c3315b
+def goal_following_all(ev:dict)->dict:  # {verb: {condition: goal_following dict}}
+    "The goal-following slope of every verb for each prompt size and the far-goal control: what a report tabulates and stores."
     conds = [f"unseen_k{k}" for k in ev["ks"]] + ["far_goal"]
-    rows = ["| verb | " + " | ".join(f"unseen goal, k={c[8:]}" if c != "far_goal" else "goal ≥ 10 cm away (its prompted goal)"
-                                      for c in conds) + " |", "|---" * (len(conds) + 1) + "|"]
-    for v, cs in ev["verbs"].items():
-        cell = lambda f: "–" if f["slope"] is None else f"{f['slope']:.2f} [{f['ci95'][0]:.2f}, {f['ci95'][1]:.2f}]"
-        rows.append(f"| {v} | " + " | ".join(cell(goal_following(cs[c]["runs"])) if c in cs else "not run" for c in conds) + " |")
-    return "\n".join(rows)
+    return {v: {c: goal_following(cs[c]["runs"]) for c in conds if c in cs} for v, cs in ev["verbs"].items()}
+
+def _slope_cell(f:Optional[dict])->str:
+    "One markdown cell: a slope with its interval, – without one."
+    return "–" if not f or f["slope"] is None else f"{f['slope']:.2f} [{f['ci95'][0]:.2f}, {f['ci95'][1]:.2f}]"
+
+def following_table(fol:dict)->str:
+    "Markdown of `goal_following_all`'s dict: a row per verb, a column per condition."
+    conds = list(dict.fromkeys(c for cs in fol.values() for c in cs))
+    head = [f"unseen goal, k={c[8:]}" if c != "far_goal" else "goal ≥ 10 cm away (its prompted goal)" for c in conds]
+    return "\n".join(["| verb | " + " | ".join(head) + " |", "|---" * (len(conds) + 1) + "|"]
+                     + [f"| {v} | " + " | ".join(_slope_cell(cs.get(c)) for c in conds) + " |" for v, cs in fol.items()])
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c055
 def _pct(x:dict)->str:
@@ -549,7 +556,7 @@ def icl_paragraph(ev:dict, facts:dict)->str:
              f"always going to the mean training goal" + (f" and {cm(b['wrong_prompt'])} for following another scene's prompt"
              if b["wrong_prompt"] is not None else "") + (f" (expert: {cm(P['expert']['mean_error'])})" if "expert" in P else "")
              + f", so {verdict}.")
-    fol = {v: goal_following(c[kc]["runs"])["slope"] for v, c in ev["verbs"].items()}
+    fol = {v: c.get(kc, {}).get("slope") for v, c in (ev["following"] if "following" in ev else goal_following_all(ev)).items()}
     if any(x is not None for x in fol.values()):  # needs 3+ scenes
         s.append("Where the rollouts ended moved with the prompted goal by a slope of " + ", ".join(
             f"{v} {'–' if x is None else f'{x:.2f}'}" for v, x in fol.items()) + " (1: it goes where the prompt says; 0: it ignores the prompt).")
@@ -585,6 +592,7 @@ _FEW = {1: " (every training prompt is then its target demonstration itself)",
 
 def write_icl_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:dict, times:dict, train_info:dict)->dict:
     "Write out/report.md, out/report.json and the figures of an icl run; return the report dict."
+    ev = dict(ev, following=goal_following_all(ev))
     rows, meta, mach = _read_log(run_dir), json.loads((out / "data" / "metaworld_meta.json").read_text()), machine_info()
     figs = [f for f in (plot_loss(run_dir, out / "loss_curve.png"), plot_kshot(ev, out / "kshot.png"),
                         plot_goal_scatter(ev, out / "goal_scatter.png")) if f]
@@ -603,7 +611,7 @@ def write_icl_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:di
           paragraph, "", *[f"![{f.stem}]({f.name})" for f in figs], "",
           "## Goal following", "", "The slope of where the rollouts ended on where the prompt put the goal (1: goes where the "
           "prompt says; 0: ignores it), with a rough 95% interval (`goal_following` in the notebook `33_bench.metaworld`).", "",
-          following_table(ev), ""]
+          following_table(ev["following"]), ""]
     if ev.get("probe"): md += ["## Goal probe", "", "A ridge probe from the transformer's state after a 1-demonstration prompt "
                                "to the prompted goal site (fitted on the training goals' demonstrations, scored on the unseen "
                                "goals' prompts; see the notebook `33_bench.metaworld`).", "", probe_table(ev["probe"]), ""]
@@ -617,9 +625,7 @@ def write_icl_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:di
            f"Training run: `{run_dir.relative_to(out)}`. Configuration and every rollout: report.json."]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return _write_report_json(out, p, mach, times, train_info, run_dir, rows, ev["params"], cfg, meta,
-        evaluation=dict(ev, gifs=[str(g.relative_to(out)) for g in gifs],
-                        following={v: {c: goal_following(r["runs"]) for c, r in cs.items() if c.startswith("unseen") or c == "far_goal"}
-                                   for v, cs in ev["verbs"].items()}),
+        evaluation=dict(ev, gifs=[str(g.relative_to(out)) for g in gifs]),
         checks=checks, table=ev["table"], limits=paragraph)
 
 # %% ../../nbs/33_bench.metaworld.ipynb #d3302
