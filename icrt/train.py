@@ -218,11 +218,16 @@ def build_model(cfg:ExperimentConfig, device:torch.device, vision_encoder=None, 
     return model.to(device)
 
 # %% ../nbs/12_train.ipynb #c047
-def _action_stats(train_ds, stats:Optional[dict], cfg:ExperimentConfig)->Optional[dict]:  # plain lists, or None
+def _split_statistics(train_ds, cfg:ExperimentConfig, resume:Optional[dict])->dict:  # {"action", "proprio"}, or {}
+    "The training split's statistics, read in one pass when the run needs any: `auto` action scaling, or `normalize_proprio` on a fresh run."
+    need = cfg.shared_cfg.scale_action == "auto" or (cfg.model_cfg.policy_cfg.normalize_proprio and resume is None)
+    return train_ds.lowdim_statistics() if need else {}
+
+def _action_stats(split:dict, stats:Optional[dict], cfg:ExperimentConfig)->Optional[dict]:  # plain lists, or None
     "The statistics that normalise action targets: `stats` read from the `scale_action` file, or the training split's (`auto`)."
     sa = cfg.shared_cfg.scale_action
     if sa is None: return None
-    st = train_ds.action_statistics() if sa == "auto" else stats
+    st = split["action"] if sa == "auto" else stats
     return {k: [float(x) for x in np.asarray(v).reshape(-1)] for k, v in st.items() if k in ("mean", "std", "min", "max")}
 
 # %% ../nbs/12_train.ipynb #c050
@@ -512,9 +517,10 @@ def train(cfg:ExperimentConfig)->Path:
     train_ds, val_ds = build_datasets(cfg, data_config, None)
     torch.manual_seed(sc.seed)  # identical initial weights in every process
     model = build_model(cfg, d.device, vision_encoder=enc, space=space)
-    stats = _action_stats(train_ds, stats, cfg)
+    split = _split_statistics(train_ds, cfg, resume)
+    stats = _action_stats(split, stats, cfg)
     if stats is not None: model.set_action_stats(stats)
-    if cfg.model_cfg.policy_cfg.normalize_proprio and resume is None: model.set_proprio_stats(train_ds.proprio_statistics())  # resume: the checkpoint's
+    if cfg.model_cfg.policy_cfg.normalize_proprio and resume is None: model.set_proprio_stats(split["proprio"])  # resume: the checkpoint's
     f = _prepare_fit(cfg, d, model, train_ds, val_ds, resume)
     if d.is_main: _write_run_files(cfg, run_dir, train_ds, val_ds, stats, space)
     if not cfg.train:

@@ -162,7 +162,7 @@ def test_custom_vision_transform(toy):
 
 def test_action_statistics_and_load_episode(toy):
     ds = make(toy)
-    st = ds.action_statistics()
+    st = ds.lowdim_statistics()["action"]
     assert st["count"] == sum(int(ds.lengths[i]) for i in range(len(ds.episodes))) * 4
     assert len(st["mean"]) == 10 and all(lo <= m <= hi for lo, m, hi in zip(st["min"], st["mean"], st["max"]))
     ep = load_episode(toy, "episode_3")

@@ -149,7 +149,7 @@ def test_normalize_proprio_scales_the_joints_by_the_training_split(joint_run, as
     p = ICRTPolicy.from_run(run)
     cfg = parse_args(flags)
     ds = SequenceDataset(cfg.dataset_cfg, cfg.shared_cfg, split="train")                 # the split the trainer used
-    st = ds.proprio_statistics()
+    st = ds.lowdim_statistics()["proprio"]
     np.testing.assert_allclose(p.model.proprio_mean.numpy(), st["mean"], rtol=1e-5)
     np.testing.assert_allclose(p.model.proprio_std.numpy(), st["std"], rtol=1e-5)
     assert not np.allclose(st["std"], 1)                                   # joints really were scaled

@@ -28,7 +28,7 @@ from .image import (BRIGHTNESS, CONTRAST, DEFAULT_DATA_CONFIG, _input_hw, is_wri
 # %% auto #0
 __all__ = ['MIN_LEN', 'MAX_LEN', 'MIN_DEMOS', 'log', 'select_episodes', 'split_episodes', 'group_by_task', 'dataset_min_demos',
            'task_ratios', 'rebalance_counts', 'fill_block', 'plan_tasks', 'stride_of', 'window_starts', 'EpochPlan',
-           'build_plan', 'window_pieces', 'make_masks', 'SequenceDataset', 'collate_samples', 'column_moments',
+           'build_plan', 'window_pieces', 'make_masks', 'SequenceDataset', 'collate_samples', 'ColumnMoments',
            'load_episode', 'DistributedSubEpochSampler']
 
 # %% ../../nbs/06_data.dataset.ipynb #c007
@@ -565,42 +565,34 @@ def save_split(self:SequenceDataset, out_dir:Union[str, Path])->tuple:
                  for name in ("train", "val"))
 
 # %% ../../nbs/06_data.dataset.ipynb #c123
-def column_moments(
-    rows,                # an iterable of (n, D) arrays
-    min_std:float=1e-3,  # floor of the std: a column that barely varies (a fixed orientation) must not blow up when divided by it
-)->dict:                 # {"mean", "std", "min", "max"}: D numbers each, and "count"
-    "Mean, std, min and max of the columns of all `rows`, accumulated in float64."
-    n, s, s2, lo, hi = 0, 0., 0., None, None
-    for a in rows:
+class ColumnMoments:
+    "Mean, std, min and max of the columns of (n, D) arrays added one at a time, accumulated in float64."
+    def __init__(self): self.n, self.s, self.s2, self.lo, self.hi = 0, 0., 0., None, None
+    def add(self, a)->"ColumnMoments":
         a = np.asarray(a, np.float64)
-        n += len(a); s = s + a.sum(0); s2 = s2 + (a * a).sum(0)
-        lo = a.min(0) if lo is None else np.minimum(lo, a.min(0)); hi = a.max(0) if hi is None else np.maximum(hi, a.max(0))
-    mean = s / max(n, 1)
-    std = np.maximum(np.sqrt(np.maximum(s2 / max(n, 1) - mean**2, 0)), min_std)
-    return {"mean": mean.tolist(), "std": std.tolist(), "min": lo.tolist(), "max": hi.tolist(), "count": int(n)}
+        self.n += len(a); self.s = self.s + a.sum(0); self.s2 = self.s2 + (a * a).sum(0)
+        self.lo = a.min(0) if self.lo is None else np.minimum(self.lo, a.min(0))
+        self.hi = a.max(0) if self.hi is None else np.maximum(self.hi, a.max(0))
+        return self
+    def result(self,
+        min_std:float=1e-3,  # floor of the std: a column that barely varies (a fixed orientation) must not blow up when divided by it
+    )->dict:                 # {"mean", "std", "min", "max"}: D numbers each, and "count"
+        mean = self.s / max(self.n, 1)
+        std = np.maximum(np.sqrt(np.maximum(self.s2 / max(self.n, 1) - mean**2, 0)), min_std)
+        return {"mean": mean.tolist(), "std": std.tolist(), "min": self.lo.tolist(), "max": self.hi.tolist(), "count": int(self.n)}
 
 @patch
-def action_statistics(self:SequenceDataset,
-    min_std:float=1e-3,  # floor of the std (see `column_moments`)
-)->dict:
-    "Mean, std, min and max of the action targets (the network's action vector) over the split's episodes."
-    def rows():
+def lowdim_statistics(self:SequenceDataset,
+    min_std:float=1e-3,  # floor of the std (see `ColumnMoments.result`)
+)->dict:                 # {"action": moments of the action targets, "proprio": moments of the state vector}
+    "Mean, std, min and max of the network's action vector and of its proprio input over the split, in one pass."
+    m = {"action": ColumnMoments(), "proprio": ColumnMoments()}
+    try:
         for e in self.episodes:
             p, q, f = self._lowdim(e, 0, int(self.lengths[self.index[e]]), None)
-            yield self._actions(p, q, f)[..., :-1].reshape(-1, self.space.action_dim)
-    try: return column_moments(rows(), min_std)
+            m["action"].add(self._actions(p, q, f)[..., :-1].reshape(-1, self.space.action_dim)); m["proprio"].add(p[:, 0])
     finally: self.close()
-
-# %% ../../nbs/06_data.dataset.ipynb #d0611
-@patch
-def proprio_statistics(self:SequenceDataset,
-    min_std:float=1e-3,  # floor of the std (see `column_moments`)
-)->dict:
-    "Mean, std, min and max of the state vector (the network's proprio input) over the split's episodes."
-    def rows():
-        for e in self.episodes: yield self._lowdim(e, 0, int(self.lengths[self.index[e]]), None)[0][:, 0]
-    try: return column_moments(rows(), min_std)
-    finally: self.close()
+    return {k: v.result(min_std) for k, v in m.items()}
 
 # %% ../../nbs/06_data.dataset.ipynb #c126
 def load_episode(
