@@ -5,8 +5,9 @@
 BENCH_OUT is an `icrt_bench_metaworld --suite icl` output folder (its data/ and train/run/). For the first N (default 8)
 training goals of each verb it restores the exact initial state of that goal's first training demonstration and rolls
 the policy out twice for 120 steps (the cpu preset's budget): prompted with a fresh demonstration of the scene's own
-goal, and with one of another training goal at least 10 cm away. A policy that recalls the scene ends near the scene's goal; one that reads its prompt ends near
-the prompted goal. Prints one line per rollout pair and a summary per verb; writes BENCH_OUT/scene_recall.json.
+goal, and with one of another training goal at least 10 cm away. A policy that recalls the scene ends near the scene's
+goal; one that reads its prompt ends near the prompted goal. Prints one line per rollout pair and a summary per verb;
+writes BENCH_OUT/scene_recall.json.
 """
 import json, sys, numpy as np, torch
 torch.set_num_threads(1)

@@ -83,7 +83,7 @@ def resolve_preset(
     "The preset `preset` with overrides applied (`epochs` trains that many epochs instead of a time budget); raises a one-line ValueError on a bad name."
     table = ICL_PRESETS if suite == "icl" else PRESETS
     if preset not in table: raise BenchError(f"--preset {preset!r}: choose one of {', '.join(table)}")
-    known = set(table[preset]) | set(RECIPE) | {"vision_encoder", "train_goals", "state_keys", "cameras"} | ({"verbs"} if suite == "icl" else set())
+    known = set(table[preset]) | set(RECIPE) | {"vision_encoder", "train_goals", "state_keys", "cameras", "temporal_ensemble"} | ({"verbs"} if suite == "icl" else set())
     bad = sorted(k for k, v in overrides.items() if v is not None and k not in known)
     if bad: raise BenchError(f"--set {bad[0]}: not a preset entry; use one of {', '.join(sorted(known - {'vision_encoder'}))}")
     p = dict(table[preset], preset=preset, **{k: v for k, v in overrides.items() if v is not None})
@@ -254,12 +254,13 @@ class SimPolicy:
     def __init__(self,
         policy:ICRTPolicy,  # the loaded run
         max_steps:int,      # rollout step budget (sizes the context)
-    ): self.policy, self.max_steps = policy, int(max_steps)
-    def reset(self): self.policy.reset()
+        temporal_ensemble:bool=False,  # blend every chunk's prediction for the current step (`ICRTPolicy.reset`)
+    ): self.policy, self.max_steps, self.ensemble = policy, int(max_steps), bool(temporal_ensemble)
+    def reset(self): self.policy.reset(temporal_ensemble=self.ensemble)
     def prompt(self, episodes:list):
         steps = sum(len(e["action/cartesian_position"]) for e in episodes) + self.max_steps
         # 2 tokens (state, action) per step; the 4096 default is ~20x slower on a CPU. The old prompt goes: it may be longer
-        self.policy.reset(max_len=2 * steps + 16, keep_prompt=False)
+        self.policy.reset(max_len=2 * steps + 16, keep_prompt=False, temporal_ensemble=self.ensemble)
         if episodes: self.policy.prompt(episodes)  # none (the no-prompt control): the empty context of that reset
     def act(self, observation:dict)->np.ndarray:  # (7,) absolute xyz, Euler XYZ, gripper
         return self.policy.act(observation)
@@ -275,7 +276,7 @@ def stage_evaluate(p:dict, out:Path, run_dir:Path, device:str="auto",
     if server and Path(actor.metadata["checkpoint"]).name != Path(policy.checkpoint).name:
         log.warning("--server %s serves %s, this bench's run has %s", server, actor.metadata["checkpoint"], policy.checkpoint)
     meta = json.loads((out / "data" / "metaworld_meta.json").read_text())
-    sp, threads = SimPolicy(actor, p["max_steps"]), torch.get_num_threads()
+    sp, threads = SimPolicy(actor, p["max_steps"], p.get("temporal_ensemble", False)), torch.get_num_threads()
     if policy.device.type == "cpu": torch.set_num_threads(1)  # one control step is many tiny matmuls: threads only add overhead
     common = dict(max_steps=p["max_steps"], image_size=meta["image_size"], cameras=meta["cameras"], expert=True,
                   out_dir=out / "eval", num_gifs=p["num_gifs"], min_len=p["min_len"])
@@ -289,7 +290,7 @@ def stage_evaluate(p:dict, out:Path, run_dir:Path, device:str="auto",
     finally:
         torch.set_num_threads(threads)
         if server: actor.close()
-    res["control_rate_hz"], res["server"] = actor.control_rate, server
+    res["control_rate_hz"], res["server"], res["temporal_ensemble"] = actor.control_rate, server, sp.ensemble
     res["params"] = param_counts(policy.model)
     return res
 
@@ -440,7 +441,7 @@ def write_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:dict, 
     (out / "report.md").write_text("\n".join(md) + "\n")
     return _write_report_json(out, p, mach, times, train_info, run_dir, rows, ev["params"], cfg, meta,
         evaluation=dict(tasks=ev["tasks"], pooled=pooled, k_prompt=ev["k_prompt"], seeds=ev["seeds"],
-                        control_rate_hz=ev.get("control_rate_hz"), server=ev.get("server"),
+                        control_rate_hz=ev.get("control_rate_hz"), server=ev.get("server"), temporal_ensemble=ev.get("temporal_ensemble"),
                         gifs=[str(g.relative_to(out)) for g in gifs]), table=table, limits=paragraph)
 
 # %% ../../nbs/33_bench.metaworld.ipynb #c054
@@ -606,7 +607,8 @@ def write_icl_report(out:Path, p:dict, cfg:ExperimentConfig, run_dir:Path, ev:di
           f"demonstrations at {p['image_size']} px. Evaluation: "
           f"{p['seeds']} scenes per verb, each a new puck position and an unseen goal; no unseen goal is closer than "
           f"{100 * ev['min_goal_distance_m']:.1f} cm to a training goal of its verb (`min_goal_distance_m`). Prompts are fresh expert demonstrations; "
-          f"{p['max_steps']} steps per rollout; the goal error is read {ev['settings']['extra_steps']} steps after success.", "",
+          f"{p['max_steps']} steps per rollout" + ("; action chunks blended by temporal ensembling" if ev.get("temporal_ensemble") else "")
+          + f"; the goal error is read {ev['settings']['extra_steps']} steps after success.", "",
           "## Targets", "", *[f"- {'✓' if ok else '✗'} {t}: {m}" for t, ok, m in checks], "", "## Results", "", ev["table"], "",
           paragraph, "", *[f"![{f.stem}]({f.name})" for f in figs], "",
           "## Goal following", "", "The slope of where the rollouts ended on where the prompt put the goal (1: goes where the "
