@@ -37,8 +37,7 @@ for v in ICL_VERBS:
                          other_to_prompt_goal=oth['prompt_error'], goal_gap=float(np.linalg.norm(eE - eF)),
                          end=oth['end'], gE=eE.tolist(), gF=eF.tolist()))
         print(v, i, {k: (round(x, 3) if isinstance(x, float) else x) for k, x in rows[-1].items() if k not in ('end', 'gE', 'gF')}, flush=True)
-    res[v] = rows
-    r = rows
+    res[v] = r = rows
     print(f"== {v}: own prompt success {sum(x['own_success'] for x in r)}/{len(r)}, own err {100*np.mean([x['own_err'] for x in r]):.1f} cm; "
           f"other prompt: end {100*np.mean([x['other_to_scene_goal'] for x in r]):.1f} cm from the scene's (training) goal, "
           f"{100*np.mean([x['other_to_prompt_goal'] for x in r]):.1f} cm from the prompted goal (goals {100*np.mean([x['goal_gap'] for x in r]):.1f} cm apart); "
